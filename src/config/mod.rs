@@ -1,0 +1,266 @@
+//! The configuration: a TOML file (or the quick-mode command line) turned into typed,
+//! validated structs. Nothing downstream ever looks a setting up by name.
+//!
+//! The flow is one way: text → spanned TOML tree (`toml::de::DeTable`) → [`Config`] (every
+//! default resolved, every cross-reference checked) → runtime objects (`runtime::build`).
+//! Every problem found on the way is a [`ConfigError`] carrying `file:line:col`, and all of
+//! them are reported at once.
+
+mod parse;
+pub mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use parse::parse_str;
+
+/// A fully validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub global: Global,
+    pub log: LogConfig,
+    pub listeners: Vec<Listener>,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// Connections open at once across all listeners; more are refused (`limited`).
+    pub max_connections: usize,
+    /// How long open connections may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
+    /// Runtime worker threads; 0 = one per core.
+    pub workers: usize,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            max_connections: 100_000,
+            drain_timeout: Duration::from_secs(30),
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessTarget {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub access: AccessTarget,
+    pub format: LogFormat,
+    /// Process log level on stderr.
+    pub level: tracing::Level,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            access: AccessTarget::Stdout,
+            format: LogFormat::Json,
+            level: tracing::Level::INFO,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    Tcp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    pub mode: ListenerMode,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// No bytes either way for this long closes both sides.
+    pub idle_timeout: Duration,
+    /// Connections open at once on this listener; `None` = only the global limit.
+    pub max_connections: Option<usize>,
+    /// SO_REUSEPORT with one accept socket per worker.
+    pub reuse_port: bool,
+}
+
+/// Default `idle_timeout` when a listener sets none.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `connect_timeout` when an upstream sets none.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub balance: Balance,
+    pub servers: Vec<ServerSpec>,
+    pub connect_timeout: Duration,
+    pub tcp: TcpOptions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub addr: SocketAddr,
+    /// 1..=256; a server gets `weight / sum(weights)` of new connections.
+    pub weight: u32,
+}
+
+/// Maximum server weight (as in HAProxy).
+pub const MAX_WEIGHT: u32 = 256;
+
+/// Socket options applied to server connections (and to accepted client sockets where
+/// they make sense: `nodelay`, `keepalive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub nodelay: bool,
+    pub keepalive: Option<Duration>,
+    pub send_buffer: Option<usize>,
+    pub recv_buffer: Option<usize>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            nodelay: true,
+            keepalive: None,
+            send_buffer: None,
+            recv_buffer: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths inside it are taken relative to
+    /// the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.display().to_string(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read config: {e}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        parse_str(&text, &path.display().to_string(), base)
+    }
+
+    /// The quick-mode config: one listener on `listen`, one round-robin pool of `servers`.
+    pub fn quick(listen: Vec<SocketAddr>, servers: Vec<SocketAddr>) -> Config {
+        Config {
+            global: Global::default(),
+            log: LogConfig::default(),
+            listeners: vec![Listener {
+                name: "quick".into(),
+                listen,
+                mode: ListenerMode::Tcp,
+                upstream: 0,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                max_connections: None,
+                reuse_port: false,
+            }],
+            upstreams: vec![Upstream {
+                name: "quick".into(),
+                balance: Balance::RoundRobin,
+                servers: servers
+                    .into_iter()
+                    .map(|addr| ServerSpec { addr, weight: 1 })
+                    .collect(),
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                tcp: TcpOptions::default(),
+            }],
+        }
+    }
+
+    /// A one-paragraph summary for `ferry check`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        for l in &self.listeners {
+            let addrs: Vec<String> = l.listen.iter().map(|a| a.to_string()).collect();
+            s.push_str(&format!(
+                "listener {:?} on {} -> upstream {:?}\n",
+                l.name,
+                addrs.join(", "),
+                self.upstreams[l.upstream].name
+            ));
+        }
+        for u in &self.upstreams {
+            s.push_str(&format!(
+                "upstream {:?}: {} server(s), balance {}\n",
+                u.name,
+                u.servers.len(),
+                u.balance.as_str()
+            ));
+        }
+        s
+    }
+}
+
+/// One problem in a config file, pointing at where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the problem has no position (e.g. the file cannot be read).
+    pub line: usize,
+    /// 1-based, in characters.
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.col, self.message
+            )
+        }
+    }
+}
+
+/// Every problem found in one config, in file order.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}

@@ -1,0 +1,730 @@
+//! TOML text → [`Config`], collecting every error with its position.
+//!
+//! The file is parsed into toml's spanned tree and walked by hand rather than through serde:
+//! serde stops at the first error, and an operator fixing a config wants all of them at once,
+//! each pointing at the exact key or value.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeArray, DeTable, DeValue};
+
+use super::units::{parse_duration, parse_size};
+use super::*;
+
+type Val<'i> = Spanned<DeValue<'i>>;
+
+/// Parses and validates config text. `file` names it in errors; `base` is the folder that
+/// relative paths in it are relative to.
+pub fn parse_str(text: &str, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    let mut cx = Cx {
+        src: text,
+        file,
+        errors: Vec::new(),
+    };
+    let (root, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        for e in syntax {
+            cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string());
+        }
+        return Err(cx.into_errors());
+    }
+    let cfg = build(&mut cx, root.get_ref(), root.span(), base);
+    match cfg {
+        Some(cfg) if cx.errors.is_empty() => Ok(cfg),
+        _ => Err(cx.into_errors()),
+    }
+}
+
+/// Error collector; turns byte offsets into `line:col`.
+struct Cx<'s> {
+    src: &'s str,
+    file: &'s str,
+    errors: Vec<(usize, String)>,
+}
+
+impl Cx<'_> {
+    fn err(&mut self, span: Range<usize>, msg: impl Into<String>) {
+        self.errors.push((span.start, msg.into()));
+    }
+
+    fn into_errors(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|(pos, _)| *pos);
+        self.errors.dedup();
+        let src = self.src;
+        let file = self.file;
+        ConfigErrors(
+            self.errors
+                .into_iter()
+                .map(|(pos, message)| {
+                    let (line, col) = line_col(src, pos);
+                    ConfigError {
+                        file: file.to_string(),
+                        line,
+                        col,
+                        message,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// 1-based line and character column of byte offset `pos`.
+fn line_col(src: &str, pos: usize) -> (usize, usize) {
+    let pos = pos.min(src.len());
+    let before = &src[..src.floor_char_boundary(pos)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+fn type_name(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a datetime",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// A table being read: keys are taken one by one; whatever is left over at
+/// [`Tab::finish`] is an unknown key.
+struct Tab<'a, 'i> {
+    /// How the table is named in messages, e.g. `[[listener]]`.
+    what: String,
+    span: Range<usize>,
+    entries: Vec<(&'a str, Range<usize>, &'a Val<'i>, Cell<bool>)>,
+}
+
+impl<'a, 'i> Tab<'a, 'i> {
+    fn new(what: impl Into<String>, t: &'a DeTable<'i>, span: Range<usize>) -> Self {
+        Tab {
+            what: what.into(),
+            span,
+            entries: t
+                .iter()
+                .map(|(k, v)| (k.get_ref().as_ref(), k.span(), v, Cell::new(false)))
+                .collect(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Val<'i>> {
+        self.entries.iter().find(|e| e.0 == key).map(|e| {
+            e.3.set(true);
+            e.2
+        })
+    }
+
+    /// Reports keys nobody took. `later` lists keys of the SPEC that this build does not
+    /// implement yet: they get a clear "not supported yet" rather than "unknown key".
+    fn finish(self, cx: &mut Cx<'_>, known: &[&str], later: &[&str]) {
+        for (key, span, _, used) in &self.entries {
+            if used.get() {
+                continue;
+            }
+            if later.contains(key) {
+                cx.err(
+                    span.clone(),
+                    format!("`{key}` in {} is not supported yet", self.what),
+                );
+            } else {
+                cx.err(
+                    span.clone(),
+                    format!(
+                        "unknown key `{key}` in {}; expected one of: {}",
+                        self.what,
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn required(&self, cx: &mut Cx<'_>, key: &str) -> Option<&'a Val<'i>> {
+        let v = self.get(key);
+        if v.is_none() {
+            cx.err(
+                self.span.clone(),
+                format!("{} is missing the required key `{key}`", self.what),
+            );
+        }
+        v
+    }
+
+    fn string(&self, cx: &mut Cx<'_>, key: &str) -> Option<(&'a str, Range<usize>)> {
+        let v = self.get(key)?;
+        as_str(cx, key, v).map(|s| (s, v.span()))
+    }
+
+    fn bool(&self, cx: &mut Cx<'_>, key: &str) -> Option<bool> {
+        let v = self.get(key)?;
+        match v.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            other => {
+                cx.err(
+                    v.span(),
+                    format!("`{key}` must be true or false, not {}", type_name(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer in `min..=max`.
+    fn uint(&self, cx: &mut Cx<'_>, key: &str, min: u64, max: u64) -> Option<u64> {
+        let v = self.get(key)?;
+        as_uint(cx, key, v, min, max)
+    }
+
+    fn duration(&self, cx: &mut Cx<'_>, key: &str) -> Option<Duration> {
+        let (s, span) = self.string(cx, key)?;
+        match parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                cx.err(span, format!("`{key}`: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A duration that must not be zero.
+    fn positive_duration(&self, cx: &mut Cx<'_>, key: &str) -> Option<Duration> {
+        let d = self.duration(cx, key)?;
+        if d.is_zero() {
+            cx.err(
+                self.get(key)?.span(),
+                format!("`{key}` must be more than 0"),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
+    fn size(&self, cx: &mut Cx<'_>, key: &str) -> Option<usize> {
+        let (s, span) = self.string(cx, key)?;
+        match parse_size(s) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                cx.err(span, format!("`{key}`: {e}"));
+                None
+            }
+        }
+    }
+
+    fn table(&self, cx: &mut Cx<'_>, key: &str, what: &str) -> Option<Tab<'a, 'i>> {
+        let v = self.get(key)?;
+        as_table(cx, key, v, what)
+    }
+}
+
+fn as_str<'a>(cx: &mut Cx<'_>, key: &str, v: &'a Val<'_>) -> Option<&'a str> {
+    match v.get_ref() {
+        DeValue::String(s) => Some(s.as_ref()),
+        other => {
+            cx.err(
+                v.span(),
+                format!("`{key}` must be a string, not {}", type_name(other)),
+            );
+            None
+        }
+    }
+}
+
+fn as_uint(cx: &mut Cx<'_>, key: &str, v: &Val<'_>, min: u64, max: u64) -> Option<u64> {
+    match v.get_ref() {
+        DeValue::Integer(i) => match u64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                cx.err(
+                    v.span(),
+                    format!("`{key}` must be an integer from {min} to {max}"),
+                );
+                None
+            }
+        },
+        other => {
+            cx.err(
+                v.span(),
+                format!("`{key}` must be an integer, not {}", type_name(other)),
+            );
+            None
+        }
+    }
+}
+
+fn as_table<'a, 'i>(cx: &mut Cx<'_>, key: &str, v: &'a Val<'i>, what: &str) -> Option<Tab<'a, 'i>> {
+    match v.get_ref() {
+        DeValue::Table(t) => Some(Tab::new(what, t, v.span())),
+        other => {
+            cx.err(
+                v.span(),
+                format!("`{key}` must be a table, not {}", type_name(other)),
+            );
+            None
+        }
+    }
+}
+
+/// `key = "x"` or `key = ["x", "y"]`, as a list of spanned strings.
+fn str_list<'a>(cx: &mut Cx<'_>, key: &str, v: &'a Val<'_>) -> Vec<(&'a str, Range<usize>)> {
+    match v.get_ref() {
+        DeValue::String(s) => vec![(s.as_ref(), v.span())],
+        DeValue::Array(items) => items
+            .iter()
+            .filter_map(|item| as_str(cx, key, item).map(|s| (s, item.span())))
+            .collect(),
+        other => {
+            cx.err(
+                v.span(),
+                format!(
+                    "`{key}` must be a string or an array of strings, not {}",
+                    type_name(other)
+                ),
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// An array of tables (`[[listener]]`), or an error if the key holds something else.
+fn table_array<'a, 'i>(cx: &mut Cx<'_>, key: &str, v: &'a Val<'i>) -> Option<&'a DeArray<'i>> {
+    match v.get_ref() {
+        DeValue::Array(a) => Some(a),
+        other => {
+            cx.err(
+                v.span(),
+                format!(
+                    "`{key}` must be an array of tables (write `[[{key}]]`), not {}",
+                    type_name(other)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Parses `ip:port` (IPv6 as `[::1]:port`). Host names are refused with a hint.
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match s.rsplit_once(':') {
+        None => Err(format!(
+            "bad address {s:?}: expected host:port, e.g. \"127.0.0.1:7000\""
+        )),
+        Some((host, port)) => {
+            if port.parse::<u16>().is_err() {
+                Err(format!(
+                    "bad address {s:?}: port {port:?} is not a number from 0 to 65535"
+                ))
+            } else if host.contains(':') {
+                Err(format!(
+                    "bad address {s:?}: write IPv6 addresses in brackets, e.g. \"[::1]:{port}\""
+                ))
+            } else if host.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                Err(format!(
+                    "bad address {s:?}: {host:?} is not a valid IPv4 address"
+                ))
+            } else {
+                Err(format!(
+                    "bad address {s:?}: host names are not supported yet; use an IP address"
+                ))
+            }
+        }
+    }
+}
+
+const ROOT_KEYS: &[&str] = &["global", "log", "listener", "upstream"];
+const ROOT_LATER: &[&str] = &["admin"];
+const GLOBAL_KEYS: &[&str] = &["max_connections", "drain_timeout", "workers"];
+const LOG_KEYS: &[&str] = &["access", "format", "level"];
+const LOG_LATER: &[&str] = &["on_connect", "interval"];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "mode",
+    "upstream",
+    "idle_timeout",
+    "max_connections",
+    "reuse_port",
+];
+const LISTENER_LATER: &[&str] = &[
+    "allow",
+    "deny",
+    "per_client",
+    "proxy_protocol",
+    "tls",
+    "route",
+    "destinations",
+    "users",
+    "protocol",
+];
+const UPSTREAM_KEYS: &[&str] = &["name", "balance", "servers", "connect_timeout", "tcp"];
+const UPSTREAM_LATER: &[&str] = &[
+    "resolve_interval",
+    "retries",
+    "max_connections_per_server",
+    "queue",
+    "sticky",
+    "proxy_protocol",
+    "tls",
+    "health",
+];
+const SERVER_KEYS: &[&str] = &["addr", "weight"];
+const SERVER_LATER: &[&str] = &["backup"];
+const TCP_KEYS: &[&str] = &["nodelay", "keepalive", "send_buffer", "recv_buffer"];
+
+fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -> Option<Config> {
+    let root = Tab::new("the config", root, span);
+
+    let global = match root.table(cx, "global", "[global]") {
+        Some(t) => global(cx, t),
+        None => Global::default(),
+    };
+    let log = match root.table(cx, "log", "[log]") {
+        Some(t) => log(cx, t, base),
+        None => LogConfig::default(),
+    };
+
+    // Upstreams first: listeners refer to them by name.
+    let mut upstreams = Vec::new();
+    let mut upstream_names: HashMap<String, usize> = HashMap::new();
+    if let Some(v) = root.get("upstream")
+        && let Some(items) = table_array(cx, "upstream", v)
+    {
+        for item in items.iter() {
+            let Some(t) = as_table(cx, "upstream", item, "[[upstream]]") else {
+                continue;
+            };
+            if let Some((u, name_span)) = upstream(cx, t) {
+                if upstream_names.contains_key(&u.name) {
+                    cx.err(name_span, format!("duplicate upstream name {:?}", u.name));
+                    continue;
+                }
+                upstream_names.insert(u.name.clone(), upstreams.len());
+                upstreams.push(u);
+            }
+        }
+    }
+
+    let mut listeners: Vec<Listener> = Vec::new();
+    let mut bound: HashMap<SocketAddr, String> = HashMap::new();
+    match root.get("listener") {
+        None => cx.err(
+            0..0,
+            "the config has no [[listener]]: there is nothing to serve",
+        ),
+        Some(v) => {
+            if let Some(items) = table_array(cx, "listener", v) {
+                for item in items.iter() {
+                    let Some(t) = as_table(cx, "listener", item, "[[listener]]") else {
+                        continue;
+                    };
+                    if let Some((l, name_span)) = listener(cx, t, &upstream_names, &mut bound) {
+                        if listeners.iter().any(|o| o.name == l.name) {
+                            cx.err(name_span, format!("duplicate listener name {:?}", l.name));
+                            continue;
+                        }
+                        listeners.push(l);
+                    }
+                }
+            }
+        }
+    }
+    root.finish(cx, ROOT_KEYS, ROOT_LATER);
+    Some(Config {
+        global,
+        log,
+        listeners,
+        upstreams,
+    })
+}
+
+fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Global {
+    let d = Global::default();
+    let g = Global {
+        max_connections: t
+            .uint(cx, "max_connections", 1, 10_000_000)
+            .map_or(d.max_connections, |n| n as usize),
+        drain_timeout: t.duration(cx, "drain_timeout").unwrap_or(d.drain_timeout),
+        workers: t
+            .uint(cx, "workers", 0, 1024)
+            .map_or(d.workers, |n| n as usize),
+    };
+    t.finish(cx, GLOBAL_KEYS, &[]);
+    g
+}
+
+fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
+    let d = LogConfig::default();
+    let access = match t.string(cx, "access") {
+        None => d.access,
+        Some(("stdout", _)) => AccessTarget::Stdout,
+        Some(("stderr", _)) => AccessTarget::Stderr,
+        Some(("off", _)) => AccessTarget::Off,
+        Some(("", span)) => {
+            cx.err(
+                span,
+                "`access` must be \"stdout\", \"stderr\", \"off\" or a file path",
+            );
+            d.access
+        }
+        Some((path, _)) => AccessTarget::File(base.join(path)),
+    };
+    let format = match t.string(cx, "format") {
+        None => d.format,
+        Some(("json", _)) => LogFormat::Json,
+        Some(("text", _)) => LogFormat::Text,
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!("`format` must be \"json\" or \"text\", not {other:?}"),
+            );
+            d.format
+        }
+    };
+    let level = match t.string(cx, "level") {
+        None => d.level,
+        Some((s, span)) => match s.parse::<tracing::Level>() {
+            Ok(l) => l,
+            Err(_) => {
+                cx.err(
+                    span,
+                    format!("`level` must be one of error, warn, info, debug, trace; not {s:?}"),
+                );
+                d.level
+            }
+        },
+    };
+    t.finish(cx, LOG_KEYS, LOG_LATER);
+    LogConfig {
+        access,
+        format,
+        level,
+    }
+}
+
+fn listener(
+    cx: &mut Cx<'_>,
+    t: Tab<'_, '_>,
+    upstreams: &HashMap<String, usize>,
+    bound: &mut HashMap<SocketAddr, String>,
+) -> Option<(Listener, Range<usize>)> {
+    let name_v = t.required(cx, "name");
+    let name = name_v.and_then(|v| as_str(cx, "name", v));
+    if let (Some(""), Some(v)) = (name, name_v) {
+        cx.err(v.span(), "`name` must not be empty");
+    }
+    let who = name.unwrap_or("?").to_string();
+
+    let mut listen = Vec::new();
+    if let Some(v) = t.required(cx, "listen") {
+        let items = str_list(cx, "listen", v);
+        if items.is_empty() && matches!(v.get_ref(), DeValue::Array(_)) {
+            cx.err(v.span(), "`listen` must name at least one address");
+        }
+        for (s, span) in items {
+            match socket_addr(s) {
+                Ok(a) => {
+                    // Port 0 (an ephemeral port) never clashes.
+                    if a.port() != 0 {
+                        if let Some(other) = bound.get(&a) {
+                            cx.err(
+                                span,
+                                format!("address {a} is already used by listener {other:?}"),
+                            );
+                            continue;
+                        }
+                        bound.insert(a, who.clone());
+                    }
+                    if listen.contains(&a) {
+                        cx.err(span, format!("address {a} is listed twice"));
+                        continue;
+                    }
+                    listen.push(a);
+                }
+                Err(e) => cx.err(span, format!("`listen`: {e}")),
+            }
+        }
+    }
+
+    let mode = match t.string(cx, "mode") {
+        None | Some(("tcp", _)) => Some(ListenerMode::Tcp),
+        Some((m @ ("tls" | "socks5" | "http-connect" | "transparent"), span)) => {
+            cx.err(span, format!("mode {m:?} is not supported yet"));
+            None
+        }
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!(
+                    "`mode` must be one of \"tcp\", \"tls\", \"socks5\", \"http-connect\", \"transparent\"; not {other:?}"
+                ),
+            );
+            None
+        }
+    };
+
+    let upstream = match t.required(cx, "upstream") {
+        None => None,
+        Some(v) => match as_str(cx, "upstream", v) {
+            None => None,
+            Some(u) => match upstreams.get(u) {
+                Some(i) => Some(*i),
+                None => {
+                    cx.err(
+                        v.span(),
+                        format!("listener {who:?} names upstream {u:?}, which is not defined"),
+                    );
+                    None
+                }
+            },
+        },
+    };
+    let idle_timeout = t
+        .positive_duration(cx, "idle_timeout")
+        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let max_connections = t
+        .uint(cx, "max_connections", 1, 10_000_000)
+        .map(|n| n as usize);
+    let reuse_port = t.bool(cx, "reuse_port").unwrap_or(false);
+    t.finish(cx, LISTENER_KEYS, LISTENER_LATER);
+
+    let l = Listener {
+        name: name?.to_string(),
+        listen,
+        mode: mode?,
+        upstream: upstream?,
+        idle_timeout,
+        max_connections,
+        reuse_port,
+    };
+    Some((l, name_v?.span()))
+}
+
+fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)> {
+    let name_v = t.required(cx, "name");
+    let name = name_v.and_then(|v| as_str(cx, "name", v));
+    if let (Some(""), Some(v)) = (name, name_v) {
+        cx.err(v.span(), "`name` must not be empty");
+    }
+    let balance = match t.string(cx, "balance") {
+        None | Some(("round_robin", _)) => Some(Balance::RoundRobin),
+        Some((b @ ("least_conn" | "random" | "p2c" | "maglev" | "ring_hash" | "first"), span)) => {
+            cx.err(span, format!("balance {b:?} is not supported yet"));
+            None
+        }
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!(
+                    "`balance` must be one of round_robin, least_conn, random, p2c, maglev, ring_hash, first; not {other:?}"
+                ),
+            );
+            None
+        }
+    };
+
+    let mut servers: Vec<ServerSpec> = Vec::new();
+    if let Some(v) = t.required(cx, "servers") {
+        match v.get_ref() {
+            DeValue::Array(items) => {
+                if items.is_empty() {
+                    cx.err(v.span(), "`servers` must list at least one server");
+                }
+                for item in items.iter() {
+                    if let Some(s) = server(cx, item) {
+                        if servers.iter().any(|o| o.addr == s.addr) {
+                            cx.err(item.span(), format!("server {} is listed twice", s.addr));
+                            continue;
+                        }
+                        servers.push(s);
+                    }
+                }
+            }
+            other => cx.err(
+                v.span(),
+                format!("`servers` must be an array, not {}", type_name(other)),
+            ),
+        }
+    }
+    let connect_timeout = t
+        .positive_duration(cx, "connect_timeout")
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let tcp = t
+        .table(cx, "tcp", "`tcp`")
+        .map(|tt| tcp_options(cx, tt))
+        .unwrap_or_default();
+    t.finish(cx, UPSTREAM_KEYS, UPSTREAM_LATER);
+
+    let u = Upstream {
+        name: name?.to_string(),
+        balance: balance?,
+        servers,
+        connect_timeout,
+        tcp,
+    };
+    Some((u, name_v?.span()))
+}
+
+fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
+    let addr_of = |cx: &mut Cx<'_>, s: &str, span: Range<usize>| match socket_addr(s) {
+        Ok(a) if a.port() == 0 => {
+            cx.err(span, format!("server {a}: port 0 cannot be connected to"));
+            None
+        }
+        Ok(a) => Some(a),
+        Err(e) => {
+            cx.err(span, format!("server: {e}"));
+            None
+        }
+    };
+    match v.get_ref() {
+        DeValue::String(s) => addr_of(cx, s, v.span()).map(|addr| ServerSpec { addr, weight: 1 }),
+        DeValue::Table(t) => {
+            let t = Tab::new("a server", t, v.span());
+            let addr = t.required(cx, "addr").and_then(|a| {
+                let s = as_str(cx, "addr", a)?;
+                addr_of(cx, s, a.span())
+            });
+            let weight = t.uint(cx, "weight", 1, MAX_WEIGHT as u64).unwrap_or(1) as u32;
+            t.finish(cx, SERVER_KEYS, SERVER_LATER);
+            Some(ServerSpec {
+                addr: addr?,
+                weight,
+            })
+        }
+        other => {
+            cx.err(
+                v.span(),
+                format!(
+                    "a server must be \"ip:port\" or {{ addr = \"ip:port\", weight = N }}, not {}",
+                    type_name(other)
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn tcp_options(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> TcpOptions {
+    let d = TcpOptions::default();
+    let o = TcpOptions {
+        nodelay: t.bool(cx, "nodelay").unwrap_or(d.nodelay),
+        keepalive: t.positive_duration(cx, "keepalive"),
+        send_buffer: t.size(cx, "send_buffer"),
+        recv_buffer: t.size(cx, "recv_buffer"),
+    };
+    t.finish(cx, TCP_KEYS, &[]);
+    o
+}

@@ -1,0 +1,52 @@
+//! `ferry demo`: three echo servers on loopback and a proxy in front of them, so a newcomer
+//! sees ferry work with nothing else installed.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+use crate::config::{AccessTarget, Config, LogFormat};
+
+/// The address the demo listener tries first; if taken, an ephemeral port is used.
+pub const DEMO_ADDR: &str = "127.0.0.1:7000";
+
+/// Starts `n` line-echo servers on `127.0.0.1:0`. Each answers every line with its name
+/// and the line, so round robin can be seen from the client.
+pub async fn start_echo_servers(n: usize) -> std::io::Result<Vec<SocketAddr>> {
+    let mut addrs = Vec::new();
+    for i in 1..=n {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        addrs.push(l.local_addr()?);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let _ = w
+                        .write_all(format!("hello from echo-{i}\n").as_bytes())
+                        .await;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if w.write_all(format!("echo-{i}: {line}\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    Ok(addrs)
+}
+
+/// The demo's config: one listener in front of `servers`, access log as text on stdout.
+pub fn config(listen: SocketAddr, servers: Vec<SocketAddr>) -> Config {
+    let mut cfg = Config::quick(vec![listen], servers);
+    cfg.listeners[0].name = "demo".into();
+    cfg.upstreams[0].name = "echo".into();
+    cfg.log.access = AccessTarget::Stdout;
+    cfg.log.format = LogFormat::Text;
+    cfg
+}

@@ -1,0 +1,15 @@
+//! ferry: a layer-4 proxy, reverse proxy and load balancer.
+//!
+//! See `ARCHITECTURE.md` for how the modules fit together.
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod net;
+pub mod observe;
+pub mod relay;
+pub mod runtime;
+pub mod session;
+pub mod upstream;

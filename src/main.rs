@@ -1,0 +1,206 @@
+//! The `ferry` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ferry::config::{Config, ConfigErrors};
+use ferry::runtime::{Proxy, effective_workers};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A layer-4 proxy, reverse proxy and load balancer"
+)]
+struct Cli {
+    /// Serve this config file (same as `ferry run --config FILE`).
+    #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a config file, or one listener and one pool given on the command line.
+    Run {
+        /// Quick mode: listen here (repeatable).
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        listen: Vec<SocketAddr>,
+        /// Quick mode: a server of the pool (repeatable).
+        #[arg(long, value_name = "ADDR", requires = "listen")]
+        upstream: Vec<SocketAddr>,
+        /// Quick mode: balancing algorithm.
+        #[arg(
+            long,
+            value_name = "ALGO",
+            default_value = "round_robin",
+            requires = "listen"
+        )]
+        balance: String,
+    },
+    /// Validate a config file: a summary and exit 0, or every error and exit 1.
+    Check,
+    /// Start echo servers on loopback and a proxy in front of them, and say how to try it.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Some(Command::Check) => check(cli.config),
+        Some(Command::Demo) => demo(),
+        Some(Command::Run {
+            listen,
+            upstream,
+            balance,
+        }) if !listen.is_empty() => {
+            if upstream.is_empty() {
+                eprintln!("ferry: quick mode needs at least one --upstream ADDR");
+                return ExitCode::from(1);
+            }
+            if balance != "round_robin" {
+                eprintln!("ferry: --balance {balance:?} is not supported yet (round_robin is)");
+                return ExitCode::from(1);
+            }
+            serve(Config::quick(listen, upstream))
+        }
+        Some(Command::Run { .. }) | None => match cli.config {
+            Some(path) => match load(&path) {
+                Ok(cfg) => serve(cfg),
+                Err(code) => code,
+            },
+            None => {
+                eprintln!(
+                    "ferry: give a config (`ferry run --config FILE`), quick mode (`ferry run --listen ADDR --upstream ADDR`), or try `ferry demo`; see `ferry --help`"
+                );
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|ConfigErrors(errs)| {
+        for e in &errs {
+            eprintln!("{e}");
+        }
+        eprintln!("ferry: {} error(s) in {}", errs.len(), path.display());
+        ExitCode::from(1)
+    })
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("ferry check: --config FILE is required");
+        return ExitCode::from(1);
+    };
+    match load(&path) {
+        Ok(cfg) => {
+            print!("{}", cfg.summary());
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn init_logging(level: tracing::Level) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(effective_workers(workers))
+        .thread_name("ferry-worker")
+        .enable_all()
+        .build()
+}
+
+/// Runs `cfg` on a new runtime until a signal.
+fn serve(cfg: Config) -> ExitCode {
+    match build_runtime(cfg.global.workers) {
+        Ok(rt) => serve_on(rt, cfg, |_| {}),
+        Err(e) => {
+            eprintln!("ferry: cannot start the runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs `cfg` on `rt` until a signal; `banner` is called once the listeners are bound.
+fn serve_on(rt: tokio::runtime::Runtime, cfg: Config, banner: impl FnOnce(&Proxy)) -> ExitCode {
+    init_logging(cfg.log.level);
+    let code = rt.block_on(async {
+        let proxy = match Proxy::start(&cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        banner(&proxy);
+        match proxy.run_until_signal().await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(2)
+            }
+        }
+    });
+    // Every connection has ended; don't wait for anything else.
+    rt.shutdown_background();
+    code
+}
+
+fn demo() -> ExitCode {
+    let rt = match build_runtime(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry demo: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let servers = match rt.block_on(ferry::demo::start_echo_servers(3)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry demo: cannot start echo servers: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (i, s) in servers.iter().enumerate() {
+        println!("started echo server echo-{} on {s}", i + 1);
+    }
+    // Take the well-known demo port if it is free, else any port.
+    let listen: SocketAddr = match std::net::TcpListener::bind(ferry::demo::DEMO_ADDR) {
+        Ok(_) => ferry::demo::DEMO_ADDR,
+        Err(_) => "127.0.0.1:0",
+    }
+    .parse()
+    .expect("constant address");
+    let cfg = ferry::demo::config(listen, servers);
+    serve_on(rt, cfg, |proxy| {
+        let addr = proxy.bound[0].1;
+        println!("started ferry listener \"demo\" on {addr}, round robin over the echo servers");
+        println!();
+        println!("Try it (each new connection goes to the next echo server):");
+        println!("    nc {} {}", addr.ip(), addr.port());
+        println!("Type a line and see which server answers; Ctrl-D closes; run nc again.");
+        println!("An access-log line follows for each finished connection. Ctrl-C stops.");
+    })
+}

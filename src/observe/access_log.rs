@@ -1,0 +1,209 @@
+//! The access log: one record per finished connection, as JSON lines or text.
+//!
+//! Records are formatted on the connection's task and handed to a dedicated writer thread
+//! through a bounded channel, so a slow disk or a blocked stdout pipe never stalls the
+//! relay. If the channel is full the record is dropped and counted; the count is reported
+//! on the process log.
+
+use std::fmt::Write as _;
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use super::Outcome;
+use crate::config::{AccessTarget, LogFormat};
+
+/// Records waiting for the writer thread before new ones are dropped.
+const QUEUE: usize = 64 * 1024;
+
+/// One access-log record. Field names are the SPEC's.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record<'a> {
+    /// Start of the connection, RFC 3339.
+    #[serde(serialize_with = "rfc3339")]
+    pub ts: SystemTime,
+    pub listener: &'a str,
+    pub client: SocketAddr,
+    pub upstream: Option<&'a str>,
+    pub server: Option<SocketAddr>,
+    pub sni: Option<&'a str>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Time to establish the server connection; absent when none was made.
+    #[serde(serialize_with = "millis")]
+    pub connect_ms: Option<Duration>,
+    #[serde(serialize_with = "millis_req")]
+    pub duration_ms: Duration,
+    #[serde(serialize_with = "outcome")]
+    pub result: Outcome,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(ms(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+fn millis_req<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(ms(*d))
+}
+
+fn outcome<S: serde::Serializer>(o: &Outcome, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(o.as_str())
+}
+
+impl Record<'_> {
+    /// Appends the record and a newline to `out`.
+    pub fn format(&self, format: LogFormat, out: &mut String) {
+        match format {
+            LogFormat::Json => {
+                // Serializing plain fields into a String cannot fail.
+                let json = serde_json::to_string(self).unwrap_or_default();
+                out.push_str(&json);
+            }
+            LogFormat::Text => {
+                let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+                let _ = write!(
+                    out,
+                    "{} listener={} client={} upstream={} server={} sni={} bytes_up={} bytes_down={} connect_ms={} duration_ms={} result={}",
+                    humantime::format_rfc3339_millis(self.ts),
+                    self.listener,
+                    self.client,
+                    self.upstream.unwrap_or("-"),
+                    opt(self.server.map(|s| s.to_string())),
+                    self.sni.unwrap_or("-"),
+                    self.bytes_up,
+                    self.bytes_down,
+                    opt(self.connect_ms.map(|d| ms(d).to_string())),
+                    ms(self.duration_ms),
+                    self.result.as_str(),
+                );
+            }
+        }
+        out.push('\n');
+    }
+}
+
+/// The access-log sink. Cheap to share (`Arc`); [`AccessLog::close`] flushes it.
+pub struct AccessLog {
+    format: LogFormat,
+    tx: Option<SyncSender<String>>,
+    dropped: Arc<AtomicU64>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl AccessLog {
+    /// Opens the sink named by `[log] access`. A file is opened for appending (created if
+    /// missing); failing to open it is an error the caller reports at start-up.
+    pub fn open(target: &AccessTarget, format: LogFormat) -> io::Result<AccessLog> {
+        let out: Box<dyn Write + Send> = match target {
+            AccessTarget::Off => {
+                return Ok(AccessLog {
+                    format,
+                    tx: None,
+                    dropped: Arc::default(),
+                    writer: None,
+                });
+            }
+            AccessTarget::Stdout => Box::new(io::stdout()),
+            AccessTarget::Stderr => Box::new(io::stderr()),
+            AccessTarget::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            ),
+        };
+        let (tx, rx) = sync_channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let writer = std::thread::Builder::new()
+            .name("ferry-access-log".into())
+            .spawn({
+                let dropped = dropped.clone();
+                move || write_loop(rx, out, dropped)
+            })?;
+        Ok(AccessLog {
+            format,
+            tx: Some(tx),
+            dropped,
+            writer: Some(writer),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Queues one record. Never blocks: if the writer is behind, the record is dropped and
+    /// counted.
+    pub fn write(&self, rec: &Record<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let mut line = String::with_capacity(256);
+        rec.format(self.format, &mut line);
+        match tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Records dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+
+    /// Flushes everything queued and stops the writer thread.
+    pub fn close(mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn write_loop(rx: Receiver<String>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
+    let mut out = BufWriter::with_capacity(64 * 1024, out);
+    let mut reported = 0;
+    while let Ok(line) = rx.recv() {
+        let _ = out.write_all(line.as_bytes());
+        // Batch whatever else is queued, then flush so records are visible promptly.
+        while let Ok(line) = rx.try_recv() {
+            let _ = out.write_all(line.as_bytes());
+        }
+        let _ = out.flush();
+        let d = dropped.load(Relaxed);
+        if d != reported {
+            tracing::warn!(
+                dropped = d - reported,
+                "access log writer fell behind; records dropped"
+            );
+            reported = d;
+        }
+    }
+    let _ = out.flush();
+}

@@ -1,0 +1,10 @@
+//! What ferry tells the operator: the per-connection outcome, the access log, and the
+//! counters that the metrics and status API read.
+
+pub mod access_log;
+pub mod outcome;
+pub mod stats;
+
+pub use access_log::{AccessLog, Record};
+pub use outcome::Outcome;
+pub use stats::{ListenerStats, ServerStats};

@@ -1,0 +1,75 @@
+//! How a connection ended: the access log's `result` and the metrics' `result` label.
+//! Declared once, here.
+
+/// The result of one client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Relayed until both sides were done.
+    Ok,
+    /// Not an end: the record written when the server connection is up (`on_connect`).
+    Open,
+    /// Refused by an ACL.
+    Denied,
+    /// Refused by a connection or rate limit.
+    Limited,
+    /// No server of the upstream was available.
+    NoServer,
+    /// Waited in the upstream's queue and gave up.
+    QueueTimeout,
+    /// Every connect attempt was refused or failed.
+    ConnectFailed,
+    /// The connect to the server did not finish within `connect_timeout`.
+    ConnectTimeout,
+    /// No bytes either way for `idle_timeout`.
+    IdleTimeout,
+    /// The client reset the connection (or wrote to a closed one).
+    ClientReset,
+    /// The server reset the connection.
+    ServerReset,
+    /// A front-end handshake (PROXY header, TLS, SOCKS5, CONNECT) failed.
+    ProtocolError,
+    /// Still open when the drain timeout ran out, and closed by ferry.
+    Drained,
+}
+
+impl Outcome {
+    /// Every outcome that ends a connection, in a fixed order (counter slots).
+    pub const FINAL: [Outcome; 12] = [
+        Outcome::Ok,
+        Outcome::Denied,
+        Outcome::Limited,
+        Outcome::NoServer,
+        Outcome::QueueTimeout,
+        Outcome::ConnectFailed,
+        Outcome::ConnectTimeout,
+        Outcome::IdleTimeout,
+        Outcome::ClientReset,
+        Outcome::ServerReset,
+        Outcome::ProtocolError,
+        Outcome::Drained,
+    ];
+
+    /// The name used in the access log and in metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Open => "open",
+            Outcome::Denied => "denied",
+            Outcome::Limited => "limited",
+            Outcome::NoServer => "no_server",
+            Outcome::QueueTimeout => "queue_timeout",
+            Outcome::ConnectFailed => "connect_failed",
+            Outcome::ConnectTimeout => "connect_timeout",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::ClientReset => "client_reset",
+            Outcome::ServerReset => "server_reset",
+            Outcome::ProtocolError => "protocol_error",
+            Outcome::Drained => "drained",
+        }
+    }
+
+    /// Index into [`Outcome::FINAL`]; `Open` has none.
+    pub fn slot(self) -> Option<usize> {
+        Outcome::FINAL.iter().position(|o| *o == self)
+    }
+}

@@ -1,0 +1,241 @@
+//! The relay: moves bytes both ways between a client and a server until both directions
+//! are done.
+//!
+//! Both directions are driven from one task, straight off socket readiness:
+//! - a read goes into a per-thread scratch buffer and is written on at once; only bytes
+//!   the receiver cannot take yet are kept, in a buffer owned by the connection that is
+//!   released as soon as it drains. An idle connection holds no buffer at all, and a
+//!   direction never holds more than one read (64 KiB) while its receiver is slow: it stops
+//!   reading until that is written, so backpressure reaches the sender through TCP.
+//! - EOF on one side is passed on as a write shutdown to the other (half-close); the other
+//!   direction carries on until it ends too.
+//! - A reset (or any error) on one side ends the relay and resets the other side.
+//! - No bytes either way for `idle_timeout` ends it; so does the drain signal.
+//!
+//! Callers see only [`relay`] and its [`Relayed`] result, so the engine behind it (copy
+//! loop, splice) can change without touching them.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::net::Shutdown;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::net::close_with_reset;
+
+/// Bytes read from a socket at a time.
+pub const CHUNK: usize = 64 * 1024;
+/// Reads per direction in one wake-up before yielding to other tasks.
+const READS_PER_POLL: usize = 16;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with EOF.
+    Done,
+    /// No bytes moved for `idle_timeout`.
+    IdleTimeout,
+    /// The client reset the connection, or could not be written to.
+    ClientReset,
+    /// The server reset the connection, or could not be written to.
+    ServerReset,
+    /// Stopped by the drain signal.
+    Drained,
+}
+
+/// What a relay did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    /// Bytes client → server.
+    pub bytes_up: u64,
+    /// Bytes server → client.
+    pub bytes_down: u64,
+    pub end: End,
+}
+
+/// Relays between `client` and `server` until both directions are done, `idle_timeout`
+/// passes with no bytes moving, one side fails, or `stop` is cancelled. Consumes and closes
+/// both sockets.
+pub async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+) -> Relayed {
+    let mut up = Half::default();
+    let mut down = Half::default();
+    let mut last = Instant::now();
+    let sleep = tokio::time::sleep(idle_timeout);
+    tokio::pin!(sleep);
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            r = poll_fn(|cx| poll_both(cx, &client, &server, &mut up, &mut down, &mut last)) => break r,
+            () = &mut sleep => {
+                let deadline = last + idle_timeout;
+                if Instant::now() >= deadline {
+                    break End::IdleTimeout;
+                }
+                sleep.as_mut().reset(deadline);
+            }
+            () = stop.cancelled() => break End::Drained,
+        }
+    };
+    match end {
+        End::ClientReset => close_with_reset(server),
+        End::ServerReset => close_with_reset(client),
+        End::Done | End::IdleTimeout | End::Drained => {}
+    }
+    Relayed {
+        bytes_up: up.bytes,
+        bytes_down: down.bytes,
+        end,
+    }
+}
+
+/// Drives both directions; ready when both are done or either fails.
+fn poll_both(
+    cx: &mut Context<'_>,
+    client: &TcpStream,
+    server: &TcpStream,
+    up: &mut Half,
+    down: &mut Half,
+    last: &mut Instant,
+) -> Poll<End> {
+    let u = match up.poll(cx, client, server, last) {
+        Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ClientReset),
+        Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ServerReset),
+        Poll::Ready(Ok(())) => true,
+        Poll::Pending => false,
+    };
+    let d = match down.poll(cx, server, client, last) {
+        Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ServerReset),
+        Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ClientReset),
+        Poll::Ready(Ok(())) => true,
+        Poll::Pending => false,
+    };
+    if u && d {
+        Poll::Ready(End::Done)
+    } else {
+        Poll::Pending
+    }
+}
+
+/// Which socket of a direction failed.
+enum Fail {
+    Read,
+    Write,
+}
+
+/// One direction of the relay.
+#[derive(Default)]
+struct Half {
+    /// Bytes read but not yet written, from `pos` on. `None` when nothing is waiting.
+    pending: Option<Vec<u8>>,
+    pos: usize,
+    /// The source sent EOF.
+    eof: bool,
+    /// The EOF has been passed on as a write shutdown.
+    done: bool,
+    bytes: u64,
+}
+
+enum Step {
+    /// All bytes read were written on.
+    Moved,
+    /// Bytes were read; some are left waiting for the receiver.
+    Stashed,
+    Eof,
+    /// Nothing to read right now.
+    Again,
+    ReadErr,
+    WriteErr,
+}
+
+impl Half {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        last: &mut Instant,
+    ) -> Poll<Result<(), Fail>> {
+        let mut reads = 0;
+        loop {
+            if let Some(buf) = &self.pending {
+                while self.pos < buf.len() {
+                    match to.try_write(&buf[self.pos..]) {
+                        Ok(n) => self.pos += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if ready!(to.poll_write_ready(cx)).is_err() {
+                                return Poll::Ready(Err(Fail::Write));
+                            }
+                        }
+                        Err(_) => return Poll::Ready(Err(Fail::Write)),
+                    }
+                }
+                self.pending = None;
+                self.pos = 0;
+            }
+            if self.eof {
+                if !self.done {
+                    self.done = true;
+                    // Fails only if the peer is already gone; its reset shows on the other
+                    // direction.
+                    let _ = SockRef::from(to).shutdown(Shutdown::Write);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if reads == READS_PER_POLL {
+                // Let other connections on this worker run; come back at once.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if ready!(from.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(Err(Fail::Read));
+            }
+            reads += 1;
+            let step = SCRATCH.with_borrow_mut(|scratch| match from.try_read(scratch) {
+                Ok(0) => Step::Eof,
+                Ok(n) => {
+                    self.bytes += n as u64;
+                    let written = match to.try_write(&scratch[..n]) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(_) => return Step::WriteErr,
+                    };
+                    if written == n {
+                        Step::Moved
+                    } else {
+                        self.pending = Some(scratch[written..n].to_vec());
+                        self.pos = 0;
+                        Step::Stashed
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Again,
+                Err(_) => Step::ReadErr,
+            });
+            match step {
+                Step::Moved | Step::Stashed => *last = Instant::now(),
+                Step::Eof => {
+                    self.eof = true;
+                    *last = Instant::now();
+                }
+                Step::Again => {}
+                Step::ReadErr => return Poll::Ready(Err(Fail::Read)),
+                Step::WriteErr => return Poll::Ready(Err(Fail::Write)),
+            }
+        }
+    }
+}

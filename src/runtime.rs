@@ -1,0 +1,200 @@
+//! The running proxy: runtime objects built from a [`Config`], the listeners' accept tasks,
+//! signals, and the graceful drain.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::listener::{self, Gate, ListenerCtx};
+use crate::observe::{AccessLog, ListenerStats};
+use crate::upstream::Pool;
+
+/// How long connections cut by the drain timeout get to write their log records.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A started proxy: listeners bound and accepting.
+pub struct Proxy {
+    pub listeners: Vec<Arc<ListenerCtx>>,
+    pub pools: Vec<Arc<Pool>>,
+    /// Every bound address, by listener index.
+    pub bound: Vec<(usize, SocketAddr)>,
+    drain_timeout: Duration,
+    access_log: Arc<AccessLog>,
+    accept_stop: CancellationToken,
+    conn_stop: CancellationToken,
+    accepting: TaskTracker,
+    connections: TaskTracker,
+}
+
+/// How [`Proxy::run_until_signal`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every connection finished within the drain timeout.
+    Drained,
+    /// The drain timeout ran out; the rest were closed.
+    TimedOut,
+    /// A second SIGINT: closed at once.
+    Interrupted,
+}
+
+impl Proxy {
+    /// Builds the runtime objects and binds every listener. Must run inside a tokio runtime.
+    ///
+    /// Fails (nothing left bound) if an address cannot be bound or the access log cannot be
+    /// opened.
+    pub fn start(cfg: &Config) -> io::Result<Proxy> {
+        let access_log = Arc::new(AccessLog::open(&cfg.log.access, cfg.log.format).map_err(
+            |e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot open access log {:?}: {e}", cfg.log.access),
+                )
+            },
+        )?);
+        let workers = effective_workers(cfg.global.workers);
+        let pools: Vec<Arc<Pool>> = cfg
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(Pool::new(u)))
+            .collect();
+        let global = Arc::new(Gate::new(cfg.global.max_connections));
+        let conn_stop = CancellationToken::new();
+
+        // Bind everything before accepting anything: a config that cannot fully start
+        // starts nothing.
+        let mut sockets = Vec::new();
+        let mut listeners = Vec::new();
+        let mut bound = Vec::new();
+        for (i, lc) in cfg.listeners.iter().enumerate() {
+            let socks = listener::bind(&lc.listen, lc.reuse_port, workers)?;
+            for s in &socks {
+                let a = s.local_addr()?;
+                if !bound.contains(&(i, a)) {
+                    bound.push((i, a));
+                }
+            }
+            let ctx = Arc::new(ListenerCtx {
+                name: lc.name.clone(),
+                pool: pools[lc.upstream].clone(),
+                idle_timeout: lc.idle_timeout,
+                stats: ListenerStats::default(),
+                gate: Gate::new(lc.max_connections.unwrap_or(usize::MAX)),
+                global: global.clone(),
+                access_log: access_log.clone(),
+                stop: conn_stop.clone(),
+            });
+            sockets.push((ctx.clone(), socks));
+            listeners.push(ctx);
+        }
+
+        let accept_stop = CancellationToken::new();
+        let accepting = TaskTracker::new();
+        let connections = TaskTracker::new();
+        for (ctx, socks) in sockets {
+            for s in socks {
+                accepting.spawn(listener::accept_loop(
+                    s,
+                    ctx.clone(),
+                    accept_stop.clone(),
+                    connections.clone(),
+                ));
+            }
+        }
+        accepting.close();
+        for (i, a) in &bound {
+            tracing::info!("listener {:?} listening on {a}", listeners[*i].name);
+        }
+        Ok(Proxy {
+            listeners,
+            pools,
+            bound,
+            drain_timeout: cfg.global.drain_timeout,
+            access_log,
+            accept_stop,
+            conn_stop,
+            accepting,
+            connections,
+        })
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains: listening sockets close at once, open
+    /// connections get up to `drain_timeout` to finish, then the rest are closed. A second
+    /// SIGINT closes everything at once.
+    pub async fn run_until_signal(self) -> io::Result<Stopped> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: draining (again to exit at once)"); break }
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP: configuration reload is not supported yet; nothing changed");
+                }
+            }
+        }
+        let interrupt = async move {
+            int.recv().await;
+        };
+        Ok(self.drain(interrupt).await)
+    }
+
+    /// Stops accepting, then waits for open connections as [`Proxy::run_until_signal`] says.
+    /// `interrupt` resolving cuts the wait short.
+    pub async fn drain(self, interrupt: impl Future<Output = ()>) -> Stopped {
+        self.accept_stop.cancel();
+        self.accepting.wait().await;
+        self.connections.close();
+        let open: u64 = self
+            .listeners
+            .iter()
+            .map(|l| l.stats.active.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        tracing::info!(
+            "stopped accepting; waiting up to {:?} for {open} open connection(s)",
+            self.drain_timeout
+        );
+        let stopped = tokio::select! {
+            () = self.connections.wait() => Stopped::Drained,
+            () = tokio::time::sleep(self.drain_timeout) => Stopped::TimedOut,
+            () = interrupt => Stopped::Interrupted,
+        };
+        if stopped != Stopped::Drained {
+            self.conn_stop.cancel();
+            if tokio::time::timeout(CLOSE_GRACE, self.connections.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("some connections did not close within {CLOSE_GRACE:?}");
+            }
+        }
+        tracing::info!("drained ({stopped:?})");
+        let dropped = self.access_log.dropped();
+        if dropped > 0 {
+            tracing::warn!("{dropped} access log record(s) were dropped");
+        }
+        stopped
+    }
+
+    /// Flushes the access log. Call after the last connection is gone.
+    pub fn close_log(log: Arc<AccessLog>) {
+        if let Ok(log) = Arc::try_unwrap(log) {
+            log.close();
+        }
+    }
+}
+
+/// `workers = 0` means one per core.
+pub fn effective_workers(workers: usize) -> usize {
+    if workers > 0 {
+        workers
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}

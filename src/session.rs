@@ -1,0 +1,96 @@
+//! One client connection, from accept to the access-log record: pick a server, connect,
+//! relay, account.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::SystemTime;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::listener::Permit;
+use crate::net::{self, ConnectError};
+use crate::observe::{Outcome, Record};
+use crate::relay::{self, End};
+
+/// Serves one accepted client connection to its end. `permit` holds the connection's place
+/// under the listener's and the global connection limits until it is dropped here.
+pub async fn serve(client: TcpStream, peer: SocketAddr, permit: Permit) {
+    let l = permit.listener();
+    let ts = SystemTime::now();
+    let start = Instant::now();
+    let _ = client.set_nodelay(true);
+    let pool = &l.pool;
+    let mut rec = Record {
+        ts,
+        listener: &l.name,
+        client: peer,
+        upstream: Some(&pool.name),
+        server: None,
+        sni: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        connect_ms: None,
+        duration_ms: Default::default(),
+        result: Outcome::Ok,
+    };
+
+    let guard = match pool.pick() {
+        Ok(g) => g,
+        Err(_) => {
+            net::close_with_reset(client);
+            rec.result = Outcome::NoServer;
+            return finish(&permit, rec, start);
+        }
+    };
+    let server = guard.server();
+    rec.server = Some(server.addr);
+
+    let t0 = Instant::now();
+    let connected = tokio::select! {
+        r = net::connect(server.addr, pool.connect_timeout, &pool.tcp) => r,
+        () = l.stop.cancelled() => {
+            rec.result = Outcome::Drained;
+            return finish(&permit, rec, start);
+        }
+    };
+    let upstream = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            server.stats.connect_failures.fetch_add(1, Relaxed);
+            rec.result = match e {
+                ConnectError::Timeout => Outcome::ConnectTimeout,
+                ConnectError::Failed(_) => Outcome::ConnectFailed,
+            };
+            if let ConnectError::Failed(e) = &e {
+                tracing::debug!(listener = %l.name, server = %server.addr, "connect failed: {e}");
+            }
+            // The client gets a prompt reset: nothing was relayed, nothing will be.
+            net::close_with_reset(client);
+            return finish(&permit, rec, start);
+        }
+    };
+    rec.connect_ms = Some(t0.elapsed());
+
+    let r = relay::relay(client, upstream, l.idle_timeout, &l.stop).await;
+    rec.bytes_up = r.bytes_up;
+    rec.bytes_down = r.bytes_down;
+    server.stats.bytes_up.fetch_add(r.bytes_up, Relaxed);
+    server.stats.bytes_down.fetch_add(r.bytes_down, Relaxed);
+    rec.result = match r.end {
+        End::Done => Outcome::Ok,
+        End::IdleTimeout => Outcome::IdleTimeout,
+        End::ClientReset => Outcome::ClientReset,
+        End::ServerReset => Outcome::ServerReset,
+        End::Drained => Outcome::Drained,
+    };
+    finish(&permit, rec, start);
+    drop(guard);
+}
+
+fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
+    rec.duration_ms = start.elapsed();
+    let l = permit.listener();
+    l.stats.finish(rec.result, rec.bytes_up, rec.bytes_down);
+    l.access_log.write(&rec);
+}
