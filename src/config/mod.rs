@@ -102,15 +102,36 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default `connect_timeout` when an upstream sets none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The balancing algorithm of an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
+    /// Smooth weighted round robin.
     RoundRobin,
+    /// Fewest live connections relative to weight.
+    LeastConn,
+    /// Weighted random.
+    Random,
+    /// Power of two choices on live connections (weighted).
+    P2c,
+    /// Maglev consistent hash of the client IP.
+    Maglev,
+    /// Consistent hash ring of the client IP; with `balance_factor` (percent, > 100), a
+    /// server is skipped while it holds more than `factor/100 ×` the average load.
+    RingHash { balance_factor: Option<u32> },
+    /// The first server in list order that is eligible.
+    First,
 }
 
 impl Balance {
     pub fn as_str(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+            Balance::Random => "random",
+            Balance::P2c => "p2c",
+            Balance::Maglev => "maglev",
+            Balance::RingHash { .. } => "ring_hash",
+            Balance::First => "first",
         }
     }
 }

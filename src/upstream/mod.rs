@@ -85,8 +85,21 @@ impl Pool {
     /// Picks a server for a new connection and claims it.
     pub fn pick(&self) -> Result<ServerGuard, PickError> {
         self.balancer
-            .pick(|_| true)
+            .pick(0, &Live(&self.servers))
             .map(|i| ServerGuard::new(self.servers[i].clone()))
             .ok_or(PickError::NoServer)
+    }
+}
+
+/// The live view of a pool's servers that a balancer reads.
+struct Live<'a>(&'a [Arc<Server>]);
+
+impl crate::balance::Servers for Live<'_> {
+    fn eligible(&self, _i: usize) -> bool {
+        true
+    }
+
+    fn active(&self, i: usize) -> u64 {
+        self.0[i].stats.active.load(Relaxed)
     }
 }
