@@ -53,6 +53,8 @@ pub struct ListenerCtx {
     pub name: String,
     pub pool: Arc<Pool>,
     pub idle_timeout: Duration,
+    /// How the relay moves bytes.
+    pub engine: crate::relay::Engine,
     pub stats: ListenerStats,
     /// This listener's `max_connections`.
     pub gate: Gate,

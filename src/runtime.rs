@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::listener::{self, Gate, ListenerCtx};
 use crate::observe::{AccessLog, ListenerStats};
+use crate::relay::Engine;
 use crate::upstream::Pool;
 
 /// How long connections cut by the drain timeout get to write their log records.
@@ -83,6 +84,11 @@ impl Proxy {
                 name: lc.name.clone(),
                 pool: pools[lc.upstream].clone(),
                 idle_timeout: lc.idle_timeout,
+                engine: if cfg.global.splice {
+                    Engine::Splice
+                } else {
+                    Engine::Copy
+                },
                 stats: ListenerStats::default(),
                 gate: Gate::new(lc.max_connections.unwrap_or(usize::MAX)),
                 global: global.clone(),

@@ -72,7 +72,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, permit: Permit) {
     };
     rec.connect_ms = Some(t0.elapsed());
 
-    let r = relay::relay(client, upstream, l.idle_timeout, &l.stop).await;
+    let r = relay::relay(client, upstream, l.idle_timeout, &l.stop, l.engine).await;
     rec.bytes_up = r.bytes_up;
     rec.bytes_down = r.bytes_down;
     server.stats.bytes_up.fetch_add(r.bytes_up, Relaxed);

@@ -33,6 +33,8 @@ pub struct Global {
     pub drain_timeout: Duration,
     /// Runtime worker threads; 0 = one per core.
     pub workers: usize,
+    /// Relay plain TCP with `splice(2)` (zero-copy) rather than through user space.
+    pub splice: bool,
 }
 
 impl Default for Global {
@@ -41,6 +43,7 @@ impl Default for Global {
             max_connections: 100_000,
             drain_timeout: Duration::from_secs(30),
             workers: 0,
+            splice: true,
         }
     }
 }

@@ -346,7 +346,7 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
 
 const ROOT_KEYS: &[&str] = &["global", "log", "listener", "upstream"];
 const ROOT_LATER: &[&str] = &["admin"];
-const GLOBAL_KEYS: &[&str] = &["max_connections", "drain_timeout", "workers"];
+const GLOBAL_KEYS: &[&str] = &["max_connections", "drain_timeout", "workers", "splice"];
 const LOG_KEYS: &[&str] = &["access", "format", "level"];
 const LOG_LATER: &[&str] = &["on_connect", "interval"];
 const LISTENER_KEYS: &[&str] = &[
@@ -460,6 +460,7 @@ fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Global {
         workers: t
             .uint(cx, "workers", 0, 1024)
             .map_or(d.workers, |n| n as usize),
+        splice: t.bool(cx, "splice").unwrap_or(d.splice),
     };
     t.finish(cx, GLOBAL_KEYS, &[]);
     g

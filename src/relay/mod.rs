@@ -12,8 +12,15 @@
 //! - A reset (or any error) on one side ends the relay and resets the other side.
 //! - No bytes either way for `idle_timeout` ends it; so does the drain signal.
 //!
-//! Callers see only [`relay`] and its [`Relayed`] result, so the engine behind it (copy
-//! loop, splice) can change without touching them.
+//! Two engines move the bytes, chosen per relay by [`Engine`]:
+//! - `Splice` (Linux, plain TCP): `splice(2)` from the source socket into a pipe and from
+//!   the pipe into the destination socket; the payload never enters user space. A pipe is
+//!   taken from a per-thread pool when the source becomes readable and given back as soon
+//!   as it is empty, so an idle connection holds none. If no pipe can be had (descriptor
+//!   limit), that read falls back to the copy engine.
+//! - `Copy`: the scratch-buffer loop above; for TLS and wherever splice is unavailable.
+//!
+//! Callers see only [`relay`] and its [`Relayed`] result.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -28,6 +35,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::close_with_reset;
+
+mod pipe;
+
+use pipe::Pipe;
+
+/// How a relay moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Through user space, one read and one write per chunk.
+    Copy,
+    /// `splice(2)` through a pooled pipe; falls back to `Copy` per read if no pipe can be had.
+    Splice,
+}
 
 /// Bytes read from a socket at a time.
 pub const CHUNK: usize = 64 * 1024;
@@ -71,9 +91,10 @@ pub async fn relay(
     server: TcpStream,
     idle_timeout: Duration,
     stop: &CancellationToken,
+    engine: Engine,
 ) -> Relayed {
-    let mut up = Half::default();
-    let mut down = Half::default();
+    let mut up = Half::new(engine);
+    let mut down = Half::new(engine);
     let mut last = Instant::now();
     let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);
@@ -138,12 +159,25 @@ enum Fail {
     Write,
 }
 
+/// Bytes read from the source but not yet written to the destination.
+enum Pending {
+    None,
+    /// In user space, from `pos` on.
+    Buf {
+        buf: Vec<u8>,
+        pos: usize,
+    },
+    /// In a pipe, `len` bytes.
+    Pipe {
+        pipe: Pipe,
+        len: usize,
+    },
+}
+
 /// One direction of the relay.
-#[derive(Default)]
 struct Half {
-    /// Bytes read but not yet written, from `pos` on. `None` when nothing is waiting.
-    pending: Option<Vec<u8>>,
-    pos: usize,
+    pending: Pending,
+    splice: bool,
     /// The source sent EOF.
     eof: bool,
     /// The EOF has been passed on as a write shutdown.
@@ -152,10 +186,8 @@ struct Half {
 }
 
 enum Step {
-    /// All bytes read were written on.
+    /// Bytes were read (and maybe some written on).
     Moved,
-    /// Bytes were read; some are left waiting for the receiver.
-    Stashed,
     Eof,
     /// Nothing to read right now.
     Again,
@@ -164,6 +196,61 @@ enum Step {
 }
 
 impl Half {
+    fn new(engine: Engine) -> Half {
+        Half {
+            pending: Pending::None,
+            splice: engine == Engine::Splice,
+            eof: false,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    /// Writes out whatever is pending. Ready(Ok) once nothing is.
+    fn flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<Result<(), Fail>> {
+        loop {
+            let r = match &mut self.pending {
+                Pending::None => return Poll::Ready(Ok(())),
+                Pending::Buf { buf, pos } => {
+                    if *pos == buf.len() {
+                        // Released as soon as it drains: an idle connection holds no buffer.
+                        self.pending = Pending::None;
+                        continue;
+                    }
+                    to.try_write(&buf[*pos..]).map(|n| *pos += n)
+                }
+                Pending::Pipe { pipe, len } => {
+                    if *len == 0 {
+                        if let Pending::Pipe { pipe, .. } =
+                            std::mem::replace(&mut self.pending, Pending::None)
+                        {
+                            pipe::give_back(pipe);
+                        }
+                        continue;
+                    }
+                    to.try_io(tokio::io::Interest::WRITABLE, || pipe.splice_out(to, *len))
+                        .and_then(|n| {
+                            if n == 0 {
+                                Err(io::ErrorKind::WriteZero.into())
+                            } else {
+                                *len -= n;
+                                Ok(())
+                            }
+                        })
+                }
+            };
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if ready!(to.poll_write_ready(cx)).is_err() {
+                        return Poll::Ready(Err(Fail::Write));
+                    }
+                }
+                Err(_) => return Poll::Ready(Err(Fail::Write)),
+            }
+        }
+    }
+
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
@@ -173,21 +260,7 @@ impl Half {
     ) -> Poll<Result<(), Fail>> {
         let mut reads = 0;
         loop {
-            if let Some(buf) = &self.pending {
-                while self.pos < buf.len() {
-                    match to.try_write(&buf[self.pos..]) {
-                        Ok(n) => self.pos += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            if ready!(to.poll_write_ready(cx)).is_err() {
-                                return Poll::Ready(Err(Fail::Write));
-                            }
-                        }
-                        Err(_) => return Poll::Ready(Err(Fail::Write)),
-                    }
-                }
-                self.pending = None;
-                self.pos = 0;
-            }
+            ready!(self.flush(cx, to))?;
             if self.eof {
                 if !self.done {
                     self.done = true;
@@ -206,28 +279,12 @@ impl Half {
                 return Poll::Ready(Err(Fail::Read));
             }
             reads += 1;
-            let step = SCRATCH.with_borrow_mut(|scratch| match from.try_read(scratch) {
-                Ok(0) => Step::Eof,
-                Ok(n) => {
-                    self.bytes += n as u64;
-                    let written = match to.try_write(&scratch[..n]) {
-                        Ok(m) => m,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                        Err(_) => return Step::WriteErr,
-                    };
-                    if written == n {
-                        Step::Moved
-                    } else {
-                        self.pending = Some(scratch[written..n].to_vec());
-                        self.pos = 0;
-                        Step::Stashed
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Again,
-                Err(_) => Step::ReadErr,
-            });
+            let step = match self.splice.then(pipe::take).flatten() {
+                Some(pipe) => self.read_splice(from, pipe),
+                None => self.read_copy(from, to),
+            };
             match step {
-                Step::Moved | Step::Stashed => *last = Instant::now(),
+                Step::Moved => *last = Instant::now(),
                 Step::Eof => {
                     self.eof = true;
                     *last = Instant::now();
@@ -237,5 +294,53 @@ impl Half {
                 Step::WriteErr => return Poll::Ready(Err(Fail::Write)),
             }
         }
+    }
+
+    /// Splices what `from` has into `pipe`; the next flush moves it on.
+    fn read_splice(&mut self, from: &TcpStream, pipe: Pipe) -> Step {
+        match from.try_io(tokio::io::Interest::READABLE, || pipe.splice_in(from)) {
+            Ok(0) => {
+                pipe::give_back(pipe);
+                Step::Eof
+            }
+            Ok(n) => {
+                self.bytes += n as u64;
+                self.pending = Pending::Pipe { pipe, len: n };
+                Step::Moved
+            }
+            Err(e) => {
+                pipe::give_back(pipe);
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    Step::Again
+                } else {
+                    Step::ReadErr
+                }
+            }
+        }
+    }
+
+    /// Reads into the thread's scratch buffer and writes on at once; keeps only what the
+    /// destination cannot take yet.
+    fn read_copy(&mut self, from: &TcpStream, to: &TcpStream) -> Step {
+        SCRATCH.with_borrow_mut(|scratch| match from.try_read(scratch) {
+            Ok(0) => Step::Eof,
+            Ok(n) => {
+                self.bytes += n as u64;
+                let written = match to.try_write(&scratch[..n]) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(_) => return Step::WriteErr,
+                };
+                if written < n {
+                    self.pending = Pending::Buf {
+                        buf: scratch[written..n].to_vec(),
+                        pos: 0,
+                    };
+                }
+                Step::Moved
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Again,
+            Err(_) => Step::ReadErr,
+        })
     }
 }
