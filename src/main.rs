@@ -147,7 +147,7 @@ fn serve(cfg: Config) -> ExitCode {
 fn serve_on(rt: tokio::runtime::Runtime, cfg: Config, banner: impl FnOnce(&Proxy)) -> ExitCode {
     init_logging(cfg.log.level);
     let code = rt.block_on(async {
-        let proxy = match Proxy::start(&cfg) {
+        let proxy = match Proxy::start(&cfg).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e}");

@@ -31,6 +31,8 @@ pub struct Proxy {
     conn_stop: CancellationToken,
     accepting: TaskTracker,
     connections: TaskTracker,
+    /// Health checks and DNS re-resolution.
+    background: CancellationToken,
 }
 
 /// How [`Proxy::run_until_signal`] ended.
@@ -49,7 +51,7 @@ impl Proxy {
     ///
     /// Fails (nothing left bound) if an address cannot be bound or the access log cannot be
     /// opened.
-    pub fn start(cfg: &Config) -> io::Result<Proxy> {
+    pub async fn start(cfg: &Config) -> io::Result<Proxy> {
         let access_log = Arc::new(AccessLog::open(&cfg.log.access, cfg.log.format).map_err(
             |e| {
                 io::Error::new(
@@ -64,6 +66,13 @@ impl Proxy {
             .iter()
             .map(|u| Arc::new(Pool::new(u)))
             .collect();
+        // Names are resolved before anything is accepted; one that fails now is retried
+        // every `resolve_interval`.
+        for p in &pools {
+            if p.has_names() {
+                crate::upstream::resolve_all(p).await;
+            }
+        }
         let global = Arc::new(Gate::new(cfg.global.max_connections));
         let conn_stop = CancellationToken::new();
 
@@ -113,6 +122,15 @@ impl Proxy {
             }
         }
         accepting.close();
+        let background = CancellationToken::new();
+        for p in &pools {
+            if p.has_names() {
+                tokio::spawn(crate::upstream::resolve_loop(p.clone(), background.clone()));
+            }
+            if p.health.is_some() {
+                tokio::spawn(crate::health::run(p.clone(), background.clone()));
+            }
+        }
         for (i, a) in &bound {
             tracing::info!("listener {:?} listening on {a}", listeners[*i].name);
         }
@@ -126,6 +144,7 @@ impl Proxy {
             conn_stop,
             accepting,
             connections,
+            background,
         })
     }
 
@@ -180,6 +199,7 @@ impl Proxy {
                 tracing::warn!("some connections did not close within {CLOSE_GRACE:?}");
             }
         }
+        self.background.cancel();
         tracing::info!("drained ({stopped:?})");
         let dropped = self.access_log.dropped();
         if dropped > 0 {

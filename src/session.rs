@@ -12,6 +12,7 @@ use crate::listener::Permit;
 use crate::net::{self, ConnectError};
 use crate::observe::{Outcome, Record};
 use crate::relay::{self, End};
+use crate::upstream::AcquireError;
 
 /// Serves one accepted client connection to its end. `permit` holds the connection's place
 /// under the listener's and the global connection limits until it is dropped here.
@@ -35,41 +36,65 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, permit: Permit) {
         result: Outcome::Ok,
     };
 
-    let guard = match pool.pick() {
-        Ok(g) => g,
-        Err(_) => {
-            net::close_with_reset(client);
-            rec.result = Outcome::NoServer;
-            return finish(&permit, rec, start);
-        }
-    };
-    let server = guard.server();
-    rec.server = Some(server.addr);
-
+    // Connect, retrying on other servers: never the one that just failed, and never once
+    // a byte has been relayed (nothing has been, before the relay starts).
+    let mut tried: Vec<SocketAddr> = Vec::new();
     let t0 = Instant::now();
-    let connected = tokio::select! {
-        r = net::connect(server.addr, pool.connect_timeout, &pool.tcp) => r,
-        () = l.stop.cancelled() => {
-            rec.result = Outcome::Drained;
-            return finish(&permit, rec, start);
-        }
-    };
-    let upstream = match connected {
-        Ok(s) => s,
-        Err(e) => {
-            server.stats.connect_failures.fetch_add(1, Relaxed);
-            rec.result = match e {
-                ConnectError::Timeout => Outcome::ConnectTimeout,
-                ConnectError::Failed(_) => Outcome::ConnectFailed,
-            };
-            if let ConnectError::Failed(e) = &e {
-                tracing::debug!(listener = %l.name, server = %server.addr, "connect failed: {e}");
+    let (guard, upstream) = loop {
+        let acquired = tokio::select! {
+            r = pool.acquire(peer.ip(), &tried) => r,
+            () = l.stop.cancelled() => Err(AcquireError::NoServer),
+        };
+        let guard = match acquired {
+            Ok(g) => g,
+            Err(e) => {
+                net::close_with_reset(client);
+                // After failed attempts, the failure is what the client got.
+                if tried.is_empty() || l.stop.is_cancelled() {
+                    rec.result = match e {
+                        _ if l.stop.is_cancelled() => Outcome::Drained,
+                        AcquireError::NoServer => Outcome::NoServer,
+                        AcquireError::Full => Outcome::Limited,
+                        AcquireError::QueueTimeout => Outcome::QueueTimeout,
+                    };
+                }
+                return finish(&permit, rec, start);
             }
-            // The client gets a prompt reset: nothing was relayed, nothing will be.
-            net::close_with_reset(client);
-            return finish(&permit, rec, start);
+        };
+        let server = guard.server().clone();
+        rec.server = Some(server.addr);
+        let connected = tokio::select! {
+            r = net::connect(server.addr, pool.connect_timeout, &pool.tcp) => r,
+            () = l.stop.cancelled() => {
+                rec.result = Outcome::Drained;
+                return finish(&permit, rec, start);
+            }
+        };
+        match connected {
+            Ok(s) => {
+                pool.connect_succeeded(&server);
+                break (guard, s);
+            }
+            Err(e) => {
+                pool.connect_failed(&server);
+                rec.result = match &e {
+                    ConnectError::Timeout => Outcome::ConnectTimeout,
+                    ConnectError::Failed(_) => Outcome::ConnectFailed,
+                };
+                if let ConnectError::Failed(e) = &e {
+                    tracing::debug!(listener = %l.name, server = %server.addr, "connect failed: {e}");
+                }
+                tried.push(server.addr);
+                if tried.len() > pool.retries as usize {
+                    // The client gets a prompt reset: nothing was relayed, nothing will be.
+                    net::close_with_reset(client);
+                    return finish(&permit, rec, start);
+                }
+            }
         }
     };
+    let server = guard.server().clone();
+    rec.result = Outcome::Ok;
     rec.connect_ms = Some(t0.elapsed());
 
     let r = relay::relay(client, upstream, l.idle_timeout, &l.stop, l.engine).await;

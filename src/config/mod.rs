@@ -144,15 +144,93 @@ pub struct Upstream {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<ServerSpec>,
+    /// How often server names are re-resolved.
+    pub resolve_interval: Duration,
     pub connect_timeout: Duration,
+    /// Further connect attempts, each to another server, after a failed one.
+    pub retries: u32,
+    /// Connections one server may hold at once; `None` = no limit.
+    pub max_connections_per_server: Option<usize>,
+    /// Wait for a free server instead of failing at once when every server is full.
+    pub queue: Option<QueueConfig>,
+    /// Client IP → server affinity.
+    pub sticky: Option<StickyConfig>,
+    pub health: Option<HealthConfig>,
     pub tcp: TcpOptions,
+}
+
+/// Default `resolve_interval`.
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `retries`.
+pub const DEFAULT_RETRIES: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Connections that may wait at once; more are refused (`limited`).
+    pub size: usize,
+    /// A connection that waited this long is closed (`queue_timeout`).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StickyConfig {
+    /// An entry unused for this long is forgotten.
+    pub ttl: Duration,
+    /// Client IPs remembered at most; the least recently used go first beyond it.
+    pub max_entries: usize,
+}
+
+/// Default `sticky.max_entries`.
+pub const DEFAULT_STICKY_ENTRIES: usize = 100_000;
+
+/// `[upstream.health]`: active checks, passive ejection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes to mark a down server up.
+    pub rise: u32,
+    /// Consecutive failures to mark an up server down.
+    pub fall: u32,
+    /// Bytes sent after connecting; with `expect`, the prefix the answer must start with.
+    pub send: Option<Vec<u8>>,
+    pub expect: Option<Vec<u8>>,
+    pub passive: Option<PassiveConfig>,
+    /// When every server is down, try them anyway rather than refuse (`no_server`).
+    pub fail_open: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// Consecutive failed connects that eject a server.
+    pub failures: u32,
+    /// How long an ejected server gets no connections.
+    pub eject: Duration,
+}
+
+/// A configured server: an IP address, or a name resolved to every A/AAAA record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Ip(a) => write!(f, "{a}"),
+            ServerAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSpec {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// 1..=256; a server gets `weight / sum(weights)` of new connections.
     pub weight: u32,
+    /// Takes connections only while no primary server is available.
+    pub backup: bool,
 }
 
 /// Maximum server weight (as in HAProxy).
@@ -214,9 +292,19 @@ impl Config {
                 balance: Balance::RoundRobin,
                 servers: servers
                     .into_iter()
-                    .map(|addr| ServerSpec { addr, weight: 1 })
+                    .map(|addr| ServerSpec {
+                        addr: ServerAddr::Ip(addr),
+                        weight: 1,
+                        backup: false,
+                    })
                     .collect(),
+                resolve_interval: DEFAULT_RESOLVE_INTERVAL,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                retries: DEFAULT_RETRIES,
+                max_connections_per_server: None,
+                queue: None,
+                sticky: None,
+                health: None,
                 tcp: TcpOptions::default(),
             }],
         }

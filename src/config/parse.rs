@@ -336,9 +336,7 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
                     "bad address {s:?}: {host:?} is not a valid IPv4 address"
                 ))
             } else {
-                Err(format!(
-                    "bad address {s:?}: host names are not supported yet; use an IP address"
-                ))
+                Err(format!("bad address {s:?}: {host:?} is not an IP address"))
             }
         }
     }
@@ -369,19 +367,32 @@ const LISTENER_LATER: &[&str] = &[
     "users",
     "protocol",
 ];
-const UPSTREAM_KEYS: &[&str] = &["name", "balance", "servers", "connect_timeout", "tcp"];
-const UPSTREAM_LATER: &[&str] = &[
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "balance",
+    "hash_balance_factor",
+    "servers",
     "resolve_interval",
+    "connect_timeout",
     "retries",
     "max_connections_per_server",
     "queue",
     "sticky",
-    "proxy_protocol",
-    "tls",
     "health",
+    "tcp",
 ];
-const SERVER_KEYS: &[&str] = &["addr", "weight"];
-const SERVER_LATER: &[&str] = &["backup"];
+const UPSTREAM_LATER: &[&str] = &["proxy_protocol", "tls"];
+const SERVER_KEYS: &[&str] = &["addr", "weight", "backup"];
+const HEALTH_KEYS: &[&str] = &[
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "send",
+    "expect",
+    "passive",
+    "fail_open",
+];
 const TCP_KEYS: &[&str] = &["nodelay", "keepalive", "send_buffer", "recv_buffer"];
 
 fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -> Option<Config> {
@@ -619,12 +630,19 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
     if let (Some(""), Some(v)) = (name, name_v) {
         cx.err(v.span(), "`name` must not be empty");
     }
+    let factor = t
+        .uint(cx, "hash_balance_factor", 101, 10_000)
+        .map(|n| n as u32);
     let balance = match t.string(cx, "balance") {
         None | Some(("round_robin", _)) => Some(Balance::RoundRobin),
-        Some((b @ ("least_conn" | "random" | "p2c" | "maglev" | "ring_hash" | "first"), span)) => {
-            cx.err(span, format!("balance {b:?} is not supported yet"));
-            None
-        }
+        Some(("least_conn", _)) => Some(Balance::LeastConn),
+        Some(("random", _)) => Some(Balance::Random),
+        Some(("p2c", _)) => Some(Balance::P2c),
+        Some(("maglev", _)) => Some(Balance::Maglev),
+        Some(("ring_hash", _)) => Some(Balance::RingHash {
+            balance_factor: factor,
+        }),
+        Some(("first", _)) => Some(Balance::First),
         Some((other, span)) => {
             cx.err(
                 span,
@@ -635,6 +653,16 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
             None
         }
     };
+    if factor.is_some() && !matches!(balance, Some(Balance::RingHash { .. }) | None) {
+        let span = t
+            .get("hash_balance_factor")
+            .map(|v| v.span())
+            .unwrap_or(0..0);
+        cx.err(
+            span,
+            "`hash_balance_factor` applies only to balance = \"ring_hash\"",
+        );
+    }
 
     let mut servers: Vec<ServerSpec> = Vec::new();
     if let Some(v) = t.required(cx, "servers") {
@@ -652,6 +680,12 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
                         servers.push(s);
                     }
                 }
+                if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+                    cx.err(
+                        v.span(),
+                        "every server is a backup: at least one must be a primary",
+                    );
+                }
             }
             other => cx.err(
                 v.span(),
@@ -659,9 +693,52 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
             ),
         }
     }
+    let resolve_interval = t
+        .positive_duration(cx, "resolve_interval")
+        .unwrap_or(DEFAULT_RESOLVE_INTERVAL);
     let connect_timeout = t
         .positive_duration(cx, "connect_timeout")
         .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let retries = t
+        .uint(cx, "retries", 0, 100)
+        .map_or(DEFAULT_RETRIES, |n| n as u32);
+    let max_connections_per_server = t
+        .uint(cx, "max_connections_per_server", 1, 10_000_000)
+        .map(|n| n as usize);
+    let queue = t.table(cx, "queue", "`queue`").and_then(|q| {
+        let size = q
+            .required(cx, "size")
+            .and_then(|v| as_uint(cx, "size", v, 1, 10_000_000));
+        let timeout = q
+            .required(cx, "timeout")
+            .and(q.positive_duration(cx, "timeout"));
+        q.finish(cx, &["size", "timeout"], &[]);
+        Some(QueueConfig {
+            size: size? as usize,
+            timeout: timeout?,
+        })
+    });
+    if queue.is_some() && max_connections_per_server.is_none() {
+        let span = t.get("queue").map(|v| v.span()).unwrap_or(0..0);
+        cx.err(
+            span,
+            "`queue` needs `max_connections_per_server`: without a per-server limit nothing ever waits",
+        );
+    }
+    let sticky = t.table(cx, "sticky", "`sticky`").and_then(|st| {
+        let ttl = st.required(cx, "ttl").and(st.positive_duration(cx, "ttl"));
+        let max_entries = st
+            .uint(cx, "max_entries", 1, 100_000_000)
+            .map_or(DEFAULT_STICKY_ENTRIES, |n| n as usize);
+        st.finish(cx, &["ttl", "max_entries"], &[]);
+        Some(StickyConfig {
+            ttl: ttl?,
+            max_entries,
+        })
+    });
+    let health = t
+        .table(cx, "health", "[upstream.health]")
+        .and_then(|h| health(cx, h));
     let tcp = t
         .table(cx, "tcp", "`tcp`")
         .map(|tt| tcp_options(cx, tt))
@@ -672,18 +749,58 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
         name: name?.to_string(),
         balance: balance?,
         servers,
+        resolve_interval,
         connect_timeout,
+        retries,
+        max_connections_per_server,
+        queue,
+        sticky,
+        health,
         tcp,
     };
     Some((u, name_v?.span()))
 }
 
-fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
-    let addr_of = |cx: &mut Cx<'_>, s: &str, span: Range<usize>| match socket_addr(s) {
-        Ok(a) if a.port() == 0 => {
-            cx.err(span, format!("server {a}: port 0 cannot be connected to"));
-            None
+fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
+    let interval = h
+        .positive_duration(cx, "interval")
+        .unwrap_or(Duration::from_secs(2));
+    let timeout = h
+        .positive_duration(cx, "timeout")
+        .unwrap_or(Duration::from_secs(1));
+    let rise = h.uint(cx, "rise", 1, 1000).unwrap_or(2) as u32;
+    let fall = h.uint(cx, "fall", 1, 1000).unwrap_or(3) as u32;
+    let send = h.string(cx, "send").map(|(s, _)| s.as_bytes().to_vec());
+    let expect = h.string(cx, "expect").map(|(s, span)| {
+        if s.is_empty() {
+            cx.err(span, "`expect` must not be empty");
         }
+        s.as_bytes().to_vec()
+    });
+    let passive = h.table(cx, "passive", "`passive`").and_then(|p| {
+        let failures = p.uint(cx, "failures", 1, 1000).unwrap_or(5) as u32;
+        let eject = p
+            .positive_duration(cx, "eject")
+            .unwrap_or(Duration::from_secs(30));
+        p.finish(cx, &["failures", "eject"], &[]);
+        Some(PassiveConfig { failures, eject })
+    });
+    let fail_open = h.bool(cx, "fail_open").unwrap_or(false);
+    h.finish(cx, HEALTH_KEYS, &[]);
+    Some(HealthConfig {
+        interval,
+        timeout,
+        rise,
+        fall,
+        send,
+        expect,
+        passive,
+        fail_open,
+    })
+}
+
+fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
+    let addr_of = |cx: &mut Cx<'_>, s: &str, span: Range<usize>| match server_addr(s) {
         Ok(a) => Some(a),
         Err(e) => {
             cx.err(span, format!("server: {e}"));
@@ -691,7 +808,11 @@ fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
         }
     };
     match v.get_ref() {
-        DeValue::String(s) => addr_of(cx, s, v.span()).map(|addr| ServerSpec { addr, weight: 1 }),
+        DeValue::String(s) => addr_of(cx, s, v.span()).map(|addr| ServerSpec {
+            addr,
+            weight: 1,
+            backup: false,
+        }),
         DeValue::Table(t) => {
             let t = Tab::new("a server", t, v.span());
             let addr = t.required(cx, "addr").and_then(|a| {
@@ -699,21 +820,52 @@ fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
                 addr_of(cx, s, a.span())
             });
             let weight = t.uint(cx, "weight", 1, MAX_WEIGHT as u64).unwrap_or(1) as u32;
-            t.finish(cx, SERVER_KEYS, SERVER_LATER);
+            let backup = t.bool(cx, "backup").unwrap_or(false);
+            t.finish(cx, SERVER_KEYS, &[]);
             Some(ServerSpec {
                 addr: addr?,
                 weight,
+                backup,
             })
         }
         other => {
             cx.err(
                 v.span(),
                 format!(
-                    "a server must be \"ip:port\" or {{ addr = \"ip:port\", weight = N }}, not {}",
+                    "a server must be \"host:port\" or {{ addr = \"host:port\", weight = N }}, not {}",
                     type_name(other)
                 ),
             );
             None
+        }
+    }
+}
+
+/// A server address: `ip:port`, `[v6]:port`, or `name:port` (resolved at run time).
+fn server_addr(s: &str) -> Result<ServerAddr, String> {
+    match socket_addr(s) {
+        Ok(a) if a.port() == 0 => Err(format!("{a}: port 0 cannot be connected to")),
+        Ok(a) => Ok(ServerAddr::Ip(a)),
+        Err(e) => {
+            let Some((host, port)) = s.rsplit_once(':') else {
+                return Err(e);
+            };
+            let valid_name = !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+                && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
+            match port.parse::<u16>() {
+                Ok(0) => Err(format!("bad address {s:?}: port 0 cannot be connected to")),
+                Ok(port) if valid_name => Ok(ServerAddr::Name {
+                    host: host.to_ascii_lowercase(),
+                    port,
+                }),
+                _ => Err(e),
+            }
         }
     }
 }

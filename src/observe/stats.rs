@@ -43,4 +43,7 @@ pub struct ServerStats {
     pub connect_failures: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Active health checks passed and failed.
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
 }

@@ -1,0 +1,152 @@
+//! Active health checks: per server, a TCP connect, optionally a `send` and an `expect`ed
+//! prefix of the answer, every `interval` (with jitter, so that checks of many servers do
+//! not align). `fall` consecutive failures mark an up server down, `rise` consecutive
+//! successes mark a down server up; each transition is logged with its reason.
+//!
+//! Checks go straight to the server, without the PROXY header even when the upstream
+//! sends one to its servers (most servers accept a plain connection on the same port only
+//! where they don't require it; a check that needs it can use `send`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthConfig;
+use crate::upstream::{LastCheck, Pool, Server};
+
+/// Runs the checks of `pool`'s servers until `stop`, following the server set as it
+/// changes (DNS): a task per server, started for new servers, ended for removed ones.
+pub async fn run(pool: Arc<Pool>, stop: CancellationToken) {
+    let Some(cfg) = pool.health.clone() else {
+        return;
+    };
+    let mut tasks: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    loop {
+        tasks.retain(|_, t| !t.is_finished());
+        for s in pool.servers().servers.iter() {
+            tasks.entry(s.addr).or_insert_with(|| {
+                tokio::spawn(check_loop(
+                    pool.clone(),
+                    Arc::downgrade(s),
+                    cfg.clone(),
+                    stop.clone(),
+                ))
+            });
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(cfg.interval.min(pool.resolve_interval)) => {}
+        }
+    }
+    for (_, t) in tasks {
+        t.abort();
+    }
+}
+
+/// `d` scaled by a random factor in [lo, hi).
+fn jitter(d: Duration, lo: f64, hi: f64) -> Duration {
+    d.mul_f64(lo + fastrand::f64() * (hi - lo))
+}
+
+async fn check_loop(
+    pool: Arc<Pool>,
+    server: Weak<Server>,
+    cfg: HealthConfig,
+    stop: CancellationToken,
+) {
+    // Start at a random point of the first interval.
+    let mut next = Instant::now() + jitter(cfg.interval, 0.0, 1.0);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let Some(s) = server.upgrade() else { return };
+        // Removed from the set (DNS change): stop checking it.
+        if !pool.servers().servers.iter().any(|x| Arc::ptr_eq(x, &s)) {
+            return;
+        }
+        let started = Instant::now();
+        let result = check_once(s.addr, &cfg).await;
+        record(&pool, &s, &cfg, result, started.elapsed());
+        next = Instant::now() + jitter(cfg.interval, 0.9, 1.1);
+    }
+}
+
+/// One check. `Err` carries the reason.
+pub async fn check_once(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
+    let work = async {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        if let Some(send) = &cfg.send {
+            s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
+        }
+        if let Some(expect) = &cfg.expect {
+            let mut got = vec![0u8; expect.len()];
+            let mut n = 0;
+            while n < got.len() {
+                match s.read(&mut got[n..]).await {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+            if got[..n] != expect[..] {
+                return Err(format!(
+                    "expected {:?}, got {:?}",
+                    String::from_utf8_lossy(expect),
+                    String::from_utf8_lossy(&got[..n])
+                ));
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(cfg.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timeout after {:?}", cfg.timeout)),
+    }
+}
+
+fn record(pool: &Pool, s: &Server, cfg: &HealthConfig, result: Result<(), String>, took: Duration) {
+    let ok = result.is_ok();
+    if ok {
+        s.stats.checks_ok.fetch_add(1, Relaxed);
+    } else {
+        s.stats.checks_failed.fetch_add(1, Relaxed);
+    }
+    let reason = result.err().unwrap_or_default();
+    {
+        let mut last = s.last_check.lock().unwrap_or_else(|e| e.into_inner());
+        *last = LastCheck {
+            ok,
+            reason: reason.clone(),
+            at: Some(SystemTime::now()),
+            duration: took,
+        };
+    }
+    // `check_streak` counts consecutive results that contradict the current state.
+    if ok == s.healthy() {
+        s.check_streak.store(0, Relaxed);
+        return;
+    }
+    let streak = s.check_streak.fetch_add(1, Relaxed) + 1;
+    if ok && streak >= cfg.rise {
+        s.check_streak.store(0, Relaxed);
+        s.set_healthy(true);
+        tracing::info!(upstream = %pool.name, server = %s.addr, "server is up ({streak} checks passed)");
+        pool.capacity_changed();
+    } else if !ok && streak >= cfg.fall {
+        s.check_streak.store(0, Relaxed);
+        s.set_healthy(false);
+        tracing::warn!(upstream = %pool.name, server = %s.addr, "server is down ({streak} checks failed; last: {reason})");
+    }
+}

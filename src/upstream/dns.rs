@@ -1,0 +1,79 @@
+//! Servers given by name: every A/AAAA record becomes a server; re-resolved every
+//! `resolve_interval`. A failed lookup keeps the last good addresses of that name.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Pool;
+use crate::config::ServerAddr;
+
+/// Resolves every name of `pool` once and swaps in the new server set if it changed.
+/// Returns the names that failed to resolve.
+pub async fn resolve_all(pool: &Pool) -> Vec<String> {
+    let mut failed = Vec::new();
+    let current = pool.servers();
+    let mut wanted: Vec<(Arc<str>, SocketAddr, u32, bool)> = Vec::new();
+    for spec in &pool.specs {
+        match &spec.addr {
+            ServerAddr::Ip(a) => wanted.push((a.to_string().into(), *a, spec.weight, spec.backup)),
+            ServerAddr::Name { host, port } => {
+                let name: Arc<str> = format!("{host}:{port}").into();
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => {
+                        let mut addrs: Vec<SocketAddr> = addrs.collect();
+                        addrs.sort();
+                        addrs.dedup();
+                        if addrs.is_empty() {
+                            failed.push(name.to_string());
+                            keep_last(&current.servers, &name, &mut wanted);
+                        }
+                        for a in addrs {
+                            if !wanted.iter().any(|w| w.1 == a) {
+                                wanted.push((name.clone(), a, spec.weight, spec.backup));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %pool.name, "cannot resolve {name}: {e}; keeping its last addresses");
+                        failed.push(name.to_string());
+                        keep_last(&current.servers, &name, &mut wanted);
+                    }
+                }
+            }
+        }
+    }
+    drop(current);
+    if pool.replace_servers(wanted) {
+        let addrs: Vec<String> = pool
+            .servers()
+            .servers
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect();
+        tracing::info!(upstream = %pool.name, "servers now: {}", addrs.join(", "));
+    }
+    failed
+}
+
+fn keep_last(
+    current: &[Arc<super::Server>],
+    name: &Arc<str>,
+    wanted: &mut Vec<(Arc<str>, SocketAddr, u32, bool)>,
+) {
+    for s in current.iter().filter(|s| s.configured == *name) {
+        wanted.push((s.configured.clone(), s.addr, s.weight, s.backup));
+    }
+}
+
+/// Re-resolves `pool`'s names every `resolve_interval` until `stop`.
+pub async fn run(pool: Arc<Pool>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pool.resolve_interval) => {}
+        }
+        resolve_all(&pool).await;
+    }
+}
