@@ -777,13 +777,13 @@ fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
         }
         s.as_bytes().to_vec()
     });
-    let passive = h.table(cx, "passive", "`passive`").and_then(|p| {
+    let passive = h.table(cx, "passive", "`passive`").map(|p| {
         let failures = p.uint(cx, "failures", 1, 1000).unwrap_or(5) as u32;
         let eject = p
             .positive_duration(cx, "eject")
             .unwrap_or(Duration::from_secs(30));
         p.finish(cx, &["failures", "eject"], &[]);
-        Some(PassiveConfig { failures, eject })
+        PassiveConfig { failures, eject }
     });
     let fail_open = h.bool(cx, "fail_open").unwrap_or(false);
     h.finish(cx, HEALTH_KEYS, &[]);
