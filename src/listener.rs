@@ -1,16 +1,18 @@
 //! Listeners: bound sockets, the accept loop, and admission under the connection limits.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::ProxyAccept;
 use crate::observe::{AccessLog, ListenerStats, Outcome, Record};
+use crate::policy::{Acl, ClientPermit, ClientTable, clients::Refusal};
 use crate::upstream::Pool;
 
 /// A count of open connections with a ceiling.
@@ -63,6 +65,113 @@ pub struct ListenerCtx {
     pub access_log: Arc<AccessLog>,
     /// Cancelled when the drain timeout runs out: open connections close (`drained`).
     pub stop: CancellationToken,
+    pub acl: Acl,
+    pub clients: Option<Arc<ClientTable>>,
+    pub proxy: Option<ProxyAccept>,
+    /// Refused connections logged individually this second, and those only counted.
+    refused_second: AtomicU64,
+    refused_logged: AtomicU64,
+    refused_unlogged: AtomicU64,
+}
+
+/// Refused connections logged one by one per second and listener; beyond it they are
+/// counted (metrics, status) and summed up in one process-log line a second, so that a
+/// flood of refused connections cannot make logging the bottleneck.
+pub const REFUSED_LOG_PER_SEC: u64 = 100;
+
+impl ListenerCtx {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        pool: Arc<Pool>,
+        idle_timeout: Duration,
+        engine: crate::relay::Engine,
+        max_connections: Option<usize>,
+        global: Arc<Gate>,
+        access_log: Arc<AccessLog>,
+        stop: CancellationToken,
+        acl: Acl,
+        clients: Option<Arc<ClientTable>>,
+        proxy: Option<ProxyAccept>,
+    ) -> ListenerCtx {
+        ListenerCtx {
+            name,
+            pool,
+            idle_timeout,
+            engine,
+            stats: ListenerStats::default(),
+            gate: Gate::new(max_connections.unwrap_or(usize::MAX)),
+            global,
+            access_log,
+            stop,
+            acl,
+            clients,
+            proxy,
+            refused_second: AtomicU64::new(0),
+            refused_logged: AtomicU64::new(0),
+            refused_unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks a client address against the ACL and the per-client limits.
+    pub fn admit_client(&self, ip: IpAddr) -> Result<Option<ClientPermit>, Outcome> {
+        if !self.acl.permits(ip) {
+            return Err(Outcome::Denied);
+        }
+        match &self.clients {
+            None => Ok(None),
+            Some(t) => t.admit(ip).map(Some).map_err(|r| {
+                if r == Refusal::TableFull {
+                    tracing::debug!(listener = %self.name, "per-client table full: refusing new client {ip}");
+                }
+                Outcome::Limited
+            }),
+        }
+    }
+
+    /// Accounts for a connection refused before any server was contacted: counted always,
+    /// logged individually up to [`REFUSED_LOG_PER_SEC`] a second.
+    pub fn refuse(&self, client: SocketAddr, outcome: Outcome, ts: SystemTime, took: Duration) {
+        self.stats.finish(outcome, 0, 0);
+        let sec = ts
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.refused_second.swap(sec, Relaxed) != sec {
+            self.refused_logged.store(0, Relaxed);
+        }
+        if self.refused_logged.fetch_add(1, Relaxed) >= REFUSED_LOG_PER_SEC {
+            self.refused_unlogged.fetch_add(1, Relaxed);
+            return;
+        }
+        self.access_log.write(&Record {
+            ts,
+            listener: &self.name,
+            client,
+            upstream: None,
+            server: None,
+            sni: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            connect_ms: None,
+            duration_ms: took,
+            result: outcome,
+        });
+    }
+
+    /// Once a second: reports refused connections that were not logged one by one, and
+    /// sweeps the per-client table.
+    pub fn housekeeping(&self) {
+        let n = self.refused_unlogged.swap(0, Relaxed);
+        if n > 0 {
+            tracing::warn!(
+                listener = %self.name,
+                "{n} refused connection(s) in the last second were counted but not logged one by one (over {REFUSED_LOG_PER_SEC}/s)"
+            );
+        }
+        if let Some(t) = &self.clients {
+            t.sweep();
+        }
+    }
 }
 
 /// A connection's place under the limits; released on drop.
@@ -138,15 +247,26 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
-                match Permit::try_new(&l) {
-                    Some(permit) => {
-                        tracker.spawn(crate::session::serve(stream, peer, permit));
+                let Some(permit) = Permit::try_new(&l) else {
+                    crate::net::close_with_reset(stream);
+                    l.refuse(peer, Outcome::Limited, SystemTime::now(), Duration::ZERO);
+                    continue;
+                };
+                // Without a PROXY header the client is known now: check it before spawning
+                // anything. With one, the session checks the address the header carries.
+                let client_permit = if l.proxy.is_none() {
+                    match l.admit_client(peer.ip()) {
+                        Ok(p) => p,
+                        Err(outcome) => {
+                            crate::net::close_with_reset(stream);
+                            l.refuse(peer, outcome, SystemTime::now(), Duration::ZERO);
+                            continue;
+                        }
                     }
-                    None => {
-                        crate::net::close_with_reset(stream);
-                        refuse(&l, peer, Outcome::Limited);
-                    }
-                }
+                } else {
+                    None
+                };
+                tracker.spawn(crate::session::serve(stream, peer, permit, client_permit));
             }
             Err(e) if is_resource_error(&e) => {
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
@@ -172,22 +292,4 @@ fn is_resource_error(e: &io::Error) -> bool {
         Errno::from_io_error(e),
         Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
     )
-}
-
-/// Accounts for a connection refused before it was served.
-fn refuse(l: &ListenerCtx, peer: SocketAddr, outcome: Outcome) {
-    l.stats.finish(outcome, 0, 0);
-    l.access_log.write(&Record {
-        ts: SystemTime::now(),
-        listener: &l.name,
-        client: peer,
-        upstream: None,
-        server: None,
-        sni: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        connect_ms: None,
-        duration_ms: Duration::ZERO,
-        result: outcome,
-    });
 }

@@ -12,7 +12,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::listener::{self, Gate, ListenerCtx};
-use crate::observe::{AccessLog, ListenerStats};
+use crate::observe::AccessLog;
+use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
 use crate::upstream::Pool;
 
@@ -89,21 +90,32 @@ impl Proxy {
                     bound.push((i, a));
                 }
             }
-            let ctx = Arc::new(ListenerCtx {
-                name: lc.name.clone(),
-                pool: pools[lc.upstream].clone(),
-                idle_timeout: lc.idle_timeout,
-                engine: if cfg.global.splice {
+            let ctx = Arc::new(ListenerCtx::new(
+                lc.name.clone(),
+                pools[lc.upstream].clone(),
+                lc.idle_timeout,
+                if cfg.global.splice {
                     Engine::Splice
                 } else {
                     Engine::Copy
                 },
-                stats: ListenerStats::default(),
-                gate: Gate::new(lc.max_connections.unwrap_or(usize::MAX)),
-                global: global.clone(),
-                access_log: access_log.clone(),
-                stop: conn_stop.clone(),
-            });
+                lc.max_connections,
+                global.clone(),
+                access_log.clone(),
+                conn_stop.clone(),
+                Acl {
+                    allow: lc.allow.clone(),
+                    deny: lc.deny.clone(),
+                },
+                lc.per_client.map(|p| {
+                    Arc::new(ClientTable::new(ClientLimits {
+                        max_connections: p.max_connections,
+                        rate: p.rate,
+                        max_tracked: p.max_tracked,
+                    }))
+                }),
+                lc.proxy_protocol.clone(),
+            ));
             sockets.push((ctx.clone(), socks));
             listeners.push(ctx);
         }
@@ -123,6 +135,7 @@ impl Proxy {
         }
         accepting.close();
         let background = CancellationToken::new();
+        tokio::spawn(housekeeping(listeners.clone(), background.clone()));
         for p in &pools {
             if p.has_names() {
                 tokio::spawn(crate::upstream::resolve_loop(p.clone(), background.clone()));
@@ -222,5 +235,20 @@ pub fn effective_workers(workers: usize) -> usize {
         workers
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Once a second, per listener: refused-connection summaries, per-client table sweeps.
+async fn housekeeping(listeners: Vec<Arc<ListenerCtx>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for l in &listeners {
+            l.housekeeping();
+        }
     }
 }

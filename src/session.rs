@@ -5,22 +5,72 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::listener::Permit;
 use crate::net::{self, ConnectError};
 use crate::observe::{Outcome, Record};
+use crate::policy::{self, ClientPermit};
 use crate::relay::{self, End};
 use crate::upstream::AcquireError;
+use crate::wire::proxy::{self, Accept, Addresses, Parsed};
 
 /// Serves one accepted client connection to its end. `permit` holds the connection's place
-/// under the listener's and the global connection limits until it is dropped here.
-pub async fn serve(client: TcpStream, peer: SocketAddr, permit: Permit) {
+/// under the listener's and the global connection limits until it is dropped here;
+/// `client_permit` its place under the per-client limits, when the accept loop already
+/// checked the client (without a PROXY header to read).
+pub async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    permit: Permit,
+    client_permit: Option<ClientPermit>,
+) {
     let l = permit.listener();
     let ts = SystemTime::now();
     let start = Instant::now();
     let _ = client.set_nodelay(true);
+
+    // The PROXY header, from trusted sources only; its source address then stands for the
+    // client everywhere (ACL, limits, hashing, affinity, logs).
+    let mut peer = peer;
+    let mut destination = None;
+    let mut _client_permit = client_permit;
+    if let Some(pp) = &l.proxy {
+        let header = if !policy::contains(&pp.trusted, peer.ip()) {
+            Err(format!("{peer} is not a trusted PROXY protocol source"))
+        } else {
+            match tokio::time::timeout(pp.timeout, read_proxy_header(&mut client, pp.accept)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err(format!("no complete PROXY header within {:?}", pp.timeout)),
+            }
+        };
+        match header {
+            Ok(Addresses::Proxied {
+                source,
+                destination: d,
+            }) => {
+                peer = source;
+                destination = Some(d);
+            }
+            Ok(Addresses::Local) => {}
+            Err(reason) => {
+                tracing::debug!(listener = %l.name, client = %peer, "protocol error: {reason}");
+                net::close_with_reset(client);
+                return l.refuse(peer, Outcome::ProtocolError, ts, start.elapsed());
+            }
+        }
+        match l.admit_client(peer.ip()) {
+            Ok(p) => _client_permit = p,
+            Err(outcome) => {
+                net::close_with_reset(client);
+                return l.refuse(peer, outcome, ts, start.elapsed());
+            }
+        }
+    }
+
     let pool = &l.pool;
     let mut rec = Record {
         ts,
@@ -71,8 +121,18 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, permit: Permit) {
             }
         };
         match connected {
-            Ok(s) => {
+            Ok(mut s) => {
                 pool.connect_succeeded(&server);
+                if let Some(v) = pool.proxy_protocol {
+                    let dst = destination
+                        .or_else(|| client.local_addr().ok())
+                        .unwrap_or(peer);
+                    if s.write_all(&proxy::encode(v, peer, dst)).await.is_err() {
+                        rec.result = Outcome::ServerReset;
+                        net::close_with_reset(client);
+                        return finish(&permit, rec, start);
+                    }
+                }
                 break (guard, s);
             }
             Err(e) => {
@@ -118,4 +178,42 @@ fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
     let l = permit.listener();
     l.stats.finish(rec.result, rec.bytes_up, rec.bytes_down);
     l.access_log.write(&rec);
+}
+
+/// Reads a PROXY header off the front of `client`, consuming exactly its bytes: what is
+/// available is peeked at, and only bytes known to belong to the header are read.
+async fn read_proxy_header(client: &mut TcpStream, accept: Accept) -> Result<Addresses, String> {
+    let mut header: Vec<u8> = Vec::new();
+    let mut peeked = [0u8; 512];
+    loop {
+        let n = client
+            .peek(&mut peeked)
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if n == 0 {
+            return Err("closed before a complete PROXY header".into());
+        }
+        let have = header.len();
+        header.extend_from_slice(&peeked[..n]);
+        match proxy::parse(&header, accept) {
+            Parsed::Complete { len, addresses } => {
+                let mut rest = vec![0u8; len - have];
+                client
+                    .read_exact(&mut rest)
+                    .await
+                    .map_err(|e| format!("reading the PROXY header: {e}"))?;
+                return Ok(addresses);
+            }
+            Parsed::Incomplete if header.len() < proxy::MAX_HEADER => {
+                // All of it is header so far: take it off the socket and wait for more.
+                let mut sink = vec![0u8; n];
+                client
+                    .read_exact(&mut sink)
+                    .await
+                    .map_err(|e| format!("reading the PROXY header: {e}"))?;
+            }
+            Parsed::Incomplete => return Err("PROXY header too long".into()),
+            Parsed::Invalid(reason) => return Err(reason),
+        }
+    }
 }

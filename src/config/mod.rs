@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 pub use parse::parse_str;
 
 /// A fully validated configuration.
@@ -98,7 +100,40 @@ pub struct Listener {
     pub max_connections: Option<usize>,
     /// SO_REUSEPORT with one accept socket per worker.
     pub reuse_port: bool,
+    /// If set, only clients in these networks may connect.
+    pub allow: Option<Vec<IpNet>>,
+    /// Clients in these networks are refused (checked before `allow`).
+    pub deny: Vec<IpNet>,
+    pub per_client: Option<PerClient>,
+    /// Read a PROXY header from (trusted) clients.
+    pub proxy_protocol: Option<ProxyAccept>,
 }
+
+/// `per_client = { max_connections, rate, burst, max_tracked }`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerClient {
+    pub max_connections: Option<u32>,
+    /// Connections per second, and how many may arrive at once.
+    pub rate: Option<(f64, u32)>,
+    /// Client IPs tracked at most; beyond it new clients are refused (`limited`).
+    pub max_tracked: usize,
+}
+
+/// Default `per_client.max_tracked`.
+pub const DEFAULT_MAX_TRACKED: usize = 100_000;
+
+/// `proxy_protocol = { accept, trusted, timeout }` on a listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyAccept {
+    pub accept: crate::wire::proxy::Accept,
+    /// Only these sources may send a header; any other connection is refused.
+    pub trusted: Vec<IpNet>,
+    /// The whole header must arrive within this.
+    pub timeout: Duration,
+}
+
+/// Default `proxy_protocol.timeout`.
+pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Default `idle_timeout` when a listener sets none.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -157,6 +192,8 @@ pub struct Upstream {
     pub sticky: Option<StickyConfig>,
     pub health: Option<HealthConfig>,
     pub tcp: TcpOptions,
+    /// Send a PROXY header first on every server connection.
+    pub proxy_protocol: Option<crate::wire::proxy::Version>,
 }
 
 /// Default `resolve_interval`.
@@ -286,6 +323,10 @@ impl Config {
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
                 max_connections: None,
                 reuse_port: false,
+                allow: None,
+                deny: Vec::new(),
+                per_client: None,
+                proxy_protocol: None,
             }],
             upstreams: vec![Upstream {
                 name: "quick".into(),
@@ -306,6 +347,7 @@ impl Config {
                 sticky: None,
                 health: None,
                 tcp: TcpOptions::default(),
+                proxy_protocol: None,
             }],
         }
     }

@@ -355,18 +355,12 @@ const LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "max_connections",
     "reuse_port",
-];
-const LISTENER_LATER: &[&str] = &[
     "allow",
     "deny",
     "per_client",
     "proxy_protocol",
-    "tls",
-    "route",
-    "destinations",
-    "users",
-    "protocol",
 ];
+const LISTENER_LATER: &[&str] = &["tls", "route", "destinations", "users", "protocol"];
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
     "balance",
@@ -380,8 +374,9 @@ const UPSTREAM_KEYS: &[&str] = &[
     "sticky",
     "health",
     "tcp",
+    "proxy_protocol",
 ];
-const UPSTREAM_LATER: &[&str] = &["proxy_protocol", "tls"];
+const UPSTREAM_LATER: &[&str] = &["tls"];
 const SERVER_KEYS: &[&str] = &["addr", "weight", "backup"];
 const HEALTH_KEYS: &[&str] = &[
     "interval",
@@ -610,6 +605,17 @@ fn listener(
         .uint(cx, "max_connections", 1, 10_000_000)
         .map(|n| n as usize);
     let reuse_port = t.bool(cx, "reuse_port").unwrap_or(false);
+    let allow = t.get("allow").map(|v| cidr_list(cx, "allow", v));
+    let deny = t
+        .get("deny")
+        .map(|v| cidr_list(cx, "deny", v))
+        .unwrap_or_default();
+    let per_client = t
+        .table(cx, "per_client", "`per_client`")
+        .map(|p| per_client(cx, p));
+    let proxy_protocol = t
+        .table(cx, "proxy_protocol", "`proxy_protocol`")
+        .and_then(|p| proxy_accept(cx, p));
     t.finish(cx, LISTENER_KEYS, LISTENER_LATER);
 
     let l = Listener {
@@ -620,6 +626,10 @@ fn listener(
         idle_timeout,
         max_connections,
         reuse_port,
+        allow,
+        deny,
+        per_client,
+        proxy_protocol,
     };
     Some((l, name_v?.span()))
 }
@@ -743,6 +753,18 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
         .table(cx, "tcp", "`tcp`")
         .map(|tt| tcp_options(cx, tt))
         .unwrap_or_default();
+    let proxy_protocol = match t.string(cx, "proxy_protocol") {
+        None => None,
+        Some(("v1", _)) => Some(crate::wire::proxy::Version::V1),
+        Some(("v2", _)) => Some(crate::wire::proxy::Version::V2),
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!("`proxy_protocol` must be \"v1\" or \"v2\", not {other:?}"),
+            );
+            None
+        }
+    };
     t.finish(cx, UPSTREAM_KEYS, UPSTREAM_LATER);
 
     let u = Upstream {
@@ -757,6 +779,7 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
         sticky,
         health,
         tcp,
+        proxy_protocol,
     };
     Some((u, name_v?.span()))
 }
@@ -880,4 +903,111 @@ fn tcp_options(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> TcpOptions {
     };
     t.finish(cx, TCP_KEYS, &[]);
     o
+}
+
+/// A list of networks: `"10.0.0.0/8"`, `"2001:db8::/32"`, or a bare address (one host).
+fn cidr_list(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for (s, span) in str_list(cx, key, v) {
+        if let Ok(n) = s.parse::<ipnet::IpNet>() {
+            out.push(n.trunc());
+        } else if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            out.push(ipnet::IpNet::from(ip));
+        } else {
+            cx.err(
+                span,
+                format!("`{key}`: {s:?} is not a network (e.g. \"10.0.0.0/8\") or an IP address"),
+            );
+        }
+    }
+    out
+}
+
+/// `"20/s"`, `"600/m"`, `"1000/h"` → connections per second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| format!("bad rate {s:?}: expected e.g. \"20/s\" or \"600/m\""))?;
+    let n: f64 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)
+        .ok_or_else(|| format!("bad rate {s:?}: {n:?} is not a positive number"))?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => 1.0,
+        "m" | "min" | "minute" => 60.0,
+        "h" | "hour" => 3600.0,
+        u => return Err(format!("bad rate {s:?}: unit {u:?} must be s, m or h")),
+    };
+    Ok(n / per)
+}
+
+fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> PerClient {
+    let max_connections = p
+        .uint(cx, "max_connections", 1, 10_000_000)
+        .map(|n| n as u32);
+    let rate = p
+        .string(cx, "rate")
+        .and_then(|(s, span)| match parse_rate(s) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                cx.err(span, format!("`rate`: {e}"));
+                None
+            }
+        });
+    let burst = p.uint(cx, "burst", 1, 10_000_000).map(|n| n as u32);
+    if burst.is_some() && rate.is_none() {
+        let span = p.get("burst").map(|v| v.span()).unwrap_or(0..0);
+        cx.err(span, "`burst` needs a `rate`");
+    }
+    let max_tracked = p
+        .uint(cx, "max_tracked", 1, 100_000_000)
+        .map_or(DEFAULT_MAX_TRACKED, |n| n as usize);
+    p.finish(
+        cx,
+        &["max_connections", "rate", "burst", "max_tracked"],
+        &[],
+    );
+    PerClient {
+        max_connections,
+        // Without a burst, one second's worth may arrive at once.
+        rate: rate.map(|r| (r, burst.unwrap_or_else(|| r.ceil().max(1.0) as u32))),
+        max_tracked,
+    }
+}
+
+fn proxy_accept(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> Option<ProxyAccept> {
+    use crate::wire::proxy::Accept;
+    let accept = match p.string(cx, "accept") {
+        None | Some(("any", _)) => Some(Accept::Any),
+        Some(("v1", _)) => Some(Accept::V1),
+        Some(("v2", _)) => Some(Accept::V2),
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!("`accept` must be \"v1\", \"v2\" or \"any\", not {other:?}"),
+            );
+            None
+        }
+    };
+    let trusted = match p.get("trusted") {
+        Some(v) => Some(cidr_list(cx, "trusted", v)),
+        None => {
+            cx.err(
+                p.span.clone(),
+                "`proxy_protocol` needs `trusted`: the networks of the proxies allowed to send the header",
+            );
+            None
+        }
+    };
+    let timeout = p
+        .positive_duration(cx, "timeout")
+        .unwrap_or(DEFAULT_PROXY_TIMEOUT);
+    p.finish(cx, &["accept", "trusted", "timeout"], &[]);
+    Some(ProxyAccept {
+        accept: accept?,
+        trusted: trusted?,
+        timeout,
+    })
 }

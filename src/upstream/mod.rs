@@ -197,6 +197,8 @@ pub struct Pool {
     pub connect_timeout: Duration,
     pub retries: u32,
     pub tcp: TcpOptions,
+    /// Send a PROXY header first on every server connection.
+    pub proxy_protocol: Option<crate::wire::proxy::Version>,
     pub health: Option<HealthConfig>,
     max_per_server: u64,
     queue: Option<Arc<Queue>>,
@@ -311,6 +313,7 @@ impl Pool {
             connect_timeout: cfg.connect_timeout,
             retries: cfg.retries,
             tcp: cfg.tcp,
+            proxy_protocol: cfg.proxy_protocol,
             health: cfg.health.clone(),
             max_per_server: cfg
                 .max_connections_per_server
