@@ -19,21 +19,30 @@ use crate::upstream::Pool;
 #[derive(Debug)]
 pub struct Gate {
     active: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 impl Gate {
     pub fn new(max: usize) -> Gate {
         Gate {
             active: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+
+    /// Changes the ceiling (reload). Connections already in stay.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Relaxed);
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Relaxed)
     }
 
     /// Takes a place if one is free. Never lets more than `max` in, even when called
     /// concurrently.
     fn try_enter(&self) -> bool {
-        if self.active.fetch_add(1, Relaxed) < self.max {
+        if self.active.fetch_add(1, Relaxed) < self.max.load(Relaxed) {
             true
         } else {
             self.active.fetch_sub(1, Relaxed);
@@ -50,16 +59,18 @@ impl Gate {
     }
 }
 
-/// Everything a connection accepted on one listener needs.
+/// Everything a connection accepted on one listener needs. Immutable: a reload builds a
+/// new one (sharing `stats` and `gate`, so counts carry over) and swaps it into the
+/// listener's [`Slot`]; connections keep the one they were accepted with.
 pub struct ListenerCtx {
     pub name: String,
     pub pool: Arc<Pool>,
     pub idle_timeout: Duration,
     /// How the relay moves bytes.
     pub engine: crate::relay::Engine,
-    pub stats: ListenerStats,
+    pub stats: Arc<ListenerStats>,
     /// This listener's `max_connections`.
-    pub gate: Gate,
+    pub gate: Arc<Gate>,
     /// `[global] max_connections`, shared by all listeners.
     pub global: Arc<Gate>,
     pub access_log: Arc<AccessLog>,
@@ -86,7 +97,8 @@ impl ListenerCtx {
         pool: Arc<Pool>,
         idle_timeout: Duration,
         engine: crate::relay::Engine,
-        max_connections: Option<usize>,
+        stats: Arc<ListenerStats>,
+        gate: Arc<Gate>,
         global: Arc<Gate>,
         access_log: Arc<AccessLog>,
         stop: CancellationToken,
@@ -99,8 +111,8 @@ impl ListenerCtx {
             pool,
             idle_timeout,
             engine,
-            stats: ListenerStats::default(),
-            gate: Gate::new(max_connections.unwrap_or(usize::MAX)),
+            stats,
+            gate,
             global,
             access_log,
             stop,
@@ -230,9 +242,12 @@ pub fn bind(
 /// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
 /// are refused from that moment). Resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off
 /// and retry rather than spin or exit.
+/// Where a listener's current [`ListenerCtx`] is published.
+pub type Slot = Arc<arc_swap::ArcSwap<ListenerCtx>>;
+
 pub async fn accept_loop(
     listener: TcpListener,
-    l: Arc<ListenerCtx>,
+    slot: Slot,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -247,6 +262,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::ZERO;
+                let l = slot.load_full();
                 let Some(permit) = Permit::try_new(&l) else {
                     crate::net::close_with_reset(stream);
                     l.refuse(peer, Outcome::Limited, SystemTime::now(), Duration::ZERO);
@@ -272,7 +288,7 @@ pub async fn accept_loop(
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
                 let now = tokio::time::Instant::now();
                 if last_warn.is_none_or(|t| now - t >= Duration::from_secs(5)) {
-                    tracing::warn!(listener = %l.name, "accept: {e}; backing off {backoff:?}");
+                    tracing::warn!(listener = %slot.load().name, "accept: {e}; backing off {backoff:?}");
                     last_warn = Some(now);
                 }
                 tokio::select! {
@@ -281,7 +297,7 @@ pub async fn accept_loop(
                 }
             }
             // Per-connection errors (e.g. ECONNABORTED): the next accept is unaffected.
-            Err(e) => tracing::debug!(listener = %l.name, "accept: {e}"),
+            Err(e) => tracing::debug!(listener = %slot.load().name, "accept: {e}"),
         }
     }
 }

@@ -73,11 +73,11 @@ fn main() -> ExitCode {
                 eprintln!("ferry: --balance {balance:?} is not supported yet (round_robin is)");
                 return ExitCode::from(1);
             }
-            serve(Config::quick(listen, upstream))
+            serve(Config::quick(listen, upstream), None)
         }
         Some(Command::Run { .. }) | None => match cli.config {
             Some(path) => match load(&path) {
-                Ok(cfg) => serve(cfg),
+                Ok(cfg) => serve(cfg, Some(path)),
                 Err(code) => code,
             },
             None => {
@@ -133,9 +133,9 @@ fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Runs `cfg` on a new runtime until a signal.
-fn serve(cfg: Config) -> ExitCode {
+fn serve(cfg: Config, config_path: Option<PathBuf>) -> ExitCode {
     match build_runtime(cfg.global.workers) {
-        Ok(rt) => serve_on(rt, cfg, |_| {}),
+        Ok(rt) => serve_on(rt, cfg, config_path, |_| {}),
         Err(e) => {
             eprintln!("ferry: cannot start the runtime: {e}");
             ExitCode::from(2)
@@ -144,10 +144,15 @@ fn serve(cfg: Config) -> ExitCode {
 }
 
 /// Runs `cfg` on `rt` until a signal; `banner` is called once the listeners are bound.
-fn serve_on(rt: tokio::runtime::Runtime, cfg: Config, banner: impl FnOnce(&Proxy)) -> ExitCode {
+fn serve_on(
+    rt: tokio::runtime::Runtime,
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    banner: impl FnOnce(&Proxy),
+) -> ExitCode {
     init_logging(cfg.log.level);
     let code = rt.block_on(async {
-        let proxy = match Proxy::start(&cfg).await {
+        let proxy = match Proxy::start(&cfg, config_path).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e}");
@@ -194,7 +199,7 @@ fn demo() -> ExitCode {
     .parse()
     .expect("constant address");
     let cfg = ferry::demo::config(listen, servers);
-    serve_on(rt, cfg, |proxy| {
+    serve_on(rt, cfg, None, |proxy| {
         let addr = proxy.bound[0].1;
         println!("started ferry listener \"demo\" on {addr}, round robin over the echo servers");
         println!();

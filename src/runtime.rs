@@ -1,18 +1,30 @@
 //! The running proxy: runtime objects built from a [`Config`], the listeners' accept tasks,
-//! signals, and the graceful drain.
+//! hot reload, signals, and the graceful drain.
+//!
+//! Reload runs the new file through the same parse → validate path, then applies only the
+//! difference: an unchanged listener keeps its sockets (its context is swapped if its
+//! settings changed), a new one binds, a removed one stops accepting while its connections
+//! finish; an upstream whose settings changed gets a new pool that keeps the `Server`
+//! objects (health, counters) of servers that stay. Connections keep the context and pool
+//! they started with, so a reload never cuts one.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::listener::{self, Gate, ListenerCtx};
-use crate::observe::AccessLog;
+use crate::config::{self, Config};
+use crate::listener::{self, Gate, ListenerCtx, Slot};
+use crate::observe::{AccessLog, ListenerStats};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
 use crate::upstream::Pool;
@@ -20,20 +32,62 @@ use crate::upstream::Pool;
 /// How long connections cut by the drain timeout get to write their log records.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// What the admin API and metrics read: the current listeners and pools.
+pub struct View {
+    pub listeners: Vec<ListenerView>,
+    pub pools: Vec<Arc<Pool>>,
+}
+
+pub struct ListenerView {
+    pub slot: Slot,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// State shared by the proxy, its admin server and its signal handling.
+pub struct Shared {
+    pub started: SystemTime,
+    pub view: ArcSwap<View>,
+    pub global: Arc<Gate>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// Where the config came from; reload reads it again. `None` in quick and demo mode.
+    pub config_path: Option<PathBuf>,
+    live: tokio::sync::Mutex<Live>,
+    connections: TaskTracker,
+    conn_stop: CancellationToken,
+    /// Health checks, DNS, housekeeping.
+    background: CancellationToken,
+}
+
+/// The parts of the running proxy that only reload and drain change.
+struct Live {
+    cfg: Config,
+    access_log: Arc<AccessLog>,
+    listeners: HashMap<String, LiveListener>,
+    pools: HashMap<String, LivePool>,
+}
+
+struct LiveListener {
+    cfg: config::Listener,
+    slot: Slot,
+    stats: Arc<ListenerStats>,
+    gate: Arc<Gate>,
+    clients: Option<Arc<ClientTable>>,
+    addrs: Vec<SocketAddr>,
+    accept_stop: CancellationToken,
+}
+
+struct LivePool {
+    cfg: config::Upstream,
+    pool: Arc<Pool>,
+    stop: CancellationToken,
+}
+
 /// A started proxy: listeners bound and accepting.
 pub struct Proxy {
-    pub listeners: Vec<Arc<ListenerCtx>>,
-    pub pools: Vec<Arc<Pool>>,
-    /// Every bound address, by listener index.
-    pub bound: Vec<(usize, SocketAddr)>,
-    drain_timeout: Duration,
-    access_log: Arc<AccessLog>,
-    accept_stop: CancellationToken,
-    conn_stop: CancellationToken,
-    accepting: TaskTracker,
-    connections: TaskTracker,
-    /// Health checks and DNS re-resolution.
-    background: CancellationToken,
+    pub shared: Arc<Shared>,
+    /// Every bound address at start, with its listener's name.
+    pub bound: Vec<(String, SocketAddr)>,
 }
 
 /// How [`Proxy::run_until_signal`] ended.
@@ -47,123 +101,107 @@ pub enum Stopped {
     Interrupted,
 }
 
+/// The answer to a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// Applied; what changed, one line each (empty: nothing did).
+    Applied(Vec<String>),
+    /// Refused; the old config keeps serving.
+    Rejected(Vec<String>),
+}
+
+fn engine(cfg: &Config) -> Engine {
+    if cfg.global.splice {
+        Engine::Splice
+    } else {
+        Engine::Copy
+    }
+}
+
+fn open_log(cfg: &Config) -> io::Result<Arc<AccessLog>> {
+    AccessLog::open(
+        &cfg.log.access,
+        cfg.log.format,
+        cfg.log.interval,
+        cfg.log.on_connect,
+    )
+    .map(Arc::new)
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot open access log {:?}: {e}", cfg.log.access),
+        )
+    })
+}
+
+fn bind_all(lc: &config::Listener, workers: usize) -> io::Result<Vec<TcpListener>> {
+    listener::bind(&lc.listen, lc.reuse_port, workers)
+}
+
 impl Proxy {
     /// Builds the runtime objects and binds every listener. Must run inside a tokio runtime.
     ///
     /// Fails (nothing left bound) if an address cannot be bound or the access log cannot be
     /// opened.
-    pub async fn start(cfg: &Config) -> io::Result<Proxy> {
-        let access_log = Arc::new(AccessLog::open(&cfg.log.access, cfg.log.format).map_err(
-            |e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot open access log {:?}: {e}", cfg.log.access),
-                )
-            },
-        )?);
+    pub async fn start(cfg: &Config, config_path: Option<PathBuf>) -> io::Result<Proxy> {
+        let access_log = open_log(cfg)?;
         let workers = effective_workers(cfg.global.workers);
-        let pools: Vec<Arc<Pool>> = cfg
-            .upstreams
-            .iter()
-            .map(|u| Arc::new(Pool::new(u)))
-            .collect();
-        // Names are resolved before anything is accepted; one that fails now is retried
-        // every `resolve_interval`.
-        for p in &pools {
-            if p.has_names() {
-                crate::upstream::resolve_all(p).await;
-            }
-        }
         let global = Arc::new(Gate::new(cfg.global.max_connections));
-        let conn_stop = CancellationToken::new();
+        let background = CancellationToken::new();
+
+        let mut pools = HashMap::new();
+        for u in &cfg.upstreams {
+            pools.insert(u.name.clone(), start_pool(u, None, &background).await);
+        }
 
         // Bind everything before accepting anything: a config that cannot fully start
         // starts nothing.
         let mut sockets = Vec::new();
-        let mut listeners = Vec::new();
-        let mut bound = Vec::new();
-        for (i, lc) in cfg.listeners.iter().enumerate() {
-            let socks = listener::bind(&lc.listen, lc.reuse_port, workers)?;
-            for s in &socks {
-                let a = s.local_addr()?;
-                if !bound.contains(&(i, a)) {
-                    bound.push((i, a));
-                }
-            }
-            let ctx = Arc::new(ListenerCtx::new(
-                lc.name.clone(),
-                pools[lc.upstream].clone(),
-                lc.idle_timeout,
-                if cfg.global.splice {
-                    Engine::Splice
-                } else {
-                    Engine::Copy
-                },
-                lc.max_connections,
-                global.clone(),
-                access_log.clone(),
-                conn_stop.clone(),
-                Acl {
-                    allow: lc.allow.clone(),
-                    deny: lc.deny.clone(),
-                },
-                lc.per_client.map(|p| {
-                    Arc::new(ClientTable::new(ClientLimits {
-                        max_connections: p.max_connections,
-                        rate: p.rate,
-                        max_tracked: p.max_tracked,
-                    }))
-                }),
-                lc.proxy_protocol.clone(),
-            ));
-            sockets.push((ctx.clone(), socks));
-            listeners.push(ctx);
+        for lc in &cfg.listeners {
+            sockets.push(bind_all(lc, workers)?);
         }
 
-        let accept_stop = CancellationToken::new();
-        let accepting = TaskTracker::new();
-        let connections = TaskTracker::new();
-        for (ctx, socks) in sockets {
-            for s in socks {
-                accepting.spawn(listener::accept_loop(
-                    s,
-                    ctx.clone(),
-                    accept_stop.clone(),
-                    connections.clone(),
-                ));
-            }
-        }
-        accepting.close();
-        let background = CancellationToken::new();
-        tokio::spawn(housekeeping(listeners.clone(), background.clone()));
-        for p in &pools {
-            if p.has_names() {
-                tokio::spawn(crate::upstream::resolve_loop(p.clone(), background.clone()));
-            }
-            if p.health.is_some() {
-                tokio::spawn(crate::health::run(p.clone(), background.clone()));
-            }
-        }
-        for (i, a) in &bound {
-            tracing::info!("listener {:?} listening on {a}", listeners[*i].name);
-        }
-        Ok(Proxy {
-            listeners,
-            pools,
-            bound,
-            drain_timeout: cfg.global.drain_timeout,
-            access_log,
-            accept_stop,
-            conn_stop,
-            accepting,
-            connections,
+        let shared = Arc::new(Shared {
+            started: SystemTime::now(),
+            view: ArcSwap::from_pointee(View {
+                listeners: Vec::new(),
+                pools: Vec::new(),
+            }),
+            global,
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            config_path,
+            live: tokio::sync::Mutex::new(Live {
+                cfg: cfg.clone(),
+                access_log,
+                listeners: HashMap::new(),
+                pools,
+            }),
+            connections: TaskTracker::new(),
+            conn_stop: CancellationToken::new(),
             background,
-        })
+        });
+
+        let mut bound = Vec::new();
+        {
+            let mut live = shared.live.lock().await;
+            for (lc, socks) in cfg.listeners.iter().zip(sockets) {
+                let ll = shared.start_listener(&live, lc, socks, None);
+                for a in &ll.addrs {
+                    tracing::info!("listener {:?} listening on {a}", lc.name);
+                    bound.push((lc.name.clone(), *a));
+                }
+                live.listeners.insert(lc.name.clone(), ll);
+            }
+            shared.publish(&live);
+        }
+        tokio::spawn(housekeeping(shared.clone()));
+        Ok(Proxy { shared, bound })
     }
 
     /// Serves until SIGTERM or SIGINT, then drains: listening sockets close at once, open
     /// connections get up to `drain_timeout` to finish, then the rest are closed. A second
-    /// SIGINT closes everything at once.
+    /// SIGINT closes everything at once. SIGHUP reloads the config file.
     pub async fn run_until_signal(self) -> io::Result<Stopped> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -173,34 +211,352 @@ impl Proxy {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: draining (again to exit at once)"); break }
                 _ = hup.recv() => {
-                    tracing::warn!("SIGHUP: configuration reload is not supported yet; nothing changed");
+                    tracing::info!("SIGHUP: reloading");
+                    self.shared.reload().await;
                 }
             }
         }
         let interrupt = async move {
             int.recv().await;
         };
-        Ok(self.drain(interrupt).await)
+        Ok(self.shared.drain(interrupt).await)
+    }
+}
+
+impl Shared {
+    /// Starts accepting on `socks` for listener `lc`. `prev` carries the counters of the
+    /// listener of that name before a reload.
+    fn start_listener(
+        &self,
+        live: &Live,
+        lc: &config::Listener,
+        socks: Vec<TcpListener>,
+        prev: Option<&LiveListener>,
+    ) -> LiveListener {
+        let stats = prev.map_or_else(Arc::default, |p| p.stats.clone());
+        let gate = prev.map_or_else(
+            || Arc::new(Gate::new(lc.max_connections.unwrap_or(usize::MAX))),
+            |p| p.gate.clone(),
+        );
+        gate.set_max(lc.max_connections.unwrap_or(usize::MAX));
+        let clients = self.clients_for(lc, prev);
+        let ctx = self.build_ctx(live, lc, stats.clone(), gate.clone(), clients.clone());
+        let slot: Slot = Arc::new(ArcSwap::from_pointee(ctx));
+        let accept_stop = CancellationToken::new();
+        let mut addrs = Vec::new();
+        for s in socks {
+            if let Ok(a) = s.local_addr()
+                && !addrs.contains(&a)
+            {
+                addrs.push(a);
+            }
+            tokio::spawn(listener::accept_loop(
+                s,
+                slot.clone(),
+                accept_stop.clone(),
+                self.connections.clone(),
+            ));
+        }
+        LiveListener {
+            cfg: lc.clone(),
+            slot,
+            stats,
+            gate,
+            clients,
+            addrs,
+            accept_stop,
+        }
+    }
+
+    /// The per-client table: kept across a reload when the limits did not change (so
+    /// clients' open connections stay counted), new otherwise.
+    fn clients_for(
+        &self,
+        lc: &config::Listener,
+        prev: Option<&LiveListener>,
+    ) -> Option<Arc<ClientTable>> {
+        let p = lc.per_client?;
+        if let Some(prev) = prev
+            && prev.cfg.per_client == lc.per_client
+            && let Some(t) = &prev.clients
+        {
+            return Some(t.clone());
+        }
+        Some(Arc::new(ClientTable::new(ClientLimits {
+            max_connections: p.max_connections,
+            rate: p.rate,
+            max_tracked: p.max_tracked,
+        })))
+    }
+
+    fn build_ctx(
+        &self,
+        live: &Live,
+        lc: &config::Listener,
+        stats: Arc<ListenerStats>,
+        gate: Arc<Gate>,
+        clients: Option<Arc<ClientTable>>,
+    ) -> ListenerCtx {
+        let upstream = &live.cfg.upstreams[lc.upstream].name;
+        ListenerCtx::new(
+            lc.name.clone(),
+            live.pools[upstream].pool.clone(),
+            lc.idle_timeout,
+            engine(&live.cfg),
+            stats,
+            gate,
+            self.global.clone(),
+            live.access_log.clone(),
+            self.conn_stop.clone(),
+            Acl {
+                allow: lc.allow.clone(),
+                deny: lc.deny.clone(),
+            },
+            clients,
+            lc.proxy_protocol.clone(),
+        )
+    }
+
+    /// Publishes the current listeners and pools for the admin API.
+    fn publish(&self, live: &Live) {
+        let listeners = live
+            .cfg
+            .listeners
+            .iter()
+            .filter_map(|lc| live.listeners.get(&lc.name))
+            .map(|l| ListenerView {
+                slot: l.slot.clone(),
+                addrs: l.addrs.clone(),
+            })
+            .collect();
+        let pools = live
+            .cfg
+            .upstreams
+            .iter()
+            .filter_map(|u| live.pools.get(&u.name))
+            .map(|p| p.pool.clone())
+            .collect();
+        self.view.store(Arc::new(View { listeners, pools }));
+    }
+
+    /// Re-reads the config file and applies the difference. The answer says what changed,
+    /// or why nothing did.
+    pub async fn reload(&self) -> ReloadOutcome {
+        let outcome = match &self.config_path {
+            None => ReloadOutcome::Rejected(vec![
+                "no config file to reload (quick or demo mode)".into(),
+            ]),
+            Some(path) => match Config::load(path) {
+                Err(errs) => {
+                    ReloadOutcome::Rejected(errs.0.iter().map(|e| e.to_string()).collect())
+                }
+                Ok(cfg) => self.apply(cfg).await,
+            },
+        };
+        match &outcome {
+            ReloadOutcome::Applied(changes) => {
+                self.reloads_ok.fetch_add(1, Relaxed);
+                if changes.is_empty() {
+                    tracing::info!("reload: nothing changed");
+                }
+                for c in changes {
+                    tracing::info!("reload: {c}");
+                }
+            }
+            ReloadOutcome::Rejected(errs) => {
+                self.reloads_failed.fetch_add(1, Relaxed);
+                for e in errs {
+                    tracing::error!("reload rejected: {e}");
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Applies a validated config to the running proxy.
+    pub async fn apply(&self, cfg: Config) -> ReloadOutcome {
+        let mut live = self.live.lock().await;
+        let mut changes = Vec::new();
+        let old = live.cfg.clone();
+        let workers = effective_workers(old.global.workers);
+
+        // Bind what is new first: if any address cannot be bound, nothing changes.
+        let mut new_sockets: HashMap<String, Vec<TcpListener>> = HashMap::new();
+        for lc in &cfg.listeners {
+            let keep = live
+                .listeners
+                .get(&lc.name)
+                .is_some_and(|l| l.cfg.listen == lc.listen && l.cfg.reuse_port == lc.reuse_port);
+            if keep {
+                continue;
+            }
+            // Addresses moving from a listener being removed or changed are taken over at once.
+            let reuse: Vec<&LiveListener> = live
+                .listeners
+                .values()
+                .filter(|l| {
+                    l.cfg.listen.iter().any(|a| lc.listen.contains(a)) && l.cfg.name != lc.name
+                })
+                .collect();
+            if !reuse.is_empty() {
+                return ReloadOutcome::Rejected(vec![format!(
+                    "listener {:?} takes an address of listener {:?}: rename or move in two reloads",
+                    lc.name, reuse[0].cfg.name
+                )]);
+            }
+            // A changed listener keeps its addresses that stay: release them before binding.
+            match bind_all(lc, workers) {
+                Ok(s) => {
+                    new_sockets.insert(lc.name.clone(), s);
+                }
+                Err(e)
+                    if live.listeners.contains_key(&lc.name)
+                        && e.kind() == io::ErrorKind::AddrInUse =>
+                {
+                    return ReloadOutcome::Rejected(vec![format!(
+                        "listener {:?}: its addresses changed and {e}; change them in two steps (remove, then add)",
+                        lc.name
+                    )]);
+                }
+                Err(e) => {
+                    return ReloadOutcome::Rejected(vec![format!("listener {:?}: {e}", lc.name)]);
+                }
+            }
+        }
+        let access_log = if cfg.log.access != old.log.access
+            || cfg.log.format != old.log.format
+            || cfg.log.interval != old.log.interval
+            || cfg.log.on_connect != old.log.on_connect
+        {
+            match open_log(&cfg) {
+                Ok(l) => {
+                    changes.push("access log settings changed".into());
+                    l
+                }
+                Err(e) => return ReloadOutcome::Rejected(vec![e.to_string()]),
+            }
+        } else {
+            live.access_log.clone()
+        };
+
+        // Upstreams.
+        let mut pools = HashMap::new();
+        for u in &cfg.upstreams {
+            match live.pools.remove(&u.name) {
+                Some(p) if p.cfg == *u => {
+                    pools.insert(u.name.clone(), p);
+                }
+                Some(p) => {
+                    p.stop.cancel();
+                    changes.push(format!("upstream {:?} changed", u.name));
+                    pools.insert(
+                        u.name.clone(),
+                        start_pool(u, Some(&p.pool), &self.background).await,
+                    );
+                }
+                None => {
+                    changes.push(format!("upstream {:?} added", u.name));
+                    pools.insert(u.name.clone(), start_pool(u, None, &self.background).await);
+                }
+            }
+        }
+        for (name, p) in live.pools.drain() {
+            p.stop.cancel();
+            changes.push(format!("upstream {name:?} removed"));
+        }
+        live.pools = pools;
+
+        if cfg.global.max_connections != old.global.max_connections {
+            self.global.set_max(cfg.global.max_connections);
+            changes.push(format!(
+                "max_connections is now {}",
+                cfg.global.max_connections
+            ));
+        }
+        if cfg.global.workers != old.global.workers {
+            changes.push("`workers` takes effect at the next restart".into());
+        }
+        if cfg.log.level != old.log.level {
+            changes.push("`[log] level` takes effect at the next restart".into());
+        }
+        live.access_log = access_log;
+        live.cfg = cfg.clone();
+
+        // Listeners.
+        let mut listeners = HashMap::new();
+        for lc in &cfg.listeners {
+            let prev = live.listeners.remove(&lc.name);
+            match (prev, new_sockets.remove(&lc.name)) {
+                (Some(p), None) => {
+                    // Same sockets; new settings (and pool) for new connections.
+                    let ctx = self.build_ctx(
+                        &live,
+                        lc,
+                        p.stats.clone(),
+                        p.gate.clone(),
+                        self.clients_for(lc, Some(&p)),
+                    );
+                    p.gate.set_max(lc.max_connections.unwrap_or(usize::MAX));
+                    let clients = ctx.clients.clone();
+                    p.slot.store(Arc::new(ctx));
+                    if p.cfg != *lc {
+                        changes.push(format!("listener {:?} changed", lc.name));
+                    }
+                    listeners.insert(
+                        lc.name.clone(),
+                        LiveListener {
+                            cfg: lc.clone(),
+                            clients,
+                            ..p
+                        },
+                    );
+                }
+                (prev, Some(socks)) => {
+                    if let Some(p) = &prev {
+                        p.accept_stop.cancel();
+                        changes.push(format!("listener {:?} moved to new addresses", lc.name));
+                    } else {
+                        changes.push(format!("listener {:?} added", lc.name));
+                    }
+                    let ll = self.start_listener(&live, lc, socks, prev.as_ref());
+                    for a in &ll.addrs {
+                        tracing::info!("listener {:?} listening on {a}", lc.name);
+                    }
+                    listeners.insert(lc.name.clone(), ll);
+                }
+                (None, None) => unreachable!("a new listener always has sockets"),
+            }
+        }
+        for (name, l) in live.listeners.drain() {
+            // Its connections finish on their own; new connects are refused from now.
+            l.accept_stop.cancel();
+            changes.push(format!("listener {name:?} removed; its connections drain"));
+        }
+        live.listeners = listeners;
+        self.publish(&live);
+        ReloadOutcome::Applied(changes)
     }
 
     /// Stops accepting, then waits for open connections as [`Proxy::run_until_signal`] says.
     /// `interrupt` resolving cuts the wait short.
-    pub async fn drain(self, interrupt: impl Future<Output = ()>) -> Stopped {
-        self.accept_stop.cancel();
-        self.accepting.wait().await;
+    pub async fn drain(&self, interrupt: impl Future<Output = ()>) -> Stopped {
+        let (drain_timeout, access_log) = {
+            let live = self.live.lock().await;
+            for l in live.listeners.values() {
+                l.accept_stop.cancel();
+            }
+            (live.cfg.global.drain_timeout, live.access_log.clone())
+        };
+        // Accept loops drop their sockets as soon as they see the cancellation; let them run.
+        tokio::task::yield_now().await;
         self.connections.close();
-        let open: u64 = self
-            .listeners
-            .iter()
-            .map(|l| l.stats.active.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
         tracing::info!(
-            "stopped accepting; waiting up to {:?} for {open} open connection(s)",
-            self.drain_timeout
+            "stopped accepting; waiting up to {drain_timeout:?} for {} open connection(s)",
+            self.global.active()
         );
         let stopped = tokio::select! {
             () = self.connections.wait() => Stopped::Drained,
-            () = tokio::time::sleep(self.drain_timeout) => Stopped::TimedOut,
+            () = tokio::time::sleep(drain_timeout) => Stopped::TimedOut,
             () = interrupt => Stopped::Interrupted,
         };
         if stopped != Stopped::Drained {
@@ -214,17 +570,55 @@ impl Proxy {
         }
         self.background.cancel();
         tracing::info!("drained ({stopped:?})");
-        let dropped = self.access_log.dropped();
+        let dropped = access_log.dropped();
         if dropped > 0 {
             tracing::warn!("{dropped} access log record(s) were dropped");
         }
         stopped
     }
 
-    /// Flushes the access log. Call after the last connection is gone.
-    pub fn close_log(log: Arc<AccessLog>) {
-        if let Ok(log) = Arc::try_unwrap(log) {
-            log.close();
+    /// Records the access log could not keep up with.
+    pub async fn access_log_dropped(&self) -> u64 {
+        self.live.lock().await.access_log.dropped()
+    }
+}
+
+/// Builds a pool (keeping the servers of `old` that stay), resolves its names, and starts
+/// its health checks and DNS re-resolution.
+async fn start_pool(
+    u: &config::Upstream,
+    old: Option<&Pool>,
+    background: &CancellationToken,
+) -> LivePool {
+    let pool = Arc::new(Pool::new(u, old));
+    if pool.has_names() {
+        crate::upstream::resolve_all(&pool).await;
+    }
+    let stop = background.child_token();
+    if pool.has_names() {
+        tokio::spawn(crate::upstream::resolve_loop(pool.clone(), stop.clone()));
+    }
+    if pool.health.is_some() {
+        tokio::spawn(crate::health::run(pool.clone(), stop.clone()));
+    }
+    LivePool {
+        cfg: u.clone(),
+        pool,
+        stop,
+    }
+}
+
+/// Once a second, per listener: refused-connection summaries, per-client table sweeps.
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.background.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for l in &shared.view.load().listeners {
+            l.slot.load().housekeeping();
         }
     }
 }
@@ -235,20 +629,5 @@ pub fn effective_workers(workers: usize) -> usize {
         workers
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-}
-
-/// Once a second, per listener: refused-connection summaries, per-client table sweeps.
-async fn housekeeping(listeners: Vec<Arc<ListenerCtx>>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        for l in &listeners {
-            l.housekeeping();
-        }
     }
 }

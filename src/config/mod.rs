@@ -70,6 +70,11 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Process log level on stderr.
     pub level: tracing::Level,
+    /// Also a record (result `open`) once the server connection is up.
+    pub on_connect: bool,
+    /// Also a progress record for every connection open this long, and again each time
+    /// this long passes.
+    pub interval: Option<Duration>,
 }
 
 impl Default for LogConfig {
@@ -78,6 +83,8 @@ impl Default for LogConfig {
             access: AccessTarget::Stdout,
             format: LogFormat::Json,
             level: tracing::Level::INFO,
+            on_connect: false,
+            interval: None,
         }
     }
 }
@@ -87,7 +94,7 @@ pub enum ListenerMode {
     Tcp,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub name: String,
     pub listen: Vec<SocketAddr>,
@@ -174,7 +181,7 @@ impl Balance {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     pub name: String,
     pub balance: Balance,

@@ -345,8 +345,7 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
 const ROOT_KEYS: &[&str] = &["global", "log", "listener", "upstream"];
 const ROOT_LATER: &[&str] = &["admin"];
 const GLOBAL_KEYS: &[&str] = &["max_connections", "drain_timeout", "workers", "splice"];
-const LOG_KEYS: &[&str] = &["access", "format", "level"];
-const LOG_LATER: &[&str] = &["on_connect", "interval"];
+const LOG_KEYS: &[&str] = &["access", "format", "level", "on_connect", "interval"];
 const LISTENER_KEYS: &[&str] = &[
     "name",
     "listen",
@@ -513,11 +512,15 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
             }
         },
     };
-    t.finish(cx, LOG_KEYS, LOG_LATER);
+    let on_connect = t.bool(cx, "on_connect").unwrap_or(false);
+    let interval = t.positive_duration(cx, "interval");
+    t.finish(cx, LOG_KEYS, &[]);
     LogConfig {
         access,
         format,
         level,
+        on_connect,
+        interval,
     }
 }
 

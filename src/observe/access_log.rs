@@ -102,6 +102,10 @@ impl Record<'_> {
 /// The access-log sink. Cheap to share (`Arc`); [`AccessLog::close`] flushes it.
 pub struct AccessLog {
     format: LogFormat,
+    /// `[log] interval`: progress records for long connections.
+    pub interval: Option<Duration>,
+    /// `[log] on_connect`: a record when the server connection is up.
+    pub on_connect: bool,
     tx: Option<SyncSender<String>>,
     dropped: Arc<AtomicU64>,
     writer: Option<JoinHandle<()>>,
@@ -110,11 +114,18 @@ pub struct AccessLog {
 impl AccessLog {
     /// Opens the sink named by `[log] access`. A file is opened for appending (created if
     /// missing); failing to open it is an error the caller reports at start-up.
-    pub fn open(target: &AccessTarget, format: LogFormat) -> io::Result<AccessLog> {
+    pub fn open(
+        target: &AccessTarget,
+        format: LogFormat,
+        interval: Option<Duration>,
+        on_connect: bool,
+    ) -> io::Result<AccessLog> {
         let out: Box<dyn Write + Send> = match target {
             AccessTarget::Off => {
                 return Ok(AccessLog {
                     format,
+                    interval,
+                    on_connect,
                     tx: None,
                     dropped: Arc::default(),
                     writer: None,
@@ -139,6 +150,8 @@ impl AccessLog {
             })?;
         Ok(AccessLog {
             format,
+            interval,
+            on_connect,
             tx: Some(tx),
             dropped,
             writer: Some(writer),

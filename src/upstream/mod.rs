@@ -294,16 +294,44 @@ impl balance::Servers for View<'_> {
 impl Pool {
     /// Builds a pool. Servers given by name are added by [`Pool::resolve`], which the
     /// runtime calls before accepting connections and then every `resolve_interval`.
-    pub fn new(cfg: &config::Upstream) -> Pool {
-        let mut servers = Vec::new();
+    ///
+    /// With `old` (a reload), servers that stay keep their `Server` object, and with it
+    /// their health, counters and admin state; servers of a name keep their last addresses
+    /// until it is resolved again.
+    pub fn new(cfg: &config::Upstream, old: Option<&Pool>) -> Pool {
+        let old_servers = old.map(|p| p.servers());
+        let reuse = |configured: &str, addr: SocketAddr, weight: u32, backup: bool| {
+            old_servers
+                .as_ref()
+                .and_then(|o| {
+                    o.servers
+                        .iter()
+                        .find(|s| {
+                            s.addr == addr
+                                && s.weight == weight
+                                && s.backup == backup
+                                && &*s.configured == configured
+                        })
+                        .cloned()
+                })
+                .unwrap_or_else(|| Arc::new(Server::new(addr, configured.into(), weight, backup)))
+        };
+        let mut servers: Vec<Arc<Server>> = Vec::new();
         for spec in &cfg.servers {
-            if let ServerAddr::Ip(a) = spec.addr {
-                servers.push(Arc::new(Server::new(
-                    a,
-                    a.to_string().into(),
-                    spec.weight,
-                    spec.backup,
-                )));
+            match &spec.addr {
+                ServerAddr::Ip(a) => {
+                    servers.push(reuse(&a.to_string(), *a, spec.weight, spec.backup))
+                }
+                ServerAddr::Name { .. } => {
+                    let name = spec.addr.to_string();
+                    if let Some(o) = &old_servers {
+                        for s in o.servers.iter().filter(|s| *s.configured == *name) {
+                            if !servers.iter().any(|x| x.addr == s.addr) {
+                                servers.push(reuse(&name, s.addr, spec.weight, spec.backup));
+                            }
+                        }
+                    }
+                }
             }
         }
         Pool {
