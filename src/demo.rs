@@ -6,10 +6,24 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use crate::config::{AccessTarget, Config, LogFormat};
+use std::time::Duration;
+
+use crate::config::{AccessTarget, Admin, Config, HealthConfig, LogFormat};
 
 /// The address the demo listener tries first; if taken, an ephemeral port is used.
 pub const DEMO_ADDR: &str = "127.0.0.1:7000";
+/// The address the demo's admin server (stats page) tries first.
+pub const DEMO_ADMIN_ADDR: &str = "127.0.0.1:9900";
+
+/// `preferred` if it can be bound now, else an ephemeral port on loopback.
+pub fn free_or_ephemeral(preferred: &str) -> SocketAddr {
+    match std::net::TcpListener::bind(preferred) {
+        Ok(_) => preferred,
+        Err(_) => "127.0.0.1:0",
+    }
+    .parse()
+    .expect("constant address")
+}
 
 /// Starts `n` line-echo servers on `127.0.0.1:0`. Each answers every line with its name
 /// and the line, so round robin can be seen from the client.
@@ -41,11 +55,26 @@ pub async fn start_echo_servers(n: usize) -> std::io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// The demo's config: one listener in front of `servers`, access log as text on stdout.
-pub fn config(listen: SocketAddr, servers: Vec<SocketAddr>) -> Config {
+/// The demo's config: one listener in front of `servers` with health checks, the admin
+/// server on `admin`, access log as text on stdout.
+pub fn config(listen: SocketAddr, admin: SocketAddr, servers: Vec<SocketAddr>) -> Config {
     let mut cfg = Config::quick(vec![listen], servers);
     cfg.listeners[0].name = "demo".into();
     cfg.upstreams[0].name = "echo".into();
+    cfg.upstreams[0].health = Some(HealthConfig {
+        interval: Duration::from_secs(2),
+        timeout: Duration::from_secs(1),
+        rise: 2,
+        fall: 3,
+        send: None,
+        expect: Some(b"hello from echo".to_vec()),
+        passive: None,
+        fail_open: false,
+    });
+    cfg.admin = Some(Admin {
+        listen: admin,
+        token: None,
+    });
     cfg.log.access = AccessTarget::Stdout;
     cfg.log.format = LogFormat::Text;
     cfg

@@ -144,7 +144,7 @@ impl ListenerCtx {
     /// Accounts for a connection refused before any server was contacted: counted always,
     /// logged individually up to [`REFUSED_LOG_PER_SEC`] a second.
     pub fn refuse(&self, client: SocketAddr, outcome: Outcome, ts: SystemTime, took: Duration) {
-        self.stats.finish(outcome, 0, 0);
+        self.stats.finish(outcome);
         let sec = ts
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -167,6 +167,7 @@ impl ListenerCtx {
             connect_ms: None,
             duration_ms: took,
             result: outcome,
+            event: None,
         });
     }
 

@@ -191,14 +191,10 @@ fn demo() -> ExitCode {
     for (i, s) in servers.iter().enumerate() {
         println!("started echo server echo-{} on {s}", i + 1);
     }
-    // Take the well-known demo port if it is free, else any port.
-    let listen: SocketAddr = match std::net::TcpListener::bind(ferry::demo::DEMO_ADDR) {
-        Ok(_) => ferry::demo::DEMO_ADDR,
-        Err(_) => "127.0.0.1:0",
-    }
-    .parse()
-    .expect("constant address");
-    let cfg = ferry::demo::config(listen, servers);
+    // Take the well-known demo ports if they are free, else any port.
+    let listen = ferry::demo::free_or_ephemeral(ferry::demo::DEMO_ADDR);
+    let admin = ferry::demo::free_or_ephemeral(ferry::demo::DEMO_ADMIN_ADDR);
+    let cfg = ferry::demo::config(listen, admin, servers);
     serve_on(rt, cfg, None, |proxy| {
         let addr = proxy.bound[0].1;
         println!("started ferry listener \"demo\" on {addr}, round robin over the echo servers");
@@ -206,6 +202,9 @@ fn demo() -> ExitCode {
         println!("Try it (each new connection goes to the next echo server):");
         println!("    nc {} {}", addr.ip(), addr.port());
         println!("Type a line and see which server answers; Ctrl-D closes; run nc again.");
+        if let Some(a) = proxy.admin {
+            println!("Live stats page: http://{a}/   (metrics: http://{a}/metrics)");
+        }
         println!("An access-log line follows for each finished connection. Ctrl-C stops.");
     })
 }

@@ -88,6 +88,8 @@ pub struct Proxy {
     pub shared: Arc<Shared>,
     /// Every bound address at start, with its listener's name.
     pub bound: Vec<(String, SocketAddr)>,
+    /// Where the admin server listens, if configured.
+    pub admin: Option<SocketAddr>,
 }
 
 /// How [`Proxy::run_until_signal`] ended.
@@ -160,6 +162,10 @@ impl Proxy {
         for lc in &cfg.listeners {
             sockets.push(bind_all(lc, workers)?);
         }
+        let admin = match &cfg.admin {
+            Some(a) => Some((crate::admin::bind(a.listen).await?, a.token.clone())),
+            None => None,
+        };
 
         let shared = Arc::new(Shared {
             started: SystemTime::now(),
@@ -196,7 +202,24 @@ impl Proxy {
             shared.publish(&live);
         }
         tokio::spawn(housekeeping(shared.clone()));
-        Ok(Proxy { shared, bound })
+        let mut admin_addr = None;
+        if let Some((sock, token)) = admin {
+            if let Ok(a) = sock.local_addr() {
+                tracing::info!("admin listening on http://{a}/");
+                admin_addr = Some(a);
+            }
+            tokio::spawn(crate::admin::serve(
+                sock,
+                shared.clone(),
+                token,
+                shared.background.clone(),
+            ));
+        }
+        Ok(Proxy {
+            shared,
+            bound,
+            admin: admin_addr,
+        })
     }
 
     /// Serves until SIGTERM or SIGINT, then drains: listening sockets close at once, open
@@ -475,6 +498,9 @@ impl Shared {
         }
         if cfg.global.workers != old.global.workers {
             changes.push("`workers` takes effect at the next restart".into());
+        }
+        if cfg.admin != old.admin {
+            changes.push("`[admin]` takes effect at the next restart".into());
         }
         if cfg.log.level != old.log.level {
             changes.push("`[log] level` takes effect at the next restart".into());

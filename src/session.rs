@@ -2,7 +2,6 @@
 //! relay, account.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,6 +83,7 @@ pub async fn serve(
         connect_ms: None,
         duration_ms: Default::default(),
         result: Outcome::Ok,
+        event: None,
     };
 
     // Connect, retrying on other servers: never the one that just failed, and never once
@@ -154,14 +154,45 @@ pub async fn serve(
         }
     };
     let server = guard.server().clone();
-    rec.result = Outcome::Ok;
-    rec.connect_ms = Some(t0.elapsed());
+    let connect_time = t0.elapsed();
+    pool.connect_hist.observe(connect_time);
+    rec.result = Outcome::Open;
+    rec.connect_ms = Some(connect_time);
+    if l.access_log.on_connect {
+        rec.event = Some("connect");
+        rec.duration_ms = start.elapsed();
+        l.access_log.write(&rec);
+    }
 
-    let r = relay::relay(client, upstream, l.idle_timeout, &l.stop, l.engine).await;
+    let meters = relay::Meters {
+        up: [&l.stats.bytes_up, &server.stats.bytes_up],
+        down: [&l.stats.bytes_down, &server.stats.bytes_down],
+    };
+    let mut report = |up: u64, down: u64| {
+        let mut p = rec.clone();
+        p.bytes_up = up;
+        p.bytes_down = down;
+        p.duration_ms = start.elapsed();
+        p.event = Some("progress");
+        l.access_log.write(&p);
+    };
+    let progress = l.access_log.interval.map(|every| relay::Progress {
+        every,
+        report: &mut report,
+    });
+    let r = relay::relay(
+        client,
+        upstream,
+        l.idle_timeout,
+        &l.stop,
+        l.engine,
+        meters,
+        progress,
+    )
+    .await;
+    rec.event = None;
     rec.bytes_up = r.bytes_up;
     rec.bytes_down = r.bytes_down;
-    server.stats.bytes_up.fetch_add(r.bytes_up, Relaxed);
-    server.stats.bytes_down.fetch_add(r.bytes_down, Relaxed);
     rec.result = match r.end {
         End::Done => Outcome::Ok,
         End::IdleTimeout => Outcome::IdleTimeout,
@@ -176,7 +207,7 @@ pub async fn serve(
 fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
     rec.duration_ms = start.elapsed();
     let l = permit.listener();
-    l.stats.finish(rec.result, rec.bytes_up, rec.bytes_down);
+    l.stats.finish(rec.result);
     l.access_log.write(&rec);
 }
 

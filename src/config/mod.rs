@@ -22,9 +22,19 @@ pub use parse::parse_str;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub global: Global,
+    /// The HTTP admin server; off when `None`.
+    pub admin: Option<Admin>,
     pub log: LogConfig,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Required as `Authorization: Bearer <token>` on every POST when set.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +331,7 @@ impl Config {
     pub fn quick(listen: Vec<SocketAddr>, servers: Vec<SocketAddr>) -> Config {
         Config {
             global: Global::default(),
+            admin: None,
             log: LogConfig::default(),
             listeners: vec![Listener {
                 name: "quick".into(),

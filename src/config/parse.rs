@@ -342,8 +342,7 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-const ROOT_KEYS: &[&str] = &["global", "log", "listener", "upstream"];
-const ROOT_LATER: &[&str] = &["admin"];
+const ROOT_KEYS: &[&str] = &["global", "admin", "log", "listener", "upstream"];
 const GLOBAL_KEYS: &[&str] = &["max_connections", "drain_timeout", "workers", "splice"];
 const LOG_KEYS: &[&str] = &["access", "format", "level", "on_connect", "interval"];
 const LISTENER_KEYS: &[&str] = &[
@@ -446,9 +445,13 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             }
         }
     }
-    root.finish(cx, ROOT_KEYS, ROOT_LATER);
+    let admin = root
+        .table(cx, "admin", "[admin]")
+        .and_then(|t| admin(cx, t));
+    root.finish(cx, ROOT_KEYS, &[]);
     Some(Config {
         global,
+        admin,
         log,
         listeners,
         upstreams,
@@ -1012,5 +1015,34 @@ fn proxy_accept(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> Option<ProxyAccept> {
         accept: accept?,
         trusted: trusted?,
         timeout,
+    })
+}
+
+fn admin(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<Admin> {
+    let listen = t.required(cx, "listen").and_then(|v| {
+        let s = as_str(cx, "listen", v)?;
+        match socket_addr(s) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                cx.err(v.span(), format!("`listen`: {e}"));
+                None
+            }
+        }
+    });
+    let token = t.string(cx, "token").and_then(|(s, span)| {
+        if s.is_empty() {
+            cx.err(
+                span,
+                "`token` must not be empty (leave it out for no token)",
+            );
+            None
+        } else {
+            Some(s.to_string())
+        }
+    });
+    t.finish(cx, &["listen", "token"], &[]);
+    Some(Admin {
+        listen: listen?,
+        token,
     })
 }

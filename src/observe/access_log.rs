@@ -42,6 +42,10 @@ pub struct Record<'a> {
     pub duration_ms: Duration,
     #[serde(serialize_with = "outcome")]
     pub result: Outcome,
+    /// On records that are not the final one: `"connect"` (`on_connect`) or `"progress"`
+    /// (`interval`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<&'static str>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -80,7 +84,7 @@ impl Record<'_> {
                 let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
                 let _ = write!(
                     out,
-                    "{} listener={} client={} upstream={} server={} sni={} bytes_up={} bytes_down={} connect_ms={} duration_ms={} result={}",
+                    "{} listener={} client={} upstream={} server={} sni={} bytes_up={} bytes_down={} connect_ms={} duration_ms={} result={}{}{}",
                     humantime::format_rfc3339_millis(self.ts),
                     self.listener,
                     self.client,
@@ -92,6 +96,8 @@ impl Record<'_> {
                     opt(self.connect_ms.map(|d| ms(d).to_string())),
                     ms(self.duration_ms),
                     self.result.as_str(),
+                    if self.event.is_some() { " event=" } else { "" },
+                    self.event.unwrap_or(""),
                 );
             }
         }

@@ -2,6 +2,7 @@
 //! counters that the metrics and status API read.
 
 pub mod access_log;
+pub mod metrics;
 pub mod outcome;
 pub mod stats;
 

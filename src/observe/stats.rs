@@ -19,12 +19,11 @@ pub struct ListenerStats {
 }
 
 impl ListenerStats {
-    pub fn finish(&self, outcome: Outcome, up: u64, down: u64) {
+    /// Counts a finished connection. Its bytes were counted as they moved.
+    pub fn finish(&self, outcome: Outcome) {
         if let Some(i) = outcome.slot() {
             self.finished[i].fetch_add(1, Relaxed);
         }
-        self.bytes_up.fetch_add(up, Relaxed);
-        self.bytes_down.fetch_add(down, Relaxed);
     }
 
     pub fn finished(&self, outcome: Outcome) -> u64 {
@@ -46,4 +45,50 @@ pub struct ServerStats {
     /// Active health checks passed and failed.
     pub checks_ok: AtomicU64,
     pub checks_failed: AtomicU64,
+}
+
+/// A latency histogram with fixed buckets, updated with relaxed atomics (no lock).
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds in seconds; the last bucket is +Inf.
+    pub bounds: &'static [f64],
+    counts: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+}
+
+/// Buckets for connect times, in seconds.
+pub const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    /// (sum in seconds, count, cumulative buckets as (upper bound, count)).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut cum = 0;
+        let mut buckets = Vec::with_capacity(self.counts.len());
+        for (i, c) in self.counts.iter().enumerate() {
+            cum += c.load(Relaxed);
+            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), cum));
+        }
+        (self.sum_ns.load(Relaxed) as f64 / 1e9, cum, buckets)
+    }
 }

@@ -26,6 +26,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -83,6 +84,21 @@ pub struct Relayed {
     pub end: End,
 }
 
+/// Shared byte counters a relay adds to as bytes move (not only when it ends), so that
+/// throughput shows while connections are open. Added to once per wake-up, not per read.
+pub struct Meters<'a> {
+    /// Client → server counters (e.g. the listener's and the server's).
+    pub up: [&'a AtomicU64; 2],
+    /// Server → client counters.
+    pub down: [&'a AtomicU64; 2],
+}
+
+/// How a relay reports on a long connection: `report(bytes_up, bytes_down)` every `every`.
+pub struct Progress<'a> {
+    pub every: Duration,
+    pub report: &'a mut (dyn FnMut(u64, u64) + Send),
+}
+
 /// Relays between `client` and `server` until both directions are done, `idle_timeout`
 /// passes with no bytes moving, one side fails, or `stop` is cancelled. Consumes and closes
 /// both sockets.
@@ -92,23 +108,40 @@ pub async fn relay(
     idle_timeout: Duration,
     stop: &CancellationToken,
     engine: Engine,
+    meters: Meters<'_>,
+    mut progress: Option<Progress<'_>>,
 ) -> Relayed {
     let mut up = Half::new(engine);
     let mut down = Half::new(engine);
     let mut last = Instant::now();
     let sleep = tokio::time::sleep(idle_timeout);
     tokio::pin!(sleep);
+    let every = progress.as_ref().map_or(Duration::MAX, |p| p.every);
+    let far = Instant::now() + Duration::from_secs(86400 * 365);
+    let tick = tokio::time::sleep_until(Instant::now().checked_add(every).unwrap_or(far));
+    tokio::pin!(tick);
+    let mut metered = (0u64, 0u64);
 
     let end = loop {
         tokio::select! {
             biased;
-            r = poll_fn(|cx| poll_both(cx, &client, &server, &mut up, &mut down, &mut last)) => break r,
+            r = poll_fn(|cx| {
+                let r = poll_both(cx, &client, &server, &mut up, &mut down, &mut last);
+                meter(&meters, &mut metered, up.bytes, down.bytes);
+                r
+            }) => break r,
             () = &mut sleep => {
                 let deadline = last + idle_timeout;
                 if Instant::now() >= deadline {
                     break End::IdleTimeout;
                 }
                 sleep.as_mut().reset(deadline);
+            }
+            () = &mut tick, if progress.is_some() => {
+                if let Some(p) = progress.as_mut() {
+                    (p.report)(up.bytes, down.bytes);
+                }
+                tick.as_mut().reset(Instant::now() + every);
             }
             () = stop.cancelled() => break End::Drained,
         }
@@ -122,6 +155,23 @@ pub async fn relay(
         bytes_up: up.bytes,
         bytes_down: down.bytes,
         end,
+    }
+}
+
+/// Adds what moved since the last call to the shared counters.
+#[inline]
+fn meter(m: &Meters<'_>, done: &mut (u64, u64), up: u64, down: u64) {
+    if up != done.0 {
+        for c in m.up {
+            c.fetch_add(up - done.0, Relaxed);
+        }
+        done.0 = up;
+    }
+    if down != done.1 {
+        for c in m.down {
+            c.fetch_add(down - done.1, Relaxed);
+        }
+        done.1 = down;
     }
 }
 

@@ -206,6 +206,8 @@ pub struct Pool {
     /// The configured servers (names are resolved into `set`).
     pub(crate) specs: Vec<config::ServerSpec>,
     pub resolve_interval: Duration,
+    /// Time to establish server connections.
+    pub connect_hist: crate::observe::stats::Histogram,
     epoch: Instant,
 }
 
@@ -350,6 +352,9 @@ impl Pool {
             sticky: cfg.sticky.map(|s| StickyTable::new(s.ttl, s.max_entries)),
             specs: cfg.servers.clone(),
             resolve_interval: cfg.resolve_interval,
+            connect_hist: crate::observe::stats::Histogram::new(
+                crate::observe::stats::CONNECT_BUCKETS,
+            ),
             epoch: Instant::now(),
         }
     }

@@ -1,0 +1,368 @@
+//! The HTTP admin server: the stats page, Prometheus metrics, the status API, server
+//! drain/enable/disable, and reload. Off unless `[admin]` is configured; bind it to
+//! loopback or a management network.
+//!
+//! Every answer of the API is JSON; errors are `{"error": "..."}` with 400 (bad request),
+//! 401 (POST without the configured token), 404 (unknown path or object), 405 (wrong
+//! method, with `Allow`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::SystemTime;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::observe::{Outcome, metrics};
+use crate::runtime::{ReloadOutcome, Shared};
+use crate::upstream::AdminState;
+
+/// The stats page: one self-contained file, no external assets.
+const STATS_PAGE: &str = include_str!("stats.html");
+
+/// Most concurrent admin connections; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Binds the admin server's socket.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot listen on {addr}: {e}")))
+}
+
+/// Serves the admin API on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    token: Option<String>,
+    stop: CancellationToken,
+) {
+    let token: Option<Arc<str>> = token.map(Into::into);
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("admin accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        let token = token.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                let token = token.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared, token.as_deref()).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    respond(status, "application/json", v.to_string())
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Resp {
+    json_resp(status, &json!({ "error": msg.into() }))
+}
+
+fn method_not_allowed(allow: &'static str) -> Resp {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("use {allow}"));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(req: &Request<Incoming>, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|given| same(given, token.as_bytes()))
+}
+
+/// Decodes `%XX` escapes of a path segment (`[::1]:80` arrives as `%5B%3A%3A1%5D%3A80`).
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&str>) -> Resp {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (segs.as_slice(), &method) {
+        ([""], &Method::GET | &Method::HEAD) => {
+            respond(StatusCode::OK, "text/html; charset=utf-8", STATS_PAGE)
+        }
+        ([""], _) => method_not_allowed("GET"),
+        (["metrics"], &Method::GET) => {
+            let dropped = shared.access_log_dropped().await;
+            respond(
+                StatusCode::OK,
+                metrics::CONTENT_TYPE,
+                metrics::render(shared, dropped),
+            )
+        }
+        (["metrics"], _) => method_not_allowed("GET"),
+        (["api", "status"], &Method::GET) => json_resp(StatusCode::OK, &status(shared)),
+        (["api", "status"], _) => method_not_allowed("GET"),
+        (["api", "reload"], &Method::POST) => {
+            if !authorized(&req, token) {
+                return unauthorized();
+            }
+            match shared.reload().await {
+                ReloadOutcome::Applied(changes) => json_resp(
+                    StatusCode::OK,
+                    &json!({ "result": "applied", "changes": changes }),
+                ),
+                ReloadOutcome::Rejected(errors) => json_resp(
+                    StatusCode::BAD_REQUEST,
+                    &json!({
+                        "result": "rejected",
+                        "error": "the new config was rejected; the old one keeps serving",
+                        "errors": errors,
+                    }),
+                ),
+            }
+        }
+        (["api", "reload"], _) => method_not_allowed("POST"),
+        (["api", "upstreams", upstream, "servers", addr, action], m) => {
+            if m != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if !authorized(&req, token) {
+                return unauthorized();
+            }
+            let state = match *action {
+                "drain" => AdminState::Draining,
+                "enable" => AdminState::Enabled,
+                "disable" => AdminState::Disabled,
+                other => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format!("unknown action {other:?}: use drain, enable or disable"),
+                    );
+                }
+            };
+            let (Some(upstream), Some(addr)) = (percent_decode(upstream), percent_decode(addr))
+            else {
+                return error(StatusCode::BAD_REQUEST, "bad percent-encoding in the path");
+            };
+            server_action(shared, &upstream, &addr, state)
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+fn unauthorized() -> Resp {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "this admin server requires `Authorization: Bearer <token>` on POST",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+fn server_action(shared: &Shared, upstream: &str, addr: &str, state: AdminState) -> Resp {
+    let view = shared.view.load();
+    let Some(pool) = view.pools.iter().find(|p| p.name == upstream) else {
+        return error(StatusCode::NOT_FOUND, format!("no upstream {upstream:?}"));
+    };
+    let set = pool.servers();
+    let matching: Vec<_> = set
+        .servers
+        .iter()
+        .filter(|s| s.addr.to_string() == addr || &*s.configured == addr)
+        .collect();
+    if matching.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("upstream {upstream:?} has no server {addr:?}"),
+        );
+    }
+    for s in &matching {
+        s.set_admin(state);
+        tracing::info!(upstream, server = %s.addr, "server set to {:?} through the admin API", state);
+    }
+    if state == AdminState::Enabled {
+        pool.capacity_changed();
+    }
+    json_resp(
+        StatusCode::OK,
+        &json!({
+            "upstream": upstream,
+            "servers": matching.iter().map(|s| json!({
+                "addr": s.addr.to_string(),
+                "state": s.state(pool).as_str(),
+            })).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The `/api/status` document.
+pub fn status(shared: &Shared) -> Value {
+    let view = shared.view.load();
+    let mut active = 0;
+    let mut total = 0;
+    let mut up = 0;
+    let mut down = 0;
+    let listeners: Vec<Value> = view
+        .listeners
+        .iter()
+        .map(|l| {
+            let ctx = l.slot.load();
+            let st = &ctx.stats;
+            let a = st.active.load(Relaxed);
+            let results: serde_json::Map<String, Value> = Outcome::FINAL
+                .iter()
+                .map(|o| (o.as_str().to_string(), json!(st.finished(*o))))
+                .collect();
+            let t: u64 = Outcome::FINAL.iter().map(|o| st.finished(*o)).sum();
+            let (u, d) = (st.bytes_up.load(Relaxed), st.bytes_down.load(Relaxed));
+            active += a;
+            total += t;
+            up += u;
+            down += d;
+            json!({
+                "name": ctx.name,
+                "addrs": l.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "mode": "tcp",
+                "upstream": ctx.pool.name,
+                "connections_active": a,
+                "connections_total": t,
+                "bytes_up": u,
+                "bytes_down": d,
+                "results": results,
+            })
+        })
+        .collect();
+    let upstreams: Vec<Value> = view
+        .pools
+        .iter()
+        .map(|p| {
+            let set = p.servers();
+            json!({
+                "name": p.name,
+                "balance": p.balance.as_str(),
+                "queued": p.queued(),
+                "sticky_entries": p.sticky_entries(),
+                "servers": set.servers.iter().map(|s| {
+                    let last = s.last_check.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    json!({
+                        "addr": s.addr.to_string(),
+                        "configured": &*s.configured,
+                        "state": s.state(p).as_str(),
+                        "weight": s.weight,
+                        "backup": s.backup,
+                        "connections_active": s.stats.active.load(Relaxed),
+                        "connections_total": s.stats.total.load(Relaxed),
+                        "bytes_up": s.stats.bytes_up.load(Relaxed),
+                        "bytes_down": s.stats.bytes_down.load(Relaxed),
+                        "connect_failures": s.stats.connect_failures.load(Relaxed),
+                        "last_check": last.at.map(|at| json!({
+                            "ok": last.ok,
+                            "reason": last.reason,
+                            "at": rfc3339(at),
+                            "duration_ms": last.duration.as_secs_f64() * 1e3,
+                        })),
+                    })
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+        "process": {
+            "connections_active": active,
+            "connections_total": total,
+            "bytes_up": up,
+            "bytes_down": down,
+            "max_connections": shared.global.max(),
+        },
+        "listeners": listeners,
+        "upstreams": upstreams,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_paths() {
+        assert_eq!(percent_decode("%5B%3A%3A1%5D%3A80").unwrap(), "[::1]:80");
+        assert_eq!(percent_decode("127.0.0.1:80").unwrap(), "127.0.0.1:80");
+        assert!(percent_decode("%zz").is_none());
+        assert!(percent_decode("%4").is_none());
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret2"));
+    }
+}

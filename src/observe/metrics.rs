@@ -1,0 +1,252 @@
+//! Prometheus metrics, read at scrape time from the live counters. Every metric name is
+//! declared here, once; the registry adds the `ferry_` prefix, and counters get `_total`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::Outcome;
+use crate::runtime::Shared;
+use crate::upstream::ServerState;
+
+/// The Content-Type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metrics, in the OpenMetrics text format.
+pub fn render(shared: &Arc<Shared>, access_log_dropped: u64) -> String {
+    let mut registry = Registry::with_prefix("ferry");
+    registry.register_collector(Box::new(Snapshot {
+        shared: shared.clone(),
+        access_log_dropped,
+    }));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    shared: Arc<Shared>,
+    access_log_dropped: u64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let view = self.shared.view.load();
+        let listeners: Vec<_> = view.listeners.iter().map(|l| l.slot.load_full()).collect();
+
+        {
+            let mut m = enc.encode_descriptor(
+                "connections",
+                "Finished client connections, by how they ended",
+                None,
+                MetricType::Counter,
+            )?;
+            for l in &listeners {
+                for o in Outcome::FINAL {
+                    let labels = [("listener", l.name.as_str()), ("result", o.as_str())];
+                    counter(l.stats.finished(o)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "connections_active",
+                "Client connections open now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &listeners {
+                let labels = [("listener", l.name.as_str())];
+                ConstGauge::new(l.stats.active.load(Relaxed) as i64)
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "bytes",
+                "Payload bytes relayed (up: client to server, down: server to client)",
+                None,
+                MetricType::Counter,
+            )?;
+            for l in &listeners {
+                for (dir, v) in [("up", &l.stats.bytes_up), ("down", &l.stats.bytes_down)] {
+                    let labels = [("listener", l.name.as_str()), ("direction", dir)];
+                    counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        // Per server.
+        let servers: Vec<_> = view
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.servers()
+                    .servers
+                    .iter()
+                    .map(|s| (p.clone(), s.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let server_family =
+            |enc: &mut DescriptorEncoder,
+             name: &str,
+             help: &str,
+             ty: MetricType,
+             value: &dyn Fn(&crate::upstream::Pool, &crate::upstream::Server) -> u64|
+             -> Result<(), fmt::Error> {
+                let mut m = enc.encode_descriptor(name, help, None, ty)?;
+                for (p, s) in &servers {
+                    let addr = s.addr.to_string();
+                    let labels = [("upstream", p.name.as_str()), ("server", addr.as_str())];
+                    let v = value(p, s);
+                    match ty {
+                        MetricType::Counter => counter(v).encode(m.encode_family(&labels)?)?,
+                        _ => ConstGauge::new(v as i64).encode(m.encode_family(&labels)?)?,
+                    }
+                }
+                Ok(())
+            };
+        server_family(
+            &mut enc,
+            "server_up",
+            "1 if the server takes new connections (up by health, not ejected, enabled)",
+            MetricType::Gauge,
+            &|p, s| u64::from(s.state(p) == ServerState::Up),
+        )?;
+        server_family(
+            &mut enc,
+            "server_connections_active",
+            "Connections assigned to the server now",
+            MetricType::Gauge,
+            &|_, s| s.stats.active.load(Relaxed),
+        )?;
+        server_family(
+            &mut enc,
+            "server_connections",
+            "Connections ever assigned to the server",
+            MetricType::Counter,
+            &|_, s| s.stats.total.load(Relaxed),
+        )?;
+        server_family(
+            &mut enc,
+            "server_connect_failures",
+            "Connect attempts to the server that failed or timed out",
+            MetricType::Counter,
+            &|_, s| s.stats.connect_failures.load(Relaxed),
+        )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "server_bytes",
+                "Payload bytes relayed through the server",
+                None,
+                MetricType::Counter,
+            )?;
+            for (p, s) in &servers {
+                let addr = s.addr.to_string();
+                for (dir, v) in [("up", &s.stats.bytes_up), ("down", &s.stats.bytes_down)] {
+                    let labels = [
+                        ("upstream", p.name.as_str()),
+                        ("server", addr.as_str()),
+                        ("direction", dir),
+                    ];
+                    counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "health_checks",
+                "Active health checks, by result",
+                None,
+                MetricType::Counter,
+            )?;
+            for (p, s) in &servers {
+                if p.health.is_none() {
+                    continue;
+                }
+                let addr = s.addr.to_string();
+                for (result, v) in [
+                    ("ok", &s.stats.checks_ok),
+                    ("failed", &s.stats.checks_failed),
+                ] {
+                    let labels = [
+                        ("upstream", p.name.as_str()),
+                        ("server", addr.as_str()),
+                        ("result", result),
+                    ];
+                    counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "connect_duration_seconds",
+                "Time to establish server connections",
+                None,
+                MetricType::Histogram,
+            )?;
+            for p in &view.pools {
+                let (sum, count, buckets) = p.connect_hist.snapshot();
+                let labels = [("upstream", p.name.as_str())];
+                m.encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "upstream_queue_length",
+                "Connections waiting for a free server",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &view.pools {
+                let labels = [("upstream", p.name.as_str())];
+                ConstGauge::new(p.queued() as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "config_reloads",
+                "Config reloads, by result",
+                None,
+                MetricType::Counter,
+            )?;
+            for (result, v) in [
+                ("ok", &self.shared.reloads_ok),
+                ("failed", &self.shared.reloads_failed),
+            ] {
+                counter(v.load(Relaxed)).encode(m.encode_family(&[("result", result)])?)?;
+            }
+        }
+        {
+            let m = enc.encode_descriptor(
+                "access_log_dropped",
+                "Access-log records dropped because the writer fell behind",
+                None,
+                MetricType::Counter,
+            )?;
+            counter(self.access_log_dropped).encode(m)?;
+        }
+        Ok(())
+    }
+}
