@@ -13,13 +13,17 @@ use crate::net::{self, ConnectError};
 use crate::observe::{Outcome, Record};
 use crate::policy::{self, ClientPermit};
 use crate::relay::{self, End};
-use crate::upstream::AcquireError;
+use crate::upstream::{AcquireError, ServerGuard};
 use crate::wire::proxy::{self, Accept, Addresses, Parsed};
 
 /// Serves one accepted client connection to its end. `permit` holds the connection's place
 /// under the listener's and the global connection limits until it is dropped here;
 /// `client_permit` its place under the per-client limits, when the accept loop already
 /// checked the client (without a PROXY header to read).
+///
+/// Two phases: setting up (PROXY header, admission, picking and connecting, with retries)
+/// runs in a boxed future that is freed once the server connection is up, so the state an
+/// open connection keeps for its lifetime is only the relay's and a few addresses.
 pub async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
@@ -31,17 +35,116 @@ pub async fn serve(
     let start = Instant::now();
     let _ = client.set_nodelay(true);
 
+    let c = match Box::pin(set_up(&mut client, peer, &permit, client_permit)).await {
+        Ok(c) => c,
+        Err(refused) => {
+            net::close_with_reset(client);
+            let mut rec = record(&permit, ts, refused.peer, refused.server);
+            rec.result = refused.outcome;
+            if refused.before_pool {
+                rec.upstream = None;
+                rec.duration_ms = start.elapsed();
+                return l.refuse(rec.client, rec.result, ts, rec.duration_ms);
+            }
+            return finish(&permit, rec, start);
+        }
+    };
+    let server = c.guard.server();
+    if l.access_log.on_connect {
+        let mut rec = record(&permit, ts, c.peer, Some(server.addr));
+        rec.result = Outcome::Open;
+        rec.event = Some("connect");
+        rec.connect_ms = Some(c.connect_time);
+        rec.duration_ms = start.elapsed();
+        l.access_log.write(&rec);
+    }
+
+    let meters = relay::Meters {
+        up: [&l.stats.bytes_up, &server.stats.bytes_up],
+        down: [&l.stats.bytes_down, &server.stats.bytes_down],
+    };
+    let mut report = |up: u64, down: u64| {
+        let mut rec = record(&permit, ts, c.peer, Some(server.addr));
+        rec.result = Outcome::Open;
+        rec.event = Some("progress");
+        rec.connect_ms = Some(c.connect_time);
+        rec.bytes_up = up;
+        rec.bytes_down = down;
+        rec.duration_ms = start.elapsed();
+        l.access_log.write(&rec);
+    };
+    let progress = l.access_log.interval.map(|every| relay::Progress {
+        every,
+        report: &mut report,
+    });
+    let r = relay::relay(
+        client,
+        c.upstream,
+        l.idle_timeout,
+        &l.stop,
+        l.engine,
+        meters,
+        progress,
+    )
+    .await;
+    let mut rec = record(&permit, ts, c.peer, Some(server.addr));
+    rec.connect_ms = Some(c.connect_time);
+    rec.bytes_up = r.bytes_up;
+    rec.bytes_down = r.bytes_down;
+    rec.result = match r.end {
+        End::Done => Outcome::Ok,
+        End::IdleTimeout => Outcome::IdleTimeout,
+        End::ClientReset => Outcome::ClientReset,
+        End::ServerReset => Outcome::ServerReset,
+        End::Drained => Outcome::Drained,
+    };
+    finish(&permit, rec, start);
+}
+
+/// A connection whose server connection is up.
+struct Connected {
+    upstream: TcpStream,
+    guard: ServerGuard,
+    /// The client: the real one behind a PROXY header.
+    peer: SocketAddr,
+    connect_time: std::time::Duration,
+    _client_permit: Option<ClientPermit>,
+}
+
+/// Why set-up ended without a server connection.
+struct Refused {
+    peer: SocketAddr,
+    server: Option<SocketAddr>,
+    outcome: Outcome,
+    /// Refused at the door (ACL, limits, PROXY header): no upstream was involved.
+    before_pool: bool,
+}
+
+/// PROXY header, admission, server pick and connect (with retries on other servers).
+async fn set_up(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    permit: &Permit,
+    client_permit: Option<ClientPermit>,
+) -> Result<Connected, Refused> {
+    let l = permit.listener();
+    let refuse = |peer, outcome| Refused {
+        peer,
+        server: None,
+        outcome,
+        before_pool: true,
+    };
+
     // The PROXY header, from trusted sources only; its source address then stands for the
     // client everywhere (ACL, limits, hashing, affinity, logs).
     let mut peer = peer;
     let mut destination = None;
-    let mut _client_permit = client_permit;
+    let mut client_permit = client_permit;
     if let Some(pp) = &l.proxy {
         let header = if !policy::contains(&pp.trusted, peer.ip()) {
             Err(format!("{peer} is not a trusted PROXY protocol source"))
         } else {
-            match tokio::time::timeout(pp.timeout, read_proxy_header(&mut client, pp.accept)).await
-            {
+            match tokio::time::timeout(pp.timeout, read_proxy_header(client, pp.accept)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!("no complete PROXY header within {:?}", pp.timeout)),
             }
@@ -57,68 +160,54 @@ pub async fn serve(
             Ok(Addresses::Local) => {}
             Err(reason) => {
                 tracing::debug!(listener = %l.name, client = %peer, "protocol error: {reason}");
-                net::close_with_reset(client);
-                return l.refuse(peer, Outcome::ProtocolError, ts, start.elapsed());
+                return Err(refuse(peer, Outcome::ProtocolError));
             }
         }
-        match l.admit_client(peer.ip()) {
-            Ok(p) => _client_permit = p,
-            Err(outcome) => {
-                net::close_with_reset(client);
-                return l.refuse(peer, outcome, ts, start.elapsed());
-            }
-        }
+        client_permit = l.admit_client(peer.ip()).map_err(|o| refuse(peer, o))?;
     }
-
-    let pool = &l.pool;
-    let mut rec = Record {
-        ts,
-        listener: &l.name,
-        client: peer,
-        upstream: Some(&pool.name),
-        server: None,
-        sni: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        connect_ms: None,
-        duration_ms: Default::default(),
-        result: Outcome::Ok,
-        event: None,
-    };
 
     // Connect, retrying on other servers: never the one that just failed, and never once
     // a byte has been relayed (nothing has been, before the relay starts).
+    let pool = &l.pool;
     let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_failure = None;
     let t0 = Instant::now();
-    let (guard, upstream) = loop {
+    loop {
         let acquired = tokio::select! {
             r = pool.acquire(peer.ip(), &tried) => r,
             () = l.stop.cancelled() => Err(AcquireError::NoServer),
         };
+        let fail = |server, outcome| Refused {
+            peer,
+            server,
+            outcome,
+            before_pool: false,
+        };
         let guard = match acquired {
             Ok(g) => g,
+            Err(_) if l.stop.is_cancelled() => {
+                return Err(fail(tried.last().copied(), Outcome::Drained));
+            }
+            // After failed attempts, the failure is what the client got.
+            Err(_) if last_failure.is_some() => {
+                return Err(fail(
+                    tried.last().copied(),
+                    last_failure.unwrap_or(Outcome::ConnectFailed),
+                ));
+            }
             Err(e) => {
-                net::close_with_reset(client);
-                // After failed attempts, the failure is what the client got.
-                if tried.is_empty() || l.stop.is_cancelled() {
-                    rec.result = match e {
-                        _ if l.stop.is_cancelled() => Outcome::Drained,
-                        AcquireError::NoServer => Outcome::NoServer,
-                        AcquireError::Full => Outcome::Limited,
-                        AcquireError::QueueTimeout => Outcome::QueueTimeout,
-                    };
-                }
-                return finish(&permit, rec, start);
+                let outcome = match e {
+                    AcquireError::NoServer => Outcome::NoServer,
+                    AcquireError::Full => Outcome::Limited,
+                    AcquireError::QueueTimeout => Outcome::QueueTimeout,
+                };
+                return Err(fail(None, outcome));
             }
         };
         let server = guard.server().clone();
-        rec.server = Some(server.addr);
         let connected = tokio::select! {
             r = net::connect(server.addr, pool.connect_timeout, &pool.tcp) => r,
-            () = l.stop.cancelled() => {
-                rec.result = Outcome::Drained;
-                return finish(&permit, rec, start);
-            }
+            () = l.stop.cancelled() => return Err(fail(Some(server.addr), Outcome::Drained)),
         };
         match connected {
             Ok(mut s) => {
@@ -128,80 +217,62 @@ pub async fn serve(
                         .or_else(|| client.local_addr().ok())
                         .unwrap_or(peer);
                     if s.write_all(&proxy::encode(v, peer, dst)).await.is_err() {
-                        rec.result = Outcome::ServerReset;
-                        net::close_with_reset(client);
-                        return finish(&permit, rec, start);
+                        return Err(fail(Some(server.addr), Outcome::ServerReset));
                     }
                 }
-                break (guard, s);
+                let connect_time = t0.elapsed();
+                pool.connect_hist.observe(connect_time);
+                return Ok(Connected {
+                    upstream: s,
+                    guard,
+                    peer,
+                    connect_time,
+                    _client_permit: client_permit,
+                });
             }
             Err(e) => {
                 pool.connect_failed(&server);
-                rec.result = match &e {
+                last_failure = Some(match &e {
                     ConnectError::Timeout => Outcome::ConnectTimeout,
                     ConnectError::Failed(_) => Outcome::ConnectFailed,
-                };
+                });
                 if let ConnectError::Failed(e) = &e {
                     tracing::debug!(listener = %l.name, server = %server.addr, "connect failed: {e}");
                 }
                 tried.push(server.addr);
                 if tried.len() > pool.retries as usize {
-                    // The client gets a prompt reset: nothing was relayed, nothing will be.
-                    net::close_with_reset(client);
-                    return finish(&permit, rec, start);
+                    return Err(fail(
+                        Some(server.addr),
+                        last_failure.unwrap_or(Outcome::ConnectFailed),
+                    ));
                 }
             }
         }
-    };
-    let server = guard.server().clone();
-    let connect_time = t0.elapsed();
-    pool.connect_hist.observe(connect_time);
-    rec.result = Outcome::Open;
-    rec.connect_ms = Some(connect_time);
-    if l.access_log.on_connect {
-        rec.event = Some("connect");
-        rec.duration_ms = start.elapsed();
-        l.access_log.write(&rec);
     }
+}
 
-    let meters = relay::Meters {
-        up: [&l.stats.bytes_up, &server.stats.bytes_up],
-        down: [&l.stats.bytes_down, &server.stats.bytes_down],
-    };
-    let mut report = |up: u64, down: u64| {
-        let mut p = rec.clone();
-        p.bytes_up = up;
-        p.bytes_down = down;
-        p.duration_ms = start.elapsed();
-        p.event = Some("progress");
-        l.access_log.write(&p);
-    };
-    let progress = l.access_log.interval.map(|every| relay::Progress {
-        every,
-        report: &mut report,
-    });
-    let r = relay::relay(
+/// A record for this connection with the fields every record has.
+fn record(
+    permit: &Permit,
+    ts: SystemTime,
+    client: SocketAddr,
+    server: Option<SocketAddr>,
+) -> Record<'_> {
+    let l = permit.listener();
+    Record {
+        ts,
+        listener: &l.name,
         client,
-        upstream,
-        l.idle_timeout,
-        &l.stop,
-        l.engine,
-        meters,
-        progress,
-    )
-    .await;
-    rec.event = None;
-    rec.bytes_up = r.bytes_up;
-    rec.bytes_down = r.bytes_down;
-    rec.result = match r.end {
-        End::Done => Outcome::Ok,
-        End::IdleTimeout => Outcome::IdleTimeout,
-        End::ClientReset => Outcome::ClientReset,
-        End::ServerReset => Outcome::ServerReset,
-        End::Drained => Outcome::Drained,
-    };
-    finish(&permit, rec, start);
-    drop(guard);
+        upstream: Some(&l.pool.name),
+        server,
+        sni: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        connect_ms: None,
+        duration_ms: Default::default(),
+        result: Outcome::Ok,
+        event: None,
+    }
 }
 
 fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
@@ -215,7 +286,8 @@ fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
 /// available is peeked at, and only bytes known to belong to the header are read.
 async fn read_proxy_header(client: &mut TcpStream, accept: Accept) -> Result<Addresses, String> {
     let mut header: Vec<u8> = Vec::new();
-    let mut peeked = [0u8; 512];
+    // On the heap: a buffer here would be part of every connection's future for its lifetime.
+    let mut peeked = vec![0u8; 512];
     loop {
         let n = client
             .peek(&mut peeked)

@@ -23,7 +23,6 @@
 //! Callers see only [`relay`] and its [`Relayed`] result.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -102,59 +101,109 @@ pub struct Progress<'a> {
 /// Relays between `client` and `server` until both directions are done, `idle_timeout`
 /// passes with no bytes moving, one side fails, or `stop` is cancelled. Consumes and closes
 /// both sockets.
-pub async fn relay(
+pub fn relay<'a>(
     client: TcpStream,
     server: TcpStream,
     idle_timeout: Duration,
-    stop: &CancellationToken,
+    stop: &'a CancellationToken,
     engine: Engine,
-    meters: Meters<'_>,
-    mut progress: Option<Progress<'_>>,
-) -> Relayed {
-    let mut up = Half::new(engine);
-    let mut down = Half::new(engine);
-    let mut last = Instant::now();
-    let sleep = tokio::time::sleep(idle_timeout);
-    tokio::pin!(sleep);
-    let every = progress.as_ref().map_or(Duration::MAX, |p| p.every);
-    let far = Instant::now() + Duration::from_secs(86400 * 365);
-    let tick = tokio::time::sleep_until(Instant::now().checked_add(every).unwrap_or(far));
-    tokio::pin!(tick);
-    let mut metered = (0u64, 0u64);
+    meters: Meters<'a>,
+    progress: Option<Progress<'a>>,
+) -> Relay<'a> {
+    let now = Instant::now();
+    let next_report = progress.as_ref().map(|p| now + p.every);
+    let first = next_report.map_or(now + idle_timeout, |r| r.min(now + idle_timeout));
+    Relay {
+        client: Some(client),
+        server: Some(server),
+        up: Half::new(engine),
+        down: Half::new(engine),
+        last: now,
+        idle_timeout,
+        next_report,
+        metered: (0, 0),
+        meters,
+        progress,
+        sleep: tokio::time::sleep_until(first),
+        cancelled: stop.cancelled(),
+    }
+}
 
-    let end = loop {
-        tokio::select! {
-            biased;
-            r = poll_fn(|cx| {
-                let r = poll_both(cx, &client, &server, &mut up, &mut down, &mut last);
-                meter(&meters, &mut metered, up.bytes, down.bytes);
-                r
-            }) => break r,
-            () = &mut sleep => {
-                let deadline = last + idle_timeout;
-                if Instant::now() >= deadline {
+pin_project_lite::pin_project! {
+    /// The future of [`relay`]: written out by hand (rather than an `async fn` with
+    /// `select!`) because it lives as long as the connection, and its size is most of what
+    /// an idle connection costs.
+    pub struct Relay<'a> {
+        client: Option<TcpStream>,
+        server: Option<TcpStream>,
+        up: Half,
+        down: Half,
+        // When bytes last moved either way.
+        last: Instant,
+        idle_timeout: Duration,
+        next_report: Option<Instant>,
+        // Bytes already added to `meters`.
+        metered: (u64, u64),
+        meters: Meters<'a>,
+        progress: Option<Progress<'a>>,
+        // One timer serves both the idle timeout and progress reports: it fires at
+        // whichever comes first, and is re-armed lazily (reads only note the time).
+        #[pin]
+        sleep: tokio::time::Sleep,
+        #[pin]
+        cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = Relayed;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
+        let mut this = self.project();
+        let (Some(client), Some(server)) = (this.client.as_ref(), this.server.as_ref()) else {
+            // Polled again after completion.
+            return Poll::Pending;
+        };
+        let io = poll_both(cx, client, server, this.up, this.down, this.last);
+        meter(this.meters, this.metered, this.up.bytes, this.down.bytes);
+        let end = match io {
+            Poll::Ready(end) => end,
+            Poll::Pending => loop {
+                if this.cancelled.as_mut().poll(cx).is_ready() {
+                    break End::Drained;
+                }
+                if this.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                let idle_deadline = *this.last + *this.idle_timeout;
+                if now >= idle_deadline {
                     break End::IdleTimeout;
                 }
-                sleep.as_mut().reset(deadline);
-            }
-            () = &mut tick, if progress.is_some() => {
-                if let Some(p) = progress.as_mut() {
-                    (p.report)(up.bytes, down.bytes);
+                if let (Some(p), Some(at)) = (this.progress.as_mut(), this.next_report.as_mut())
+                    && now >= *at
+                {
+                    (p.report)(this.up.bytes, this.down.bytes);
+                    *at = now + p.every;
                 }
-                tick.as_mut().reset(Instant::now() + every);
-            }
-            () = stop.cancelled() => break End::Drained,
-        }
-    };
-    match end {
-        End::ClientReset => close_with_reset(server),
-        End::ServerReset => close_with_reset(client),
-        End::Done | End::IdleTimeout | End::Drained => {}
-    }
-    Relayed {
-        bytes_up: up.bytes,
-        bytes_down: down.bytes,
-        end,
+                let wake = this
+                    .next_report
+                    .map_or(idle_deadline, |r| r.min(idle_deadline));
+                this.sleep.as_mut().reset(wake);
+                // Poll the re-armed timer so it is registered.
+            },
+        };
+        let (client, server) = (this.client.take(), this.server.take());
+        match end {
+            End::ClientReset => server.map(close_with_reset),
+            End::ServerReset => client.map(close_with_reset),
+            End::Done | End::IdleTimeout | End::Drained => None,
+        };
+        Poll::Ready(Relayed {
+            bytes_up: this.up.bytes,
+            bytes_down: this.down.bytes,
+            end,
+        })
     }
 }
 
@@ -392,5 +441,35 @@ impl Half {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Again,
             Err(_) => Step::ReadErr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An open connection's memory is mostly this future: keep it from creeping up.
+    #[tokio::test]
+    async fn relay_future_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        let stop = CancellationToken::new();
+        let c = AtomicU64::new(0);
+        let meters = Meters {
+            up: [&c, &c],
+            down: [&c, &c],
+        };
+        let f = relay(
+            a,
+            b,
+            Duration::from_secs(1),
+            &stop,
+            Engine::Splice,
+            meters,
+            None,
+        );
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 512, "relay future is {size} bytes");
     }
 }
