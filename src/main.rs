@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use ferry::config::{Config, ConfigErrors};
+use ferry::config::{Balance, Config, ConfigErrors};
 use ferry::runtime::{Proxy, effective_workers};
 
 #[derive(Parser)]
@@ -69,11 +69,26 @@ fn main() -> ExitCode {
                 eprintln!("ferry: quick mode needs at least one --upstream ADDR");
                 return ExitCode::from(1);
             }
-            if balance != "round_robin" {
-                eprintln!("ferry: --balance {balance:?} is not supported yet (round_robin is)");
-                return ExitCode::from(1);
-            }
-            serve(Config::quick(listen, upstream), None)
+            let balance = match balance.as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "least_conn" => Balance::LeastConn,
+                "random" => Balance::Random,
+                "p2c" => Balance::P2c,
+                "maglev" => Balance::Maglev,
+                "ring_hash" => Balance::RingHash {
+                    balance_factor: None,
+                },
+                "first" => Balance::First,
+                other => {
+                    eprintln!(
+                        "ferry: --balance {other:?}: use round_robin, least_conn, random, p2c, maglev, ring_hash or first"
+                    );
+                    return ExitCode::from(1);
+                }
+            };
+            let mut cfg = Config::quick(listen, upstream);
+            cfg.upstreams[0].balance = balance;
+            serve(cfg, None)
         }
         Some(Command::Run { .. }) | None => match cli.config {
             Some(path) => match load(&path) {

@@ -53,6 +53,9 @@ pub struct Shared {
     /// Where the config came from; reload reads it again. `None` in quick and demo mode.
     pub config_path: Option<PathBuf>,
     live: tokio::sync::Mutex<Live>,
+    /// The accept loops: drain waits for them, so that every listening socket is closed
+    /// before it says so.
+    accepting: TaskTracker,
     connections: TaskTracker,
     conn_stop: CancellationToken,
     /// Health checks, DNS, housekeeping.
@@ -183,6 +186,7 @@ impl Proxy {
                 listeners: HashMap::new(),
                 pools,
             }),
+            accepting: TaskTracker::new(),
             connections: TaskTracker::new(),
             conn_stop: CancellationToken::new(),
             background,
@@ -273,7 +277,7 @@ impl Shared {
             {
                 addrs.push(a);
             }
-            tokio::spawn(listener::accept_loop(
+            self.accepting.spawn(listener::accept_loop(
                 s,
                 slot.clone(),
                 accept_stop.clone(),
@@ -573,8 +577,9 @@ impl Shared {
             }
             (live.cfg.global.drain_timeout, live.access_log.clone())
         };
-        // Accept loops drop their sockets as soon as they see the cancellation; let them run.
-        tokio::task::yield_now().await;
+        // Accept loops drop their sockets as soon as they see the cancellation.
+        self.accepting.close();
+        self.accepting.wait().await;
         self.connections.close();
         tracing::info!(
             "stopped accepting; waiting up to {drain_timeout:?} for {} open connection(s)",
@@ -596,6 +601,10 @@ impl Shared {
         }
         self.background.cancel();
         tracing::info!("drained ({stopped:?})");
+        // Every record written before the process exits.
+        if !tokio::task::block_in_place(|| access_log.flush(CLOSE_GRACE)) {
+            tracing::warn!("the access log could not be flushed within {CLOSE_GRACE:?}");
+        }
         let dropped = access_log.dropped();
         if dropped > 0 {
             tracing::warn!("{dropped} access log record(s) were dropped");

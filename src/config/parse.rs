@@ -402,7 +402,9 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
 
     // Upstreams first: listeners refer to them by name.
     let mut upstreams = Vec::new();
-    let mut upstream_names: HashMap<String, usize> = HashMap::new();
+    // Every upstream name defined, with its index if the upstream itself is valid: a
+    // listener naming an invalid upstream is not reported again.
+    let mut upstream_names: HashMap<String, Option<usize>> = HashMap::new();
     if let Some(v) = root.get("upstream")
         && let Some(items) = table_array(cx, "upstream", v)
     {
@@ -410,18 +412,24 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             let Some(t) = as_table(cx, "upstream", item, "[[upstream]]") else {
                 continue;
             };
-            if let Some((u, name_span)) = upstream(cx, t) {
-                if upstream_names.contains_key(&u.name) {
-                    cx.err(name_span, format!("duplicate upstream name {:?}", u.name));
-                    continue;
-                }
-                upstream_names.insert(u.name.clone(), upstreams.len());
-                upstreams.push(u);
+            let (name, u) = upstream(cx, t);
+            let Some((name, name_span)) = name else {
+                continue;
+            };
+            if upstream_names.contains_key(&name) {
+                cx.err(name_span, format!("duplicate upstream name {name:?}"));
+                continue;
             }
+            let index = u.map(|u| {
+                upstreams.push(u);
+                upstreams.len() - 1
+            });
+            upstream_names.insert(name, index);
         }
     }
 
     let mut listeners: Vec<Listener> = Vec::new();
+    let mut listener_names = std::collections::HashSet::new();
     let mut bound: HashMap<SocketAddr, String> = HashMap::new();
     match root.get("listener") {
         None => cx.err(
@@ -434,11 +442,15 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
                     let Some(t) = as_table(cx, "listener", item, "[[listener]]") else {
                         continue;
                     };
-                    if let Some((l, name_span)) = listener(cx, t, &upstream_names, &mut bound) {
-                        if listeners.iter().any(|o| o.name == l.name) {
-                            cx.err(name_span, format!("duplicate listener name {:?}", l.name));
-                            continue;
-                        }
+                    let (name, l) = listener(cx, t, &upstream_names, &mut bound);
+                    let Some((name, name_span)) = name else {
+                        continue;
+                    };
+                    if !listener_names.insert(name.clone()) {
+                        cx.err(name_span, format!("duplicate listener name {name:?}"));
+                        continue;
+                    }
+                    if let Some(l) = l {
                         listeners.push(l);
                     }
                 }
@@ -527,12 +539,15 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
     }
 }
 
+/// A listener: its name (if it has one), and the listener if it is valid.
+type Named<T> = (Option<(String, Range<usize>)>, Option<T>);
+
 fn listener(
     cx: &mut Cx<'_>,
     t: Tab<'_, '_>,
-    upstreams: &HashMap<String, usize>,
+    upstreams: &HashMap<String, Option<usize>>,
     bound: &mut HashMap<SocketAddr, String>,
-) -> Option<(Listener, Range<usize>)> {
+) -> Named<Listener> {
     let name_v = t.required(cx, "name");
     let name = name_v.and_then(|v| as_str(cx, "name", v));
     if let (Some(""), Some(v)) = (name, name_v) {
@@ -593,7 +608,7 @@ fn listener(
         Some(v) => match as_str(cx, "upstream", v) {
             None => None,
             Some(u) => match upstreams.get(u) {
-                Some(i) => Some(*i),
+                Some(i) => *i,
                 None => {
                     cx.err(
                         v.span(),
@@ -624,23 +639,29 @@ fn listener(
         .and_then(|p| proxy_accept(cx, p));
     t.finish(cx, LISTENER_KEYS, LISTENER_LATER);
 
-    let l = Listener {
-        name: name?.to_string(),
-        listen,
-        mode: mode?,
-        upstream: upstream?,
-        idle_timeout,
-        max_connections,
-        reuse_port,
-        allow,
-        deny,
-        per_client,
-        proxy_protocol,
-    };
-    Some((l, name_v?.span()))
+    let named = name
+        .filter(|n| !n.is_empty())
+        .zip(name_v)
+        .map(|(n, v)| (n.to_string(), v.span()));
+    let l = (|| {
+        Some(Listener {
+            name: name?.to_string(),
+            listen,
+            mode: mode?,
+            upstream: upstream?,
+            idle_timeout,
+            max_connections,
+            reuse_port,
+            allow,
+            deny,
+            per_client,
+            proxy_protocol,
+        })
+    })();
+    (named, l)
 }
 
-fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)> {
+fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
     let name_v = t.required(cx, "name");
     let name = name_v.and_then(|v| as_str(cx, "name", v));
     if let (Some(""), Some(v)) = (name, name_v) {
@@ -773,21 +794,27 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<(Upstream, Range<usize>)>
     };
     t.finish(cx, UPSTREAM_KEYS, UPSTREAM_LATER);
 
-    let u = Upstream {
-        name: name?.to_string(),
-        balance: balance?,
-        servers,
-        resolve_interval,
-        connect_timeout,
-        retries,
-        max_connections_per_server,
-        queue,
-        sticky,
-        health,
-        tcp,
-        proxy_protocol,
-    };
-    Some((u, name_v?.span()))
+    let named = name
+        .filter(|n| !n.is_empty())
+        .zip(name_v)
+        .map(|(n, v)| (n.to_string(), v.span()));
+    let u = (|| {
+        Some(Upstream {
+            name: name?.to_string(),
+            balance: balance?,
+            servers,
+            resolve_interval,
+            connect_timeout,
+            retries,
+            max_connections_per_server,
+            queue,
+            sticky,
+            health,
+            tcp,
+            proxy_protocol,
+        })
+    })();
+    (named, u)
 }
 
 fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {

@@ -22,6 +22,13 @@ use crate::config::{AccessTarget, LogFormat};
 /// Records waiting for the writer thread before new ones are dropped.
 const QUEUE: usize = 64 * 1024;
 
+/// What the writer thread is sent.
+enum Msg {
+    Line(String),
+    /// Write out everything before this, then answer.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
 /// One access-log record. Field names are the SPEC's.
 #[derive(Debug, Clone, Serialize)]
 pub struct Record<'a> {
@@ -112,7 +119,7 @@ pub struct AccessLog {
     pub interval: Option<Duration>,
     /// `[log] on_connect`: a record when the server connection is up.
     pub on_connect: bool,
-    tx: Option<SyncSender<String>>,
+    tx: Option<SyncSender<Msg>>,
     dropped: Arc<AtomicU64>,
     writer: Option<JoinHandle<()>>,
 }
@@ -174,7 +181,7 @@ impl AccessLog {
         let Some(tx) = &self.tx else { return };
         let mut line = String::with_capacity(256);
         rec.format(self.format, &mut line);
-        match tx.try_send(line) {
+        match tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Relaxed);
@@ -185,6 +192,17 @@ impl AccessLog {
     /// Records dropped because the writer could not keep up.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Relaxed)
+    }
+
+    /// Waits (up to `timeout`) until every record queued so far is written out: at exit,
+    /// so that no record is lost.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let Some(tx) = &self.tx else { return true };
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        if tx.send(Msg::Flush(ack_tx)).is_err() {
+            return false;
+        }
+        ack_rx.recv_timeout(timeout).is_ok()
     }
 
     /// Flushes everything queued and stops the writer thread.
@@ -205,16 +223,26 @@ impl Drop for AccessLog {
     }
 }
 
-fn write_loop(rx: Receiver<String>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
+fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     let mut reported = 0;
-    while let Ok(line) = rx.recv() {
-        let _ = out.write_all(line.as_bytes());
+    while let Ok(first) = rx.recv() {
+        let mut acks = Vec::new();
+        let mut handle = |m: Msg, out: &mut BufWriter<_>| match m {
+            Msg::Line(line) => {
+                let _ = out.write_all(line.as_bytes());
+            }
+            Msg::Flush(ack) => acks.push(ack),
+        };
+        handle(first, &mut out);
         // Batch whatever else is queued, then flush so records are visible promptly.
-        while let Ok(line) = rx.try_recv() {
-            let _ = out.write_all(line.as_bytes());
+        while let Ok(m) = rx.try_recv() {
+            handle(m, &mut out);
         }
         let _ = out.flush();
+        for ack in acks {
+            let _ = ack.send(());
+        }
         let d = dropped.load(Relaxed);
         if d != reported {
             tracing::warn!(

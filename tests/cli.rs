@@ -1,0 +1,279 @@
+//! The command line: quick mode, `--version`, bad arguments and exit codes.
+
+mod common;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_round_robin() {
+    let one = banner_server("server-one\n").await;
+    let two = banner_server("server-two\n").await;
+    let (one_s, two_s) = (one.to_string(), two.to_string());
+    let ferry = Ferry::start_args(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &one_s,
+            "--upstream",
+            &two_s,
+        ],
+        1,
+    )
+    .await;
+    let addr = ferry.addr("quick");
+
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let mut c = connect(addr).await;
+        let client = c.local_addr().unwrap();
+        let mut name = vec![0u8; 11];
+        within(WAIT, "the server's name", c.read_exact(&mut name))
+            .await
+            .unwrap();
+        echo_round_trip(&mut c, b"ping").await;
+        c.shutdown().await.unwrap();
+        read_until_closed(&mut c, WAIT).await;
+        seen.push((client, String::from_utf8(name).unwrap()));
+    }
+    let names: Vec<&str> = seen.iter().map(|(_, n)| n.as_str()).collect();
+    assert!(names.contains(&"server-one\n"), "{names:?}");
+    for w in names.windows(2) {
+        assert_ne!(w[0], w[1], "round robin must alternate: {names:?}");
+    }
+
+    // The access log goes to stdout, as JSON, by default.
+    let lines = ferry
+        .stdout
+        .wait_count(4, WAIT, |l| l.starts_with('{'))
+        .await
+        .unwrap_or_else(|| panic!("stdout: {}", ferry.stdout.text()));
+    let recs = parse_records(&lines);
+    assert_eq!(recs.len(), 4);
+    for (client, name) in &seen {
+        let r = record_for(&recs, *client);
+        assert_eq!(r["listener"], "quick");
+        assert_eq!(r["result"], "ok", "{r}");
+        let server = if name == "server-one\n" {
+            &one_s
+        } else {
+            &two_s
+        };
+        assert_eq!(r["server"], server.as_str(), "{r}");
+        assert_eq!(r["bytes_up"], 4);
+        assert_eq!(r["bytes_down"], 11 + 4);
+    }
+}
+
+#[test]
+fn version() {
+    let out = run_ferry(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim(),
+        format!("ferry {}", env!("CARGO_PKG_VERSION")),
+        "stdout: {stdout}"
+    );
+}
+
+#[test]
+fn unknown_flag_exits_1() {
+    let out = run_ferry(&["run", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--no-such-flag"), "stderr: {stderr}");
+    let out = run_ferry(&["--frobnicate"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn missing_config_file_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let missing_s = missing.display().to_string();
+    let out = run_ferry(&["run", "--config", &missing_s]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&missing_s) && stderr.contains("cannot read config"),
+        "stderr: {stderr}"
+    );
+    // `-c FILE` is the same.
+    let out = run_ferry(&["-c", &missing_s]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn occupied_port_exits_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_file(
+        dir.path(),
+        "ferry.toml",
+        &format!(
+            r#"
+[log]
+access = "off"
+
+[[listener]]
+name = "clash"
+listen = "{addr}"
+upstream = "u"
+
+[[upstream]]
+name = "u"
+servers = ["127.0.0.1:9"]
+"#
+        ),
+    );
+    let out = run_ferry(&["run", "--config", &config.display().to_string()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "stderr: {stderr}"
+    );
+    // Quick mode too.
+    let addr_s = addr.to_string();
+    let out = run_ferry(&["run", "--listen", &addr_s, "--upstream", "127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(2));
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_balance_option() {
+    // The SPEC's quick-mode example: `--balance p2c`.
+    let one = banner_server("server-one\n").await;
+    let two = banner_server("server-two\n").await;
+    let (one_s, two_s) = (one.to_string(), two.to_string());
+    let ferry = Ferry::start_args(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &one_s,
+            "--upstream",
+            &two_s,
+            "--balance",
+            "p2c",
+        ],
+        1,
+    )
+    .await;
+    let mut c = connect(ferry.addr("quick")).await;
+    let mut name = vec![0u8; 11];
+    within(WAIT, "the server's name", c.read_exact(&mut name))
+        .await
+        .unwrap();
+    assert!(name == b"server-one\n" || name == b"server-two\n");
+}
+
+#[test]
+fn quick_mode_argument_errors_exit_1() {
+    let out = run_ferry(&["run", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--upstream"),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_ferry(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--balance",
+        "nonsense",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run_ferry(&[
+        "run",
+        "--listen",
+        "not-an-address",
+        "--upstream",
+        "127.0.0.1:9",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn no_arguments_exits_1() {
+    let out = run_ferry(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!out.stderr.is_empty());
+}
+
+#[test]
+fn unwritable_access_log_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_file(
+        dir.path(),
+        "ferry.toml",
+        r#"
+[log]
+access = "no/such/folder/access.log"
+
+[[listener]]
+name = "l"
+listen = "127.0.0.1:0"
+upstream = "u"
+
+[[upstream]]
+name = "u"
+servers = ["127.0.0.1:9"]
+"#,
+    );
+    let out = run_ferry(&["run", "--config", &config.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("cannot open access log"),
+        "stderr: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_echo() {
+    let ferry = Ferry::start_args(&["demo"], 1).await;
+    let line = ferry
+        .stdout
+        .wait_count(1, WAIT, |l| l.starts_with("started ferry listener"))
+        .await
+        .unwrap_or_else(|| panic!("stdout: {}", ferry.stdout.text()))
+        .remove(0);
+    let addr = ferry.addr("demo");
+    assert!(line.contains(&addr.to_string()), "{line}");
+    for _ in 0..2 {
+        let mut c = connect(addr).await;
+        let mut hello = Vec::new();
+        within(WAIT, "the demo banner", async {
+            let mut b = [0u8; 1];
+            while !hello.ends_with(b"\n") {
+                c.read_exact(&mut b).await.unwrap();
+                hello.push(b[0]);
+            }
+        })
+        .await;
+        let hello = String::from_utf8(hello).unwrap();
+        assert!(hello.starts_with("hello from echo-"), "{hello}");
+        let n = &hello["hello from ".len()..hello.len() - 1];
+        c.write_all(b"hi\n").await.unwrap();
+        let want = format!("{n}: hi\n");
+        let mut back = vec![0u8; want.len()];
+        within(WAIT, "the demo echo", c.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8(back).unwrap(), want);
+    }
+}
