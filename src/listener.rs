@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
-use tokio::net::TcpListener;
+use crate::net::{Listener, Sock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -220,16 +220,12 @@ impl Drop for Permit {
 
 /// Binds every address of a listener: one socket per address, or with `reuse_port` one per
 /// worker. Port 0 binds an ephemeral port, shared by that address's sockets.
-pub fn bind(
-    addrs: &[SocketAddr],
-    reuse_port: bool,
-    workers: usize,
-) -> io::Result<Vec<TcpListener>> {
+pub fn bind(addrs: &[SocketAddr], reuse_port: bool, workers: usize) -> io::Result<Vec<Listener>> {
     let mut out = Vec::new();
     for addr in addrs {
         let first = crate::net::bind_listener(*addr, reuse_port)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        let actual = first.local_addr()?;
+        let actual = first.get_ref().local_addr()?;
         out.push(first);
         if reuse_port {
             for _ in 1..workers.max(1) {
@@ -240,67 +236,82 @@ pub fn bind(
     Ok(out)
 }
 
-/// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
-/// are refused from that moment). Resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off
-/// and retry rather than spin or exit.
 /// Where a listener's current [`ListenerCtx`] is published.
 pub type Slot = Arc<arc_swap::ArcSwap<ListenerCtx>>;
 
+/// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
+/// are refused from that moment). Each wake-up accepts every connection waiting. Resource
+/// errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off and retry rather than spin or exit.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     slot: Slot,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let mut backoff = Duration::ZERO;
     let mut last_warn: Option<tokio::time::Instant> = None;
-    loop {
-        let accepted = tokio::select! {
+    'outer: loop {
+        let mut ready = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            r = listener.accept() => r,
+            r = listener.readable() => match r {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(listener = %slot.load().name, "listening socket failed: {e}");
+                    break;
+                }
+            },
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::ZERO;
-                let l = slot.load_full();
-                let Some(permit) = Permit::try_new(&l) else {
-                    crate::net::close_with_reset(stream);
-                    l.refuse(peer, Outcome::Limited, SystemTime::now(), Duration::ZERO);
-                    continue;
-                };
-                // Without a PROXY header the client is known now: check it before spawning
-                // anything. With one, the session checks the address the header carries.
-                let client_permit = if l.proxy.is_none() {
-                    match l.admit_client(peer.ip()) {
-                        Ok(p) => p,
-                        Err(outcome) => {
-                            crate::net::close_with_reset(stream);
-                            l.refuse(peer, outcome, SystemTime::now(), Duration::ZERO);
-                            continue;
-                        }
+        loop {
+            match crate::net::try_accept(&mut ready) {
+                Ok(None) => break,
+                Ok(Some((stream, peer))) => {
+                    backoff = Duration::ZERO;
+                    admit(stream, peer, &slot, &tracker);
+                }
+                Err(e) if is_resource_error(&e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    let now = tokio::time::Instant::now();
+                    if last_warn.is_none_or(|t| now - t >= Duration::from_secs(5)) {
+                        tracing::warn!(listener = %slot.load().name, "accept: {e}; backing off {backoff:?}");
+                        last_warn = Some(now);
                     }
-                } else {
-                    None
-                };
-                tracker.spawn(crate::session::serve(stream, peer, permit, client_permit));
-            }
-            Err(e) if is_resource_error(&e) => {
-                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
-                let now = tokio::time::Instant::now();
-                if last_warn.is_none_or(|t| now - t >= Duration::from_secs(5)) {
-                    tracing::warn!(listener = %slot.load().name, "accept: {e}; backing off {backoff:?}");
-                    last_warn = Some(now);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break 'outer,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    break;
                 }
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
-                }
+                // Per-connection errors (e.g. ECONNABORTED): the next accept is unaffected.
+                Err(e) => tracing::debug!(listener = %slot.load().name, "accept: {e}"),
             }
-            // Per-connection errors (e.g. ECONNABORTED): the next accept is unaffected.
-            Err(e) => tracing::debug!(listener = %slot.load().name, "accept: {e}"),
         }
     }
+}
+
+/// Admits an accepted connection under the limits (and, without a PROXY header to read,
+/// the ACL and per-client limits) and starts its session, or refuses it at once.
+fn admit(stream: Sock, peer: SocketAddr, slot: &Slot, tracker: &TaskTracker) {
+    let l = slot.load_full();
+    let Some(permit) = Permit::try_new(&l) else {
+        crate::net::close_with_reset(stream);
+        l.refuse(peer, Outcome::Limited, SystemTime::now(), Duration::ZERO);
+        return;
+    };
+    // With a PROXY header, the session checks the address the header carries.
+    let client_permit = if l.proxy.is_none() {
+        match l.admit_client(peer.ip()) {
+            Ok(p) => p,
+            Err(outcome) => {
+                crate::net::close_with_reset(stream);
+                l.refuse(peer, outcome, SystemTime::now(), Duration::ZERO);
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    tracker.spawn(crate::session::serve(stream, peer, permit, client_permit));
 }
 
 fn is_resource_error(e: &io::Error) -> bool {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
+use crate::net::Listener as TcpListener;
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -272,7 +272,7 @@ impl Shared {
         let accept_stop = CancellationToken::new();
         let mut addrs = Vec::new();
         for s in socks {
-            if let Ok(a) = s.local_addr()
+            if let Ok(a) = s.get_ref().local_addr()
                 && !addrs.contains(&a)
             {
                 addrs.push(a);

@@ -4,12 +4,10 @@
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::listener::Permit;
-use crate::net::{self, ConnectError};
+use crate::net::{self, ConnectError, Sock};
 use crate::observe::{Outcome, Record};
 use crate::policy::{self, ClientPermit};
 use crate::relay::{self, End};
@@ -25,7 +23,7 @@ use crate::wire::proxy::{self, Accept, Addresses, Parsed};
 /// runs in a boxed future that is freed once the server connection is up, so the state an
 /// open connection keeps for its lifetime is only the relay's and a few addresses.
 pub async fn serve(
-    mut client: TcpStream,
+    client: Sock,
     peer: SocketAddr,
     permit: Permit,
     client_permit: Option<ClientPermit>,
@@ -33,9 +31,9 @@ pub async fn serve(
     let l = permit.listener();
     let ts = SystemTime::now();
     let start = Instant::now();
-    let _ = client.set_nodelay(true);
+    let _ = client.get_ref().set_nodelay(true);
 
-    let c = match Box::pin(set_up(&mut client, peer, &permit, client_permit)).await {
+    let c = match Box::pin(set_up(&client, peer, &permit, client_permit)).await {
         Ok(c) => c,
         Err(refused) => {
             net::close_with_reset(client);
@@ -103,7 +101,7 @@ pub async fn serve(
 
 /// A connection whose server connection is up.
 struct Connected {
-    upstream: TcpStream,
+    upstream: Sock,
     guard: ServerGuard,
     /// The client: the real one behind a PROXY header.
     peer: SocketAddr,
@@ -122,7 +120,7 @@ struct Refused {
 
 /// PROXY header, admission, server pick and connect (with retries on other servers).
 async fn set_up(
-    client: &mut TcpStream,
+    client: &Sock,
     peer: SocketAddr,
     permit: &Permit,
     client_permit: Option<ClientPermit>,
@@ -210,13 +208,16 @@ async fn set_up(
             () = l.stop.cancelled() => return Err(fail(Some(server.addr), Outcome::Drained)),
         };
         match connected {
-            Ok(mut s) => {
+            Ok(s) => {
                 pool.connect_succeeded(&server);
                 if let Some(v) = pool.proxy_protocol {
                     let dst = destination
-                        .or_else(|| client.local_addr().ok())
+                        .or_else(|| client.get_ref().local_addr().ok())
                         .unwrap_or(peer);
-                    if s.write_all(&proxy::encode(v, peer, dst)).await.is_err() {
+                    if net::write_all(&s, &proxy::encode(v, peer, dst))
+                        .await
+                        .is_err()
+                    {
                         return Err(fail(Some(server.addr), Outcome::ServerReset));
                     }
                 }
@@ -284,13 +285,12 @@ fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
 
 /// Reads a PROXY header off the front of `client`, consuming exactly its bytes: what is
 /// available is peeked at, and only bytes known to belong to the header are read.
-async fn read_proxy_header(client: &mut TcpStream, accept: Accept) -> Result<Addresses, String> {
+async fn read_proxy_header(client: &Sock, accept: Accept) -> Result<Addresses, String> {
     let mut header: Vec<u8> = Vec::new();
     // On the heap: a buffer here would be part of every connection's future for its lifetime.
     let mut peeked = vec![0u8; 512];
     loop {
-        let n = client
-            .peek(&mut peeked)
+        let n = net::peek(client, &mut peeked)
             .await
             .map_err(|e| format!("reading the PROXY header: {e}"))?;
         if n == 0 {
@@ -301,8 +301,7 @@ async fn read_proxy_header(client: &mut TcpStream, accept: Accept) -> Result<Add
         match proxy::parse(&header, accept) {
             Parsed::Complete { len, addresses } => {
                 let mut rest = vec![0u8; len - have];
-                client
-                    .read_exact(&mut rest)
+                net::read_exact(client, &mut rest)
                     .await
                     .map_err(|e| format!("reading the PROXY header: {e}"))?;
                 return Ok(addresses);
@@ -310,8 +309,7 @@ async fn read_proxy_header(client: &mut TcpStream, accept: Accept) -> Result<Add
             Parsed::Incomplete if header.len() < proxy::MAX_HEADER => {
                 // All of it is header so far: take it off the socket and wait for more.
                 let mut sink = vec![0u8; n];
-                client
-                    .read_exact(&mut sink)
+                net::read_exact(client, &mut sink)
                     .await
                     .map_err(|e| format!("reading the PROXY header: {e}"))?;
             }

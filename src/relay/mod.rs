@@ -25,18 +25,17 @@
 //! Callers see only [`relay`] and its [`Relayed`] result.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::close_with_reset;
+use crate::net::{Sock, close_with_reset};
 
 mod pipe;
 
@@ -107,8 +106,8 @@ pub struct Progress<'a> {
 /// passes with no bytes moving, one side fails, or `stop` is cancelled. Consumes and closes
 /// both sockets.
 pub fn relay<'a>(
-    client: TcpStream,
-    server: TcpStream,
+    client: Sock,
+    server: Sock,
     idle_timeout: Duration,
     stop: &'a CancellationToken,
     engine: Engine,
@@ -139,8 +138,8 @@ pin_project_lite::pin_project! {
     /// `select!`) because it lives as long as the connection, and its size is most of what
     /// an idle connection costs.
     pub struct Relay<'a> {
-        client: Option<TcpStream>,
-        server: Option<TcpStream>,
+        client: Option<Sock>,
+        server: Option<Sock>,
         up: Half,
         down: Half,
         // When bytes last moved either way.
@@ -232,19 +231,21 @@ fn meter(m: &Meters<'_>, done: &mut (u64, u64), up: u64, down: u64) {
 /// Drives both directions; ready when both are done or either fails.
 fn poll_both(
     cx: &mut Context<'_>,
-    client: &TcpStream,
-    server: &TcpStream,
+    client: &Sock,
+    server: &Sock,
     up: &mut Half,
     down: &mut Half,
     last: &mut Instant,
 ) -> Poll<End> {
-    let u = match up.poll(cx, client, server, last) {
+    let down_done = down.done;
+    let u = match up.poll(cx, client, server, last, down_done) {
         Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ClientReset),
         Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ServerReset),
         Poll::Ready(Ok(())) => true,
         Poll::Pending => false,
     };
-    let d = match down.poll(cx, server, client, last) {
+    let up_done = up.done;
+    let d = match down.poll(cx, server, client, last, up_done) {
         Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ServerReset),
         Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ClientReset),
         Poll::Ready(Ok(())) => true,
@@ -315,46 +316,42 @@ impl Half {
     }
 
     /// Writes out whatever is pending. Ready(Ok) once nothing is.
-    fn flush(&mut self, cx: &mut Context<'_>, to: &TcpStream) -> Poll<Result<(), Fail>> {
+    fn flush(&mut self, cx: &mut Context<'_>, to: &Sock) -> Poll<Result<(), Fail>> {
         loop {
-            let r = match &mut self.pending {
+            match &mut self.pending {
                 Pending::None => return Poll::Ready(Ok(())),
-                Pending::Buf { buf, pos } => {
-                    if *pos == buf.len() {
-                        // Released as soon as it drains: an idle connection holds no buffer.
-                        self.pending = Pending::None;
-                        continue;
-                    }
-                    to.try_write(&buf[*pos..]).map(|n| *pos += n)
+                Pending::Buf { buf, pos } if *pos == buf.len() => {
+                    // Released as soon as it drains: an idle connection holds no buffer.
+                    self.pending = Pending::None;
+                    continue;
                 }
-                Pending::Pipe { pipe, len } => {
-                    if *len == 0 {
-                        if let Pending::Pipe { pipe, .. } =
-                            std::mem::replace(&mut self.pending, Pending::None)
-                        {
-                            pipe::give_back(pipe);
-                        }
-                        continue;
+                Pending::Pipe { len: 0, .. } => {
+                    if let Pending::Pipe { pipe, .. } =
+                        std::mem::replace(&mut self.pending, Pending::None)
+                    {
+                        pipe::give_back(pipe);
                     }
-                    to.try_io(tokio::io::Interest::WRITABLE, || pipe.splice_out(to, *len))
-                        .and_then(|n| {
-                            if n == 0 {
-                                Err(io::ErrorKind::WriteZero.into())
-                            } else {
-                                *len -= n;
-                                Ok(())
-                            }
-                        })
+                    continue;
                 }
+                _ => {}
+            }
+            let Ok(mut g) = ready!(to.poll_write_ready(cx)) else {
+                return Poll::Ready(Err(Fail::Write));
             };
+            let r = g.try_io(|s| match &self.pending {
+                Pending::Buf { buf, pos } => (&*s.get_ref()).write(&buf[*pos..]),
+                Pending::Pipe { pipe, len } => pipe.splice_out(s.get_ref(), *len),
+                Pending::None => Ok(0),
+            });
             match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if ready!(to.poll_write_ready(cx)).is_err() {
-                        return Poll::Ready(Err(Fail::Write));
-                    }
-                }
-                Err(_) => return Poll::Ready(Err(Fail::Write)),
+                // Would block: readiness is cleared; the next poll registers for it.
+                Err(_would_block) => {}
+                Ok(Ok(0)) | Ok(Err(_)) => return Poll::Ready(Err(Fail::Write)),
+                Ok(Ok(n)) => match &mut self.pending {
+                    Pending::Buf { pos, .. } => *pos += n,
+                    Pending::Pipe { len, .. } => *len -= n,
+                    Pending::None => {}
+                },
             }
         }
     }
@@ -362,9 +359,10 @@ impl Half {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &Sock,
+        to: &Sock,
         last: &mut Instant,
+        other_done: bool,
     ) -> Poll<Result<(), Fail>> {
         let mut reads = 0;
         loop {
@@ -372,9 +370,12 @@ impl Half {
             if self.eof {
                 if !self.done {
                     self.done = true;
-                    // Fails only if the peer is already gone; its reset shows on the other
-                    // direction.
-                    let _ = SockRef::from(to).shutdown(Shutdown::Write);
+                    // When the other direction is done too, the relay ends now and closing
+                    // the socket sends the FIN: save the syscall. A failure means the peer
+                    // is already gone; its reset shows on the other direction.
+                    if !other_done {
+                        let _ = to.get_ref().shutdown(Shutdown::Write);
+                    }
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -383,13 +384,13 @@ impl Half {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            if ready!(from.poll_read_ready(cx)).is_err() {
+            let Ok(mut rg) = ready!(from.poll_read_ready(cx)) else {
                 return Poll::Ready(Err(Fail::Read));
-            }
+            };
             reads += 1;
             let step = match self.splicing.then(pipe::take).flatten() {
-                Some(pipe) => self.read_splice(from, pipe),
-                None => self.read_copy(from, to),
+                Some(pipe) => self.read_splice(&mut rg, pipe),
+                None => self.read_copy(cx, &mut rg, to),
             };
             match step {
                 Step::Moved => *last = Instant::now(),
@@ -405,59 +406,85 @@ impl Half {
     }
 
     /// Splices what `from` has into `pipe`; the next flush moves it on.
-    fn read_splice(&mut self, from: &TcpStream, pipe: Pipe) -> Step {
-        match from.try_io(tokio::io::Interest::READABLE, || pipe.splice_in(from)) {
-            Ok(0) => {
+    fn read_splice(&mut self, rg: &mut ReadGuard<'_>, pipe: Pipe) -> Step {
+        match rg.try_io(|s| pipe.splice_in(s.get_ref())) {
+            Ok(Ok(0)) => {
                 pipe::give_back(pipe);
                 Step::Eof
             }
-            Ok(n) => {
+            Ok(Ok(n)) => {
                 self.bytes += n as u64;
-                self.pending = Pending::Pipe { pipe, len: n };
+                if n < pipe.capacity() {
+                    drained(rg);
+                }
                 if n < SPLICE_BELOW {
                     // Small reads again: request/response traffic, cheaper copied.
                     self.splicing = false;
                 }
+                self.pending = Pending::Pipe { pipe, len: n };
                 Step::Moved
             }
-            Err(e) => {
+            Ok(Err(_)) => {
                 pipe::give_back(pipe);
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    Step::Again
-                } else {
-                    Step::ReadErr
-                }
+                Step::ReadErr
+            }
+            Err(_would_block) => {
+                pipe::give_back(pipe);
+                Step::Again
             }
         }
     }
 
     /// Reads into the thread's scratch buffer and writes on at once; keeps only what the
     /// destination cannot take yet.
-    fn read_copy(&mut self, from: &TcpStream, to: &TcpStream) -> Step {
-        SCRATCH.with_borrow_mut(|scratch| match from.try_read(scratch) {
-            Ok(0) => Step::Eof,
-            Ok(n) => {
-                self.bytes += n as u64;
-                if n == scratch.len() && self.splice_allowed {
-                    // A full buffer: more is waiting, this is bulk; splice from now on.
-                    self.splicing = true;
-                }
-                let written = match to.try_write(&scratch[..n]) {
-                    Ok(m) => m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(_) => return Step::WriteErr,
-                };
-                if written < n {
-                    self.pending = Pending::Buf {
-                        buf: scratch[written..n].to_vec(),
-                        pos: 0,
-                    };
-                }
-                Step::Moved
+    fn read_copy(&mut self, cx: &mut Context<'_>, rg: &mut ReadGuard<'_>, to: &Sock) -> Step {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let n = match rg.try_io(|s| io::Read::read(&mut &*s.get_ref(), scratch)) {
+                Err(_would_block) => return Step::Again,
+                Ok(Err(_)) => return Step::ReadErr,
+                Ok(Ok(0)) => return Step::Eof,
+                Ok(Ok(n)) => n,
+            };
+            self.bytes += n as u64;
+            if n < scratch.len() {
+                drained(rg);
+            } else if self.splice_allowed {
+                // A full buffer: more is waiting, this is bulk; splice from now on.
+                self.splicing = true;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Again,
-            Err(_) => Step::ReadErr,
+            let written = match to.poll_write_ready(cx) {
+                // Not writable now: the waker is registered; keep it all.
+                Poll::Pending => 0,
+                Poll::Ready(Err(_)) => return Step::WriteErr,
+                Poll::Ready(Ok(mut wg)) => {
+                    match wg.try_io(|s| (&*s.get_ref()).write(&scratch[..n])) {
+                        Ok(Ok(m)) => m,
+                        Ok(Err(_)) => return Step::WriteErr,
+                        Err(_would_block) => 0,
+                    }
+                }
+            };
+            if written < n {
+                self.pending = Pending::Buf {
+                    buf: scratch[written..n].to_vec(),
+                    pos: 0,
+                };
+            }
+            Step::Moved
         })
+    }
+}
+
+type ReadGuard<'a> = AsyncFdReadyGuard<'a, std::net::TcpStream>;
+
+/// A read returned less than asked: the socket's receive queue is empty, so mark it not
+/// readable now rather than pay one more `recv` that fails with EAGAIN. The guard clears
+/// only readiness seen before the read, so data arriving since wakes us as usual. Not when
+/// the peer's FIN or an error was already signalled: those come with no further wake-up.
+fn drained(rg: &mut ReadGuard<'_>) {
+    let r = rg.ready();
+    if !r.is_read_closed() && !r.is_error() {
+        rg.clear_ready();
     }
 }
 
@@ -468,9 +495,13 @@ mod tests {
     /// An open connection's memory is mostly this future: keep it from creeping up.
     #[tokio::test]
     async fn relay_future_stays_small() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let a = crate::net::register(a).unwrap();
+        let b = crate::net::register(b).unwrap();
         let stop = CancellationToken::new();
         let c = AtomicU64::new(0);
         let meters = Meters {

@@ -52,6 +52,11 @@ pub fn give_back(p: Pipe) {
 }
 
 impl Pipe {
+    /// Bytes the pipe holds at most.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// Moves what `from` has (up to one pipe's worth) into the pipe. 0 means EOF.
     pub fn splice_in(&self, from: impl AsFd) -> io::Result<usize> {
         Ok(splice(

@@ -1,0 +1,191 @@
+//! Sockets of the data path, and their set-up.
+//!
+//! Client and server connections are [`Sock`]s: a non-blocking `std` socket registered
+//! with the runtime through `AsyncFd`. Unlike tokio's `TcpStream`, `AsyncFd` hands out a
+//! readiness guard, so the relay can mark a socket as drained after a short read instead
+//! of paying one more `recv` that fails with EAGAIN per message. Listening sockets are
+//! [`Listener`]s, accepted from with `accept4` (non-blocking and close-on-exec at once).
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::unix::AsyncFd;
+
+use crate::config::TcpOptions;
+
+mod register;
+
+pub use register::register;
+
+/// A connected TCP socket of the data path.
+pub type Sock = AsyncFd<std::net::TcpStream>;
+/// A listening TCP socket.
+pub type Listener = AsyncFd<std::net::TcpListener>;
+
+/// Why a connect to a server did not succeed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Refused, unreachable, or any other error from the kernel.
+    Failed(io::Error),
+    /// Not established within the connect timeout.
+    Timeout,
+}
+
+/// Connects to `addr` within `timeout`, with `opts` applied (buffer sizes before the
+/// connect, so that the window scale is negotiated for them).
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    opts: &TcpOptions,
+) -> Result<Sock, ConnectError> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| ConnectError::Failed(e.into()))?;
+    let sref = SockRef::from(&fd);
+    let set = |r: io::Result<()>| r.map_err(ConnectError::Failed);
+    if let Some(n) = opts.send_buffer {
+        set(sref.set_send_buffer_size(n))?;
+    }
+    if let Some(n) = opts.recv_buffer {
+        set(sref.set_recv_buffer_size(n))?;
+    }
+    if opts.nodelay {
+        set(sref.set_tcp_nodelay(true))?;
+    }
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(ConnectError::Failed(e.into())),
+    }
+    let sock = register(std::net::TcpStream::from(fd)).map_err(ConnectError::Failed)?;
+    let established = async {
+        // Writable means the handshake finished, one way or the other.
+        let _ready = sock.writable().await?;
+        match sock.get_ref().take_error()? {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    };
+    match tokio::time::timeout(timeout, established).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ConnectError::Failed(e)),
+        Err(_) => return Err(ConnectError::Timeout),
+    }
+    if let Some(k) = opts.keepalive {
+        set_keepalive(sock.get_ref(), k).map_err(ConnectError::Failed)?;
+    }
+    Ok(sock)
+}
+
+/// TCP keepalive: first probe after `idle`, then every `idle / 3` (at least 1 s), 3 probes.
+pub fn set_keepalive(stream: &std::net::TcpStream, idle: Duration) -> io::Result<()> {
+    let interval = (idle / 3).max(Duration::from_secs(1));
+    SockRef::from(stream).set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(3),
+    )
+}
+
+/// Closes `sock` with a reset rather than a FIN: for refused clients (no TIME_WAIT left
+/// behind under a flood) and to pass a peer's reset on to the other side.
+pub fn close_with_reset(sock: Sock) {
+    let _ = SockRef::from(sock.get_ref()).set_linger(Some(Duration::ZERO));
+    drop(sock);
+}
+
+/// Binds a listening socket. With `reuse_port`, several sockets may bind the same address
+/// and the kernel spreads new connections over them.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Listener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // "[::]:port" means IPv6 only; IPv4 is listed separately, as in the SPEC example.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    register(socket.into())
+}
+
+/// Accepts one connection if one is waiting: `Ok(None)` when none is (readiness cleared).
+pub fn try_accept(
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, std::net::TcpListener>,
+) -> io::Result<Option<(Sock, SocketAddr)>> {
+    let accepted = guard.try_io(|l| {
+        rustix::net::acceptfrom_with(l.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+            .map_err(io::Error::from)
+    });
+    match accepted {
+        Err(_would_block) => Ok(None),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok((fd, peer))) => {
+            let peer = peer
+                .and_then(|p| SocketAddr::try_from(p).ok())
+                .ok_or_else(|| io::Error::other("accepted a connection with no IP peer address"))?;
+            Ok(Some((register(std::net::TcpStream::from(fd))?, peer)))
+        }
+    }
+}
+
+/// Writes all of `buf` to `sock`, waiting for room as needed.
+pub async fn write_all(sock: &Sock, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let mut g = sock.writable().await?;
+        if let Ok(r) = g.try_io(|s| (&*s.get_ref()).write(buf)) {
+            let n = r?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[n..];
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes from `sock`.
+pub async fn read_exact(sock: &Sock, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let mut g = sock.readable().await?;
+        if let Ok(r) = g.try_io(|s| io::Read::read(&mut &*s.get_ref(), &mut buf[done..])) {
+            match r? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => done += n,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Looks at what `sock` has received without consuming it; waits for at least one byte
+/// (0 means EOF).
+pub async fn peek(sock: &Sock, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut g = sock.readable().await?;
+        if let Ok(r) = g.try_io(|s| {
+            rustix::net::recv(s.get_ref(), &mut *buf, rustix::net::RecvFlags::PEEK)
+                .map(|(n, _)| n)
+                .map_err(io::Error::from)
+        }) {
+            return r;
+        }
+    }
+}
