@@ -149,7 +149,7 @@ pub fn try_accept(
 pub async fn write_all(sock: &Sock, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         let mut g = sock.writable().await?;
-        if let Ok(r) = g.try_io(|s| (&*s.get_ref()).write(buf)) {
+        if let Ok(r) = g.try_io(|s| s.get_ref().write(buf)) {
             let n = r?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -165,7 +165,7 @@ pub async fn read_exact(sock: &Sock, buf: &mut [u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let mut g = sock.readable().await?;
-        if let Ok(r) = g.try_io(|s| io::Read::read(&mut &*s.get_ref(), &mut buf[done..])) {
+        if let Ok(r) = g.try_io(|s| io::Read::read(&mut s.get_ref(), &mut buf[done..])) {
             match r? {
                 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                 n => done += n,

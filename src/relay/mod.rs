@@ -339,7 +339,7 @@ impl Half {
                 return Poll::Ready(Err(Fail::Write));
             };
             let r = g.try_io(|s| match &self.pending {
-                Pending::Buf { buf, pos } => (&*s.get_ref()).write(&buf[*pos..]),
+                Pending::Buf { buf, pos } => s.get_ref().write(&buf[*pos..]),
                 Pending::Pipe { pipe, len } => pipe.splice_out(s.get_ref(), *len),
                 Pending::None => Ok(0),
             });
@@ -439,7 +439,7 @@ impl Half {
     /// destination cannot take yet.
     fn read_copy(&mut self, cx: &mut Context<'_>, rg: &mut ReadGuard<'_>, to: &Sock) -> Step {
         SCRATCH.with_borrow_mut(|scratch| {
-            let n = match rg.try_io(|s| io::Read::read(&mut &*s.get_ref(), scratch)) {
+            let n = match rg.try_io(|s| io::Read::read(&mut s.get_ref(), scratch)) {
                 Err(_would_block) => return Step::Again,
                 Ok(Err(_)) => return Step::ReadErr,
                 Ok(Ok(0)) => return Step::Eof,
@@ -457,7 +457,7 @@ impl Half {
                 Poll::Pending => 0,
                 Poll::Ready(Err(_)) => return Step::WriteErr,
                 Poll::Ready(Ok(mut wg)) => {
-                    match wg.try_io(|s| (&*s.get_ref()).write(&scratch[..n])) {
+                    match wg.try_io(|s| s.get_ref().write(&scratch[..n])) {
                         Ok(Ok(m)) => m,
                         Ok(Err(_)) => return Step::WriteErr,
                         Err(_would_block) => 0,
