@@ -75,7 +75,9 @@ pub struct ListenerCtx {
     pub global: Arc<Gate>,
     pub access_log: Arc<AccessLog>,
     /// Cancelled when the drain timeout runs out: open connections close (`drained`).
-    pub stop: CancellationToken,
+    /// Sharded: every waiting connection is registered with one of these, so that
+    /// connections starting and ending do not all contend for one waiter list.
+    stops: Box<[CancellationToken]>,
     pub acl: Acl,
     pub clients: Option<Arc<ClientTable>>,
     pub proxy: Option<ProxyAccept>,
@@ -90,7 +92,15 @@ pub struct ListenerCtx {
 /// flood of refused connections cannot make logging the bottleneck.
 pub const REFUSED_LOG_PER_SEC: u64 = 100;
 
+/// Shards of a listener's drain signal.
+const STOP_SHARDS: usize = 16;
+
 impl ListenerCtx {
+    /// The drain signal for a new connection: one of the shards, at random.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stops[fastrand::usize(..self.stops.len())]
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
@@ -115,7 +125,7 @@ impl ListenerCtx {
             gate,
             global,
             access_log,
-            stop,
+            stops: (0..STOP_SHARDS).map(|_| stop.child_token()).collect(),
             acl,
             clients,
             proxy,

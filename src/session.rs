@@ -79,7 +79,7 @@ pub async fn serve(
         client,
         c.upstream,
         l.idle_timeout,
-        &l.stop,
+        l.stop_token(),
         l.engine,
         meters,
         progress,
@@ -167,13 +167,14 @@ async fn set_up(
     // Connect, retrying on other servers: never the one that just failed, and never once
     // a byte has been relayed (nothing has been, before the relay starts).
     let pool = &l.pool;
+    let stop = l.stop_token();
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_failure = None;
     let t0 = Instant::now();
     loop {
         let acquired = tokio::select! {
             r = pool.acquire(peer.ip(), &tried) => r,
-            () = l.stop.cancelled() => Err(AcquireError::NoServer),
+            () = stop.cancelled() => Err(AcquireError::NoServer),
         };
         let fail = |server, outcome| Refused {
             peer,
@@ -183,7 +184,7 @@ async fn set_up(
         };
         let guard = match acquired {
             Ok(g) => g,
-            Err(_) if l.stop.is_cancelled() => {
+            Err(_) if stop.is_cancelled() => {
                 return Err(fail(tried.last().copied(), Outcome::Drained));
             }
             // After failed attempts, the failure is what the client got.
@@ -205,7 +206,7 @@ async fn set_up(
         let server = guard.server().clone();
         let connected = tokio::select! {
             r = net::connect(server.addr, pool.connect_timeout, &pool.tcp) => r,
-            () = l.stop.cancelled() => return Err(fail(Some(server.addr), Outcome::Drained)),
+            () = stop.cancelled() => return Err(fail(Some(server.addr), Outcome::Drained)),
         };
         match connected {
             Ok(s) => {
