@@ -1,0 +1,98 @@
+//! The accept loop under descriptor exhaustion: EMFILE backs off (no spinning, no exit)
+//! and ferry recovers as soon as descriptors free up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emfile_backs_off_and_recovers() {
+    let echo = echo_server().await;
+    let config = format!(
+        r#"
+[log]
+access = "@LOG@"
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "echo"
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#
+    );
+    let mut ferry = Ferry::start(&config, 1).await;
+    let addr = ferry.addr("front");
+    let pid = ferry.pid();
+
+    // Warm up before the limit, then allow only a few more descriptors than ferry holds.
+    let mut warm = connect(addr).await;
+    echo_round_trip(&mut warm, b"warm").await;
+    drop(warm);
+    let open_now = fd_count(pid);
+    let limit = open_now + 12;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+
+    // Each relayed connection costs ferry two descriptors: a few are served, the rest
+    // wait in the backlog while accept fails with EMFILE.
+    let mut held = Vec::new();
+    for i in 0..40u32 {
+        let mut s = connect(addr).await;
+        if i < 4 {
+            echo_round_trip(&mut s, format!("held {i}").as_bytes()).await;
+        }
+        held.push(s);
+    }
+    let warned = ferry
+        .stderr
+        .wait_count(1, Duration::from_secs(10), |l| l.contains("backing off"))
+        .await;
+    assert!(
+        warned.is_some(),
+        "no back-off warning; stderr:\n{}",
+        ferry.stderr.text()
+    );
+
+    // While the limit holds, ferry waits rather than spins: well under half a core.
+    let before = cpu_ticks(pid);
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    let elapsed_ticks = t0.elapsed().as_secs_f64() * 100.0;
+    assert!(
+        (used as f64) < elapsed_ticks * 0.5,
+        "ferry used {used} ticks in {elapsed_ticks:.0}: spinning on EMFILE?"
+    );
+
+    // Descriptors free up: the connections that waited are served, and new ones too.
+    drop(held);
+    within(Duration::from_secs(10), "recovery after EMFILE", async {
+        loop {
+            let mut s = connect(addr).await;
+            if tokio::time::timeout(Duration::from_millis(500), echo_round_trip(&mut s, b"back"))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ferry.try_exit().is_none(), "ferry exited");
+}
