@@ -62,6 +62,7 @@ pub fn config(listen: SocketAddr, admin: SocketAddr, servers: Vec<SocketAddr>) -
     cfg.listeners[0].name = "demo".into();
     cfg.upstreams[0].name = "echo".into();
     cfg.upstreams[0].health = Some(HealthConfig {
+        active: true,
         interval: Duration::from_secs(2),
         timeout: Duration::from_secs(1),
         rise: 2,

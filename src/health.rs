@@ -25,7 +25,7 @@ use crate::upstream::{LastCheck, Pool, Server};
 /// Runs the checks of `pool`'s servers until `stop`, following the server set as it
 /// changes (DNS): a task per server, started for new servers, ended for removed ones.
 pub async fn run(pool: Arc<Pool>, stop: CancellationToken) {
-    let Some(cfg) = pool.health.clone() else {
+    let Some(cfg) = pool.health.clone().filter(|h| h.active) else {
         return;
     };
     let mut tasks: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
@@ -79,6 +79,10 @@ async fn check_loop(
         record(&pool, &s, &cfg, result, started.elapsed());
         next = Instant::now() + jitter(cfg.interval, 0.9, 1.1);
     }
+}
+
+fn checks(n: u32) -> &'static str {
+    if n == 1 { "check" } else { "checks" }
 }
 
 /// One check. `Err` carries the reason.
@@ -142,11 +146,13 @@ fn record(pool: &Pool, s: &Server, cfg: &HealthConfig, result: Result<(), String
     if ok && streak >= cfg.rise {
         s.check_streak.store(0, Relaxed);
         s.set_healthy(true);
-        tracing::info!(upstream = %pool.name, server = %s.addr, "server is up ({streak} checks passed)");
+        tracing::info!(upstream = %pool.name, server = %s.addr, "server is up ({streak} {} passed)", checks(streak));
         pool.capacity_changed();
     } else if !ok && streak >= cfg.fall {
         s.check_streak.store(0, Relaxed);
         s.set_healthy(false);
-        tracing::warn!(upstream = %pool.name, server = %s.addr, "server is down ({streak} checks failed; last: {reason})");
+        tracing::warn!(upstream = %pool.name, server = %s.addr, "server is down ({streak} {} failed; last: {reason})", checks(streak));
+        // Connections waiting in the queue re-check: they may have nowhere left to go.
+        pool.capacity_changed();
     }
 }

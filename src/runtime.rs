@@ -633,7 +633,7 @@ async fn start_pool(
     if pool.has_names() {
         tokio::spawn(crate::upstream::resolve_loop(pool.clone(), stop.clone()));
     }
-    if pool.health.is_some() {
+    if pool.health.as_ref().is_some_and(|h| h.active) {
         tokio::spawn(crate::health::run(pool.clone(), stop.clone()));
     }
     LivePool {

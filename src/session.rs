@@ -173,8 +173,18 @@ async fn set_up(
     let t0 = Instant::now();
     loop {
         let acquired = tokio::select! {
+            biased;
             r = pool.acquire(peer.ip(), &tried) => r,
             () = stop.cancelled() => Err(AcquireError::NoServer),
+            // A client that hangs up while queued gives its place to the next.
+            () = net::hung_up(client) => {
+                return Err(Refused {
+                    peer,
+                    server: None,
+                    outcome: Outcome::ClientReset,
+                    before_pool: false,
+                });
+            }
         };
         let fail = |server, outcome| Refused {
             peer,

@@ -966,3 +966,44 @@ servers = ["127.0.0.1:7001", {{ addr = "127.0.0.1:7002", weight = 3 }}, {{ addr 
         "{msg}"
     );
 }
+
+/// A client that hangs up while queued gives its place to the next one at once, and is
+/// logged `client_reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_client_that_hangs_up_frees_its_place() {
+    let q = Backend::start("127.0.0.1", "q").await;
+    let config = format!(
+        "{HEAD}{}{}",
+        listener("front", "pool"),
+        upstream(
+            "pool",
+            "round_robin",
+            &[quoted(&q)],
+            r#"max_connections_per_server = 1
+queue = { size = 1, timeout = "10s" }"#,
+        ),
+    );
+    let ferry = Ferry::start(&config, 1).await;
+    let admin = admin_addr(&ferry).await;
+    let front = ferry.addr("front");
+    let queued = |n: u64| move |st: &serde_json::Value| upstream_of(st, "pool")["queued"] == n;
+
+    // A holds the only slot; B takes the only queue place, then hangs up.
+    let (a, _) = open(front, None).await;
+    let (b_addr, b) = connect_from(front).await;
+    let b = b.expect("connect B");
+    wait_status(admin, "B to be queued", WAIT, queued(1)).await;
+    drop(b);
+    wait_status(admin, "B's place to be freed", WAIT, queued(0)).await;
+    let gone = ferry.records_with("client_reset", 1, WAIT).await;
+    assert!(record_for(&gone, b_addr)["server"].is_null());
+
+    // C can queue now (it is not refused as `limited`) and is served when A leaves.
+    let (_, c) = connect_from(front).await;
+    let mut c = c.expect("connect C");
+    c.write_all(b"hi\n").await.unwrap();
+    wait_status(admin, "C to be queued", WAIT, queued(1)).await;
+    drop(a);
+    assert_eq!(read_line(&mut c, WAIT).await.as_deref(), Ok("q"));
+    assert_eq!(read_line(&mut c, WAIT).await.as_deref(), Ok("hi"));
+}

@@ -240,6 +240,8 @@ pub const DEFAULT_STICKY_ENTRIES: usize = 100_000;
 /// `[upstream.health]`: active checks, passive ejection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
+    /// Run active checks (`false` for passive ejection alone).
+    pub active: bool,
     pub interval: Duration,
     pub timeout: Duration,
     /// Consecutive successes to mark a down server up.

@@ -377,6 +377,7 @@ const UPSTREAM_KEYS: &[&str] = &[
 const UPSTREAM_LATER: &[&str] = &["tls"];
 const SERVER_KEYS: &[&str] = &["addr", "weight", "backup"];
 const HEALTH_KEYS: &[&str] = &[
+    "active",
     "interval",
     "timeout",
     "rise",
@@ -842,8 +843,10 @@ fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
         PassiveConfig { failures, eject }
     });
     let fail_open = h.bool(cx, "fail_open").unwrap_or(false);
+    let active = h.bool(cx, "active").unwrap_or(true);
     h.finish(cx, HEALTH_KEYS, &[]);
     Some(HealthConfig {
+        active,
         interval,
         timeout,
         rise,

@@ -189,3 +189,14 @@ pub async fn peek(sock: &Sock, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
 }
+
+/// Resolves when the peer of `sock` has closed or reset it without sending anything; if it
+/// has sent data (even data and then a FIN: a half-close), never: that client is waiting
+/// for an answer.
+pub async fn hung_up(sock: &Sock) {
+    let mut one = [0u8; 1];
+    match peek(sock, &mut one).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}

@@ -456,13 +456,11 @@ impl Half {
                 // Not writable now: the waker is registered; keep it all.
                 Poll::Pending => 0,
                 Poll::Ready(Err(_)) => return Step::WriteErr,
-                Poll::Ready(Ok(mut wg)) => {
-                    match wg.try_io(|s| s.get_ref().write(&scratch[..n])) {
-                        Ok(Ok(m)) => m,
-                        Ok(Err(_)) => return Step::WriteErr,
-                        Err(_would_block) => 0,
-                    }
-                }
+                Poll::Ready(Ok(mut wg)) => match wg.try_io(|s| s.get_ref().write(&scratch[..n])) {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(_)) => return Step::WriteErr,
+                    Err(_would_block) => 0,
+                },
             };
             if written < n {
                 self.pending = Pending::Buf {
