@@ -53,9 +53,6 @@ pub struct Shared {
     /// Where the config came from; reload reads it again. `None` in quick and demo mode.
     pub config_path: Option<PathBuf>,
     live: tokio::sync::Mutex<Live>,
-    /// The accept loops: drain waits for them, so that every listening socket is closed
-    /// before it says so.
-    accepting: TaskTracker,
     connections: TaskTracker,
     conn_stop: CancellationToken,
     /// Health checks, DNS, housekeeping.
@@ -78,6 +75,18 @@ struct LiveListener {
     clients: Option<Arc<ClientTable>>,
     addrs: Vec<SocketAddr>,
     accept_stop: CancellationToken,
+    /// Its accept loops: waited for after `accept_stop`, so that "stopped" means the
+    /// listening sockets are closed.
+    accepting: TaskTracker,
+}
+
+impl LiveListener {
+    /// Stops accepting and waits until the listening sockets are closed.
+    async fn stop_accepting(&self) {
+        self.accept_stop.cancel();
+        self.accepting.close();
+        self.accepting.wait().await;
+    }
 }
 
 struct LivePool {
@@ -186,7 +195,6 @@ impl Proxy {
                 listeners: HashMap::new(),
                 pools,
             }),
-            accepting: TaskTracker::new(),
             connections: TaskTracker::new(),
             conn_stop: CancellationToken::new(),
             background,
@@ -270,6 +278,7 @@ impl Shared {
         let ctx = self.build_ctx(live, lc, stats.clone(), gate.clone(), clients.clone());
         let slot: Slot = Arc::new(ArcSwap::from_pointee(ctx));
         let accept_stop = CancellationToken::new();
+        let accepting = TaskTracker::new();
         let mut addrs = Vec::new();
         for s in socks {
             if let Ok(a) = s.get_ref().local_addr()
@@ -277,7 +286,7 @@ impl Shared {
             {
                 addrs.push(a);
             }
-            self.accepting.spawn(listener::accept_loop(
+            accepting.spawn(listener::accept_loop(
                 s,
                 slot.clone(),
                 accept_stop.clone(),
@@ -292,6 +301,7 @@ impl Shared {
             clients,
             addrs,
             accept_stop,
+            accepting,
         }
     }
 
@@ -422,7 +432,12 @@ impl Shared {
                 .listeners
                 .values()
                 .filter(|l| {
-                    l.cfg.listen.iter().any(|a| lc.listen.contains(a)) && l.cfg.name != lc.name
+                    // Port 0 (an ephemeral port) never clashes.
+                    l.cfg
+                        .listen
+                        .iter()
+                        .any(|a| a.port() != 0 && lc.listen.contains(a))
+                        && l.cfg.name != lc.name
                 })
                 .collect();
             if !reuse.is_empty() {
@@ -543,7 +558,7 @@ impl Shared {
                 }
                 (prev, Some(socks)) => {
                     if let Some(p) = &prev {
-                        p.accept_stop.cancel();
+                        p.stop_accepting().await;
                         changes.push(format!("listener {:?} moved to new addresses", lc.name));
                     } else {
                         changes.push(format!("listener {:?} added", lc.name));
@@ -558,8 +573,9 @@ impl Shared {
             }
         }
         for (name, l) in live.listeners.drain() {
-            // Its connections finish on their own; new connects are refused from now.
-            l.accept_stop.cancel();
+            // New connects are refused from the moment this returns; open connections
+            // finish on their own.
+            l.stop_accepting().await;
             changes.push(format!("listener {name:?} removed; its connections drain"));
         }
         live.listeners = listeners;
@@ -575,11 +591,11 @@ impl Shared {
             for l in live.listeners.values() {
                 l.accept_stop.cancel();
             }
+            for l in live.listeners.values() {
+                l.stop_accepting().await;
+            }
             (live.cfg.global.drain_timeout, live.access_log.clone())
         };
-        // Accept loops drop their sockets as soon as they see the cancellation.
-        self.accepting.close();
-        self.accepting.wait().await;
         self.connections.close();
         tracing::info!(
             "stopped accepting; waiting up to {drain_timeout:?} for {} open connection(s)",

@@ -81,14 +81,17 @@ impl Histogram {
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative buckets as (upper bound, count)).
+    /// (sum in seconds, count, buckets as (upper bound, count in that bucket)), the way the
+    /// OpenMetrics encoder takes them: it accumulates the counts itself, and writes `+Inf`
+    /// for an upper bound of `f64::MAX`.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut cum = 0;
+        let mut total = 0;
         let mut buckets = Vec::with_capacity(self.counts.len());
         for (i, c) in self.counts.iter().enumerate() {
-            cum += c.load(Relaxed);
-            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), cum));
+            let n = c.load(Relaxed);
+            total += n;
+            buckets.push((self.bounds.get(i).copied().unwrap_or(f64::MAX), n));
         }
-        (self.sum_ns.load(Relaxed) as f64 / 1e9, cum, buckets)
+        (self.sum_ns.load(Relaxed) as f64 / 1e9, total, buckets)
     }
 }
