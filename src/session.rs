@@ -31,7 +31,6 @@ pub async fn serve(
     let l = permit.listener();
     let ts = SystemTime::now();
     let start = Instant::now();
-    let _ = client.get_ref().set_nodelay(true);
 
     let c = match Box::pin(set_up(&client, peer, &permit, client_permit)).await {
         Ok(c) => c,

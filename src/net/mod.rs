@@ -70,11 +70,15 @@ pub async fn connect(
     }
     let sock = register(std::net::TcpStream::from(fd)).map_err(ConnectError::Failed)?;
     let established = async {
-        // Writable means the handshake finished, one way or the other.
-        let _ready = sock.writable().await?;
+        // Writable means the handshake finished, one way or the other; only when the
+        // kernel flagged an error is it worth a syscall to learn which.
+        let ready = sock.writable().await?.ready();
+        if !ready.is_error() && !ready.is_write_closed() {
+            return Ok(());
+        }
         match sock.get_ref().take_error()? {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Err(io::Error::other("connect failed")),
         }
     };
     match tokio::time::timeout(timeout, established).await {
@@ -116,6 +120,9 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Listener>
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listening socket (Linux): set once
+    // here rather than once per connection.
+    socket.set_tcp_nodelay(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
