@@ -71,6 +71,7 @@ pub fn config(listen: SocketAddr, admin: SocketAddr, servers: Vec<SocketAddr>) -
         expect: Some(b"hello from echo".to_vec()),
         passive: None,
         fail_open: false,
+        send_proxy: false,
     });
     cfg.admin = Some(Admin {
         listen: admin,

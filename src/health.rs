@@ -3,9 +3,10 @@
 //! not align). `fall` consecutive failures mark an up server down, `rise` consecutive
 //! successes mark a down server up; each transition is logged with its reason.
 //!
-//! Checks go straight to the server, without the PROXY header even when the upstream
-//! sends one to its servers (most servers accept a plain connection on the same port only
-//! where they don't require it; a check that needs it can use `send`).
+//! Checks go to the server without the PROXY header, even when the upstream sends one on
+//! client connections: a check is ferry's own connection, not a client's. For servers that
+//! require the header on every connection, `send_proxy = true` sends it, carrying the
+//! checker's own addresses.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -75,7 +76,8 @@ async fn check_loop(
             return;
         }
         let started = Instant::now();
-        let result = check_once(s.addr, &cfg).await;
+        let proxy = pool.proxy_protocol.filter(|_| cfg.send_proxy);
+        let result = check_once(s.addr, &cfg, proxy).await;
         record(&pool, &s, &cfg, result, started.elapsed());
         next = Instant::now() + jitter(cfg.interval, 0.9, 1.1);
     }
@@ -86,11 +88,23 @@ fn checks(n: u32) -> &'static str {
 }
 
 /// One check. `Err` carries the reason.
-pub async fn check_once(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
+pub async fn check_once(
+    addr: SocketAddr,
+    cfg: &HealthConfig,
+    proxy: Option<crate::wire::proxy::Version>,
+) -> Result<(), String> {
     let work = async {
         let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+        if let Some(v) = proxy {
+            // The checker's own connection: its own addresses.
+            let local = s.local_addr().map_err(|e| format!("local address: {e}"))?;
+            let header = crate::wire::proxy::encode(v, local, addr);
+            s.write_all(&header)
+                .await
+                .map_err(|e| format!("send PROXY header: {e}"))?;
+        }
         if let Some(send) = &cfg.send {
             s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
         }

@@ -1007,3 +1007,45 @@ queue = { size = 1, timeout = "10s" }"#,
     assert_eq!(read_line(&mut c, WAIT).await.as_deref(), Ok("q"));
     assert_eq!(read_line(&mut c, WAIT).await.as_deref(), Ok("hi"));
 }
+
+/// When every server is down, new connections are refused (`no_server`); with
+/// `fail_open = true` they are sent to the servers anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_down_refuses_unless_fail_open() {
+    // The backend works but fails its health check (it never sends what is expected).
+    let s = Backend::start("127.0.0.1", "s").await;
+    for fail_open in [false, true] {
+        let config = format!(
+            "{HEAD}{}{}",
+            listener("front", "pool"),
+            upstream(
+                "pool",
+                "round_robin",
+                &[quoted(&s)],
+                &format!(
+                    r#"[upstream.health]
+interval = "100ms"
+timeout = "200ms"
+fall = 1
+expect = "NEVER"
+fail_open = {fail_open}"#
+                ),
+            ),
+        );
+        let ferry = Ferry::start(&config, 1).await;
+        let admin = admin_addr(&ferry).await;
+        wait_state(admin, "pool", s.addr, "down", WAIT).await;
+        let front = ferry.addr("front");
+        if fail_open {
+            assert_eq!(
+                who(front, None).await,
+                "s",
+                "fail_open sends to a down server"
+            );
+        } else {
+            let client = expect_closed_at_once(front, Duration::from_secs(1)).await;
+            let refused = ferry.records_with("no_server", 1, WAIT).await;
+            assert!(record_for(&refused, client)["server"].is_null());
+        }
+    }
+}

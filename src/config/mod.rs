@@ -254,6 +254,9 @@ pub struct HealthConfig {
     pub passive: Option<PassiveConfig>,
     /// When every server is down, try them anyway rather than refuse (`no_server`).
     pub fail_open: bool,
+    /// Send the upstream's PROXY header first on checks too (for servers that require it
+    /// on every connection).
+    pub send_proxy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -386,6 +386,7 @@ const HEALTH_KEYS: &[&str] = &[
     "expect",
     "passive",
     "fail_open",
+    "send_proxy",
 ];
 const TCP_KEYS: &[&str] = &["nodelay", "keepalive", "send_buffer", "recv_buffer"];
 
@@ -793,6 +794,13 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
             None
         }
     };
+    if health.as_ref().is_some_and(|h| h.send_proxy) && proxy_protocol.is_none() {
+        let span = t.get("health").map(|v| v.span()).unwrap_or(0..0);
+        cx.err(
+            span,
+            "`send_proxy` in [upstream.health] needs the upstream's `proxy_protocol`",
+        );
+    }
     t.finish(cx, UPSTREAM_KEYS, UPSTREAM_LATER);
 
     let named = name
@@ -844,6 +852,7 @@ fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
     });
     let fail_open = h.bool(cx, "fail_open").unwrap_or(false);
     let active = h.bool(cx, "active").unwrap_or(true);
+    let send_proxy = h.bool(cx, "send_proxy").unwrap_or(false);
     h.finish(cx, HEALTH_KEYS, &[]);
     Some(HealthConfig {
         active,
@@ -855,6 +864,7 @@ fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
         expect,
         passive,
         fail_open,
+        send_proxy,
     })
 }
 
