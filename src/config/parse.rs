@@ -541,8 +541,26 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
     }
 }
 
-/// A listener: its name (if it has one), and the listener if it is valid.
+/// A listener or upstream: its name and where it is (if it has one), and the object if it
+/// is valid. The name counts (for duplicates and references) even when the rest is wrong.
 type Named<T> = (Option<(String, Range<usize>)>, Option<T>);
+
+/// The required, non-empty `name` of a table: as a string, and with its position.
+fn name_of<'a>(
+    cx: &mut Cx<'_>,
+    t: &Tab<'a, '_>,
+) -> (Option<&'a str>, Option<(String, Range<usize>)>) {
+    let name_v = t.required(cx, "name");
+    let name = name_v.and_then(|v| as_str(cx, "name", v));
+    if let (Some(""), Some(v)) = (name, name_v) {
+        cx.err(v.span(), "`name` must not be empty");
+    }
+    let named = name
+        .filter(|n| !n.is_empty())
+        .zip(name_v)
+        .map(|(n, v)| (n.to_string(), v.span()));
+    (name, named)
+}
 
 fn listener(
     cx: &mut Cx<'_>,
@@ -550,11 +568,7 @@ fn listener(
     upstreams: &HashMap<String, Option<usize>>,
     bound: &mut HashMap<SocketAddr, String>,
 ) -> Named<Listener> {
-    let name_v = t.required(cx, "name");
-    let name = name_v.and_then(|v| as_str(cx, "name", v));
-    if let (Some(""), Some(v)) = (name, name_v) {
-        cx.err(v.span(), "`name` must not be empty");
-    }
+    let (name, named) = name_of(cx, &t);
     let who = name.unwrap_or("?").to_string();
 
     let mut listen = Vec::new();
@@ -641,10 +655,6 @@ fn listener(
         .and_then(|p| proxy_accept(cx, p));
     t.finish(cx, LISTENER_KEYS, LISTENER_LATER);
 
-    let named = name
-        .filter(|n| !n.is_empty())
-        .zip(name_v)
-        .map(|(n, v)| (n.to_string(), v.span()));
     let l = (|| {
         Some(Listener {
             name: name?.to_string(),
@@ -664,11 +674,7 @@ fn listener(
 }
 
 fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
-    let name_v = t.required(cx, "name");
-    let name = name_v.and_then(|v| as_str(cx, "name", v));
-    if let (Some(""), Some(v)) = (name, name_v) {
-        cx.err(v.span(), "`name` must not be empty");
-    }
+    let (name, named) = name_of(cx, &t);
     let factor = t
         .uint(cx, "hash_balance_factor", 101, 10_000)
         .map(|n| n as u32);
@@ -803,10 +809,6 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
     }
     t.finish(cx, UPSTREAM_KEYS, UPSTREAM_LATER);
 
-    let named = name
-        .filter(|n| !n.is_empty())
-        .zip(name_v)
-        .map(|(n, v)| (n.to_string(), v.span()));
     let u = (|| {
         Some(Upstream {
             name: name?.to_string(),
