@@ -465,14 +465,20 @@ impl Shared {
                 }
             }
         }
-        let access_log = if cfg.log.access != old.log.access
+        let log_changed = cfg.log.access != old.log.access
             || cfg.log.format != old.log.format
             || cfg.log.interval != old.log.interval
-            || cfg.log.on_connect != old.log.on_connect
-        {
+            || cfg.log.on_connect != old.log.on_connect;
+        // An access log file is reopened on every reload, so that log rotation works as
+        // with other daemons: move the file, then SIGHUP. Connections that started before
+        // finish writing to the old one.
+        let reopen = matches!(cfg.log.access, config::AccessTarget::File(_));
+        let access_log = if log_changed || reopen {
             match open_log(&cfg) {
                 Ok(l) => {
-                    changes.push("access log settings changed".into());
+                    if log_changed {
+                        changes.push("access log settings changed".into());
+                    }
                     l
                 }
                 Err(e) => return ReloadOutcome::Rejected(vec![e.to_string()]),
