@@ -249,6 +249,52 @@ mod tests {
         every_prefix(&h, Accept::Any, Addresses::Local);
     }
 
+    /// Arbitrary bytes never panic, and every answer is consistent: a `Complete` header is
+    /// no longer than the input and parses the same with trailing bytes added; an
+    /// `Invalid` prefix stays invalid however it continues.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut rng = fastrand::Rng::with_seed(0x5eed);
+        let seeds: [&[u8]; 4] = [
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 51000 443\r\n",
+            b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\n",
+            b"PROXY UNKNOWN\r\n",
+            V2_SIGNATURE,
+        ];
+        for i in 0..20_000 {
+            // Mutate a valid start, or take random bytes.
+            let mut buf: Vec<u8> = if i % 2 == 0 {
+                seeds[i % seeds.len()].to_vec()
+            } else {
+                (0..rng.usize(0..64)).map(|_| rng.u8(..)).collect()
+            };
+            for _ in 0..rng.usize(0..4) {
+                if !buf.is_empty() {
+                    let at = rng.usize(..buf.len());
+                    buf[at] = rng.u8(..);
+                }
+            }
+            let extra: Vec<u8> = (0..rng.usize(0..300)).map(|_| rng.u8(..)).collect();
+            buf.extend_from_slice(&extra);
+            for accept in [Accept::V1, Accept::V2, Accept::Any] {
+                match parse(&buf, accept) {
+                    Parsed::Complete { len, addresses } => {
+                        assert!(len <= buf.len());
+                        let mut more = buf.clone();
+                        more.extend_from_slice(b"tail");
+                        assert_eq!(parse(&more, accept), Parsed::Complete { len, addresses });
+                    }
+                    Parsed::Invalid(_) => {
+                        let mut more = buf.clone();
+                        more.extend_from_slice(b"\r\n");
+                        assert!(matches!(parse(&more, accept), Parsed::Invalid(_)));
+                    }
+                    Parsed::Incomplete => assert!(buf.len() < MAX_HEADER),
+                }
+            }
+        }
+    }
+
     #[test]
     fn refuses_garbage_and_wrong_versions() {
         assert!(matches!(
