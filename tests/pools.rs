@@ -843,6 +843,22 @@ resolve_interval = "300ms"
     }
     // The connection opened before the swap still reaches the old server.
     echo_round_trip(&mut held, b"still on the old one\n").await;
+
+    // The name stops resolving: a warning, and the last good address keeps serving.
+    ferry.rewrite_hosts("127.0.0.1 localhost\n");
+    ferry
+        .stderr
+        .wait(WAIT, |l| l.contains("cannot resolve testhost.ferry"))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no warning for a failed lookup; stderr:\n{}",
+                ferry.stderr.text()
+            )
+        });
+    for _ in 0..3 {
+        assert_eq!(who(ferry.listen, None).await, "new");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

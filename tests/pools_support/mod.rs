@@ -500,10 +500,19 @@ impl NsFerry {
         std::fs::write(&hosts_path, hosts).expect("write hosts");
         let cfg_path = dir.path().join("ferry.toml");
         std::fs::write(&cfg_path, config).expect("write config");
+        // Names not in the hosts file go to a DNS server on loopback (where none listens,
+        // so a lookup fails at once): no query ever leaves the machine.
+        let resolv_path = dir.path().join("resolv.conf");
+        std::fs::write(
+            &resolv_path,
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+        .expect("write resolv.conf");
         require_mount_namespace(&hosts_path);
         let script = format!(
-            "mount --bind '{}' /etc/hosts && exec '{}' run --config '{}'",
+            "mount --bind '{}' /etc/hosts && {{ [ ! -e /etc/resolv.conf ] || mount --bind '{}' /etc/resolv.conf; }} && exec '{}' run --config '{}'",
             hosts_path.display(),
+            resolv_path.display(),
             ferry_bin(),
             cfg_path.display()
         );
