@@ -129,6 +129,8 @@ pub fn relay<'a>(
         meters,
         progress,
         sleep: tokio::time::sleep_until(first),
+        stop,
+        cancel_registered: false,
         cancelled: stop.cancelled(),
     }
 }
@@ -154,6 +156,10 @@ pin_project_lite::pin_project! {
         // whichever comes first, and is re-armed lazily (reads only note the time).
         #[pin]
         sleep: tokio::time::Sleep,
+        stop: &'a CancellationToken,
+        // The drain signal: polled once, to register this task's waker with it; after
+        // that an atomic check per wake-up suffices (re-polling would take its lock).
+        cancel_registered: bool,
         #[pin]
         cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
     }
@@ -173,8 +179,15 @@ impl Future for Relay<'_> {
         let end = match io {
             Poll::Ready(end) => end,
             Poll::Pending => loop {
-                if this.cancelled.as_mut().poll(cx).is_ready() {
-                    break End::Drained;
+                if *this.cancel_registered {
+                    if this.stop.is_cancelled() {
+                        break End::Drained;
+                    }
+                } else {
+                    *this.cancel_registered = true;
+                    if this.cancelled.as_mut().poll(cx).is_ready() {
+                        break End::Drained;
+                    }
                 }
                 if this.sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
