@@ -19,19 +19,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emfile_backs_off_and_recovers() {
     let echo = echo_server().await;
-    let config = format!(
-        r#"
-[log]
-access = "@LOG@"
-[[listener]]
-name = "front"
-listen = "127.0.0.1:0"
-upstream = "echo"
-[[upstream]]
-name = "echo"
-servers = ["{echo}"]
-"#
-    );
+    let config = echo_config("", echo);
     let mut ferry = Ferry::start(&config, 1).await;
     let addr = ferry.addr("front");
     let pid = ferry.pid();

@@ -11,25 +11,6 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn echo_config(listener_extra: &str, echo: SocketAddr) -> String {
-    format!(
-        r#"
-[log]
-access = "@LOG@"
-
-[[listener]]
-name = "front"
-listen = "127.0.0.1:0"
-upstream = "echo"
-{listener_extra}
-
-[[upstream]]
-name = "echo"
-servers = ["{echo}"]
-"#
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_reader_gets_backpressure_and_does_not_slow_others() {
     stalled_reader(true).await;

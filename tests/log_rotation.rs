@@ -7,19 +7,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reopens_the_access_log_file() {
     let echo = echo_server().await;
-    let config = format!(
-        r#"
-[log]
-access = "@LOG@"
-[[listener]]
-name = "front"
-listen = "127.0.0.1:0"
-upstream = "echo"
-[[upstream]]
-name = "echo"
-servers = ["{echo}"]
-"#
-    );
+    let config = echo_config("", echo);
     let ferry = Ferry::start(&config, 1).await;
     let addr = ferry.addr("front");
 

@@ -800,3 +800,24 @@ pub fn black_hole() -> BlackHole {
         _fillers: fillers,
     }
 }
+
+/// A config with one listener `front` on `127.0.0.1:0` (plus `listener_extra` lines) in
+/// front of the single server `echo`, access log to the test's file.
+pub fn echo_config(listener_extra: &str, echo: SocketAddr) -> String {
+    format!(
+        r#"
+[log]
+access = "@LOG@"
+
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "echo"
+{listener_extra}
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#
+    )
+}
