@@ -18,3 +18,4 @@ pub mod runtime;
 pub mod session;
 pub mod upstream;
 pub mod wire;
+pub mod workers;

@@ -228,20 +228,48 @@ impl Drop for Permit {
     }
 }
 
-/// Binds every address of a listener: one socket per address, or with `reuse_port` one per
-/// worker. Port 0 binds an ephemeral port, shared by that address's sockets.
-pub fn bind(addrs: &[SocketAddr], reuse_port: bool, workers: usize) -> io::Result<Vec<Listener>> {
+/// A listening socket and the worker that accepts on it.
+pub struct Bound {
+    pub worker: usize,
+    pub socket: std::net::TcpListener,
+}
+
+/// Binds every address of a listener, with a socket for each worker: with `reuse_port`, a
+/// socket of its own per worker (the kernel spreads new connections over them); without,
+/// one socket per address whose descriptor every worker accepts on. Port 0 binds an
+/// ephemeral port, shared by that address's sockets.
+///
+/// With `reuse_port`, an address that some other socket listens on is refused
+/// (`AddrInUse`) even if that socket has SO_REUSEPORT too: a second ferry started by
+/// mistake must fail, not quietly take half the connections. Addresses in `own` (held by
+/// this process's current listeners, during a reload) are not checked.
+pub fn bind(
+    addrs: &[SocketAddr],
+    reuse_port: bool,
+    workers: usize,
+    own: &[SocketAddr],
+) -> io::Result<Vec<Bound>> {
     let mut out = Vec::new();
     for addr in addrs {
+        if reuse_port && addr.port() != 0 && !own.contains(addr) {
+            crate::net::check_free(*addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        }
         let first = crate::net::bind_listener(*addr, reuse_port)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        let actual = first.get_ref().local_addr()?;
-        out.push(first);
-        if reuse_port {
-            for _ in 1..workers.max(1) {
-                out.push(crate::net::bind_listener(actual, true)?);
-            }
+        let actual = first.local_addr()?;
+        for worker in 1..workers.max(1) {
+            let socket = if reuse_port {
+                crate::net::bind_listener(actual, true)?
+            } else {
+                first.try_clone()?
+            };
+            out.push(Bound { worker, socket });
         }
+        out.push(Bound {
+            worker: 0,
+            socket: first,
+        });
     }
     Ok(out)
 }
@@ -250,14 +278,23 @@ pub fn bind(addrs: &[SocketAddr], reuse_port: bool, workers: usize) -> io::Resul
 pub type Slot = Arc<arc_swap::ArcSwap<ListenerCtx>>;
 
 /// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
-/// are refused from that moment). Each wake-up accepts every connection waiting. Resource
-/// errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off and retry rather than spin or exit.
+/// are refused once every worker's loop on it has stopped). Runs on a worker, which
+/// registers the socket with its runtime and serves there every connection it accepts.
+/// Each wake-up accepts every connection waiting. Resource errors (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM) back off and retry rather than spin or exit.
 pub async fn accept_loop(
-    listener: Listener,
+    socket: std::net::TcpListener,
     slot: Slot,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let listener: Listener = match crate::net::register(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listener = %slot.load().name, "cannot register the listening socket: {e}");
+            return;
+        }
+    };
     let mut backoff = Duration::ZERO;
     let mut last_warn: Option<tokio::time::Instant> = None;
     'outer: loop {

@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use ferry::config::{Balance, Config, ConfigErrors};
+use std::sync::Arc;
+
 use ferry::runtime::{Proxy, effective_workers};
+use ferry::workers::Workers;
 
 #[derive(Parser)]
 #[command(
@@ -139,17 +142,17 @@ fn init_logging(level: tracing::Level) {
         .init();
 }
 
-fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(effective_workers(workers))
-        .thread_name("ferry-worker")
+/// The control plane's runtime (admin server, health checks, DNS, reload, signals), on the
+/// main thread; connections run on the worker threads (`ferry::workers`).
+fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }
 
 /// Runs `cfg` on a new runtime until a signal.
 fn serve(cfg: Config, config_path: Option<PathBuf>) -> ExitCode {
-    match build_runtime(cfg.global.workers) {
+    match build_runtime() {
         Ok(rt) => serve_on(rt, cfg, config_path, |_| {}),
         Err(e) => {
             eprintln!("ferry: cannot start the runtime: {e}");
@@ -166,8 +169,15 @@ fn serve_on(
     banner: impl FnOnce(&Proxy),
 ) -> ExitCode {
     init_logging(cfg.log.level);
+    let workers = match Workers::start(effective_workers(cfg.global.workers)) {
+        Ok(w) => Arc::new(w),
+        Err(e) => {
+            tracing::error!("cannot start the worker threads: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let code = rt.block_on(async {
-        let proxy = match Proxy::start(&cfg, config_path).await {
+        let proxy = match Proxy::start(&cfg, config_path, workers.clone()).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e}");
@@ -185,11 +195,12 @@ fn serve_on(
     });
     // Every connection has ended; don't wait for anything else.
     rt.shutdown_background();
+    workers.shutdown();
     code
 }
 
 fn demo() -> ExitCode {
-    let rt = match build_runtime(0) {
+    let rt = match build_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry demo: cannot start the runtime: {e}");

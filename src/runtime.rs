@@ -16,18 +16,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
-use crate::net::Listener as TcpListener;
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config};
-use crate::listener::{self, Gate, ListenerCtx, Slot};
+use crate::listener::{self, Bound, Gate, ListenerCtx, Slot};
 use crate::observe::{AccessLog, ListenerStats};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
 use crate::upstream::Pool;
+use crate::workers::Workers;
 
 /// How long connections cut by the drain timeout get to write their log records.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -57,6 +57,8 @@ pub struct Shared {
     conn_stop: CancellationToken,
     /// Health checks, DNS, housekeeping.
     background: CancellationToken,
+    /// The data-plane threads: accept loops and connections run there.
+    workers: Arc<Workers>,
 }
 
 /// The parts of the running proxy that only reload and drain change.
@@ -148,18 +150,24 @@ fn open_log(cfg: &Config) -> io::Result<Arc<AccessLog>> {
     })
 }
 
-fn bind_all(lc: &config::Listener, workers: usize) -> io::Result<Vec<TcpListener>> {
-    listener::bind(&lc.listen, lc.reuse_port, workers)
+fn bind_all(lc: &config::Listener, workers: usize, own: &[SocketAddr]) -> io::Result<Vec<Bound>> {
+    listener::bind(&lc.listen, lc.reuse_port, workers, own)
 }
 
 impl Proxy {
-    /// Builds the runtime objects and binds every listener. Must run inside a tokio runtime.
+    /// Builds the runtime objects and binds every listener; `workers` accept and serve the
+    /// connections. Must run inside a tokio runtime: the control plane (admin server,
+    /// health checks, DNS, housekeeping, reload) runs on it.
     ///
     /// Fails (nothing left bound) if an address cannot be bound or the access log cannot be
     /// opened.
-    pub async fn start(cfg: &Config, config_path: Option<PathBuf>) -> io::Result<Proxy> {
+    pub async fn start(
+        cfg: &Config,
+        config_path: Option<PathBuf>,
+        workers: Arc<Workers>,
+    ) -> io::Result<Proxy> {
         let access_log = open_log(cfg)?;
-        let workers = effective_workers(cfg.global.workers);
+        let n_workers = workers.len();
         let global = Arc::new(Gate::new(cfg.global.max_connections));
         let background = CancellationToken::new();
 
@@ -172,7 +180,7 @@ impl Proxy {
         // starts nothing.
         let mut sockets = Vec::new();
         for lc in &cfg.listeners {
-            sockets.push(bind_all(lc, workers)?);
+            sockets.push(bind_all(lc, n_workers, &[])?);
         }
         let admin = match &cfg.admin {
             Some(a) => Some((crate::admin::bind(a.listen).await?, a.token.clone())),
@@ -198,6 +206,7 @@ impl Proxy {
             connections: TaskTracker::new(),
             conn_stop: CancellationToken::new(),
             background,
+            workers,
         });
 
         let mut bound = Vec::new();
@@ -265,7 +274,7 @@ impl Shared {
         &self,
         live: &Live,
         lc: &config::Listener,
-        socks: Vec<TcpListener>,
+        socks: Vec<Bound>,
         prev: Option<&LiveListener>,
     ) -> LiveListener {
         let stats = prev.map_or_else(Arc::default, |p| p.stats.clone());
@@ -280,18 +289,21 @@ impl Shared {
         let accept_stop = CancellationToken::new();
         let accepting = TaskTracker::new();
         let mut addrs = Vec::new();
-        for s in socks {
-            if let Ok(a) = s.get_ref().local_addr()
+        for b in socks {
+            if let Ok(a) = b.socket.local_addr()
                 && !addrs.contains(&a)
             {
                 addrs.push(a);
             }
-            accepting.spawn(listener::accept_loop(
-                s,
-                slot.clone(),
-                accept_stop.clone(),
-                self.connections.clone(),
-            ));
+            accepting.spawn_on(
+                listener::accept_loop(
+                    b.socket,
+                    slot.clone(),
+                    accept_stop.clone(),
+                    self.connections.clone(),
+                ),
+                self.workers.handle(b.worker),
+            );
         }
         LiveListener {
             cfg: lc.clone(),
@@ -415,10 +427,15 @@ impl Shared {
         let mut live = self.live.lock().await;
         let mut changes = Vec::new();
         let old = live.cfg.clone();
-        let workers = effective_workers(old.global.workers);
+        let workers = self.workers.len();
+        let own: Vec<SocketAddr> = live
+            .listeners
+            .values()
+            .flat_map(|l| l.addrs.iter().copied())
+            .collect();
 
         // Bind what is new first: if any address cannot be bound, nothing changes.
-        let mut new_sockets: HashMap<String, Vec<TcpListener>> = HashMap::new();
+        let mut new_sockets: HashMap<String, Vec<Bound>> = HashMap::new();
         for lc in &cfg.listeners {
             let keep = live
                 .listeners
@@ -447,7 +464,7 @@ impl Shared {
                 )]);
             }
             // A changed listener keeps its addresses that stay: release them before binding.
-            match bind_all(lc, workers) {
+            match bind_all(lc, workers, &own) {
                 Ok(s) => {
                     new_sockets.insert(lc.name.clone(), s);
                 }
@@ -624,7 +641,11 @@ impl Shared {
         self.background.cancel();
         tracing::info!("drained ({stopped:?})");
         // Every record written before the process exits.
-        if !tokio::task::block_in_place(|| access_log.flush(CLOSE_GRACE)) {
+        let log = access_log.clone();
+        let flushed = tokio::task::spawn_blocking(move || log.flush(CLOSE_GRACE))
+            .await
+            .unwrap_or(false);
+        if !flushed {
             tracing::warn!("the access log could not be flushed within {CLOSE_GRACE:?}");
         }
         let dropped = access_log.dropped();

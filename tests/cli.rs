@@ -106,6 +106,35 @@ fn missing_config_file_exits_1() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// Listeners use SO_REUSEPORT by default (a socket per worker); an address that another
+/// socket with SO_REUSEPORT already listens on (a second ferry started by mistake) is still
+/// refused, not shared.
+#[test]
+fn port_taken_by_a_reuse_port_socket_exits_2() {
+    let taken = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    taken.set_reuse_address(true).unwrap();
+    taken.set_reuse_port(true).unwrap();
+    taken
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    taken.listen(16).unwrap();
+    let addr = taken.local_addr().unwrap().as_socket().unwrap();
+    let addr_s = addr.to_string();
+    let out = run_ferry(&["run", "--listen", &addr_s, "--upstream", "127.0.0.1:9"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "stderr: {stderr}"
+    );
+    drop(taken);
+}
+
 #[test]
 fn occupied_port_exits_2() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

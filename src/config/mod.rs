@@ -115,7 +115,8 @@ pub struct Listener {
     pub idle_timeout: Duration,
     /// Connections open at once on this listener; `None` = only the global limit.
     pub max_connections: Option<usize>,
-    /// SO_REUSEPORT with one accept socket per worker.
+    /// SO_REUSEPORT with one accept socket per worker (the default); otherwise one socket
+    /// per address that every worker accepts on.
     pub reuse_port: bool,
     /// If set, only clients in these networks may connect.
     pub allow: Option<Vec<IpNet>>,
@@ -345,7 +346,7 @@ impl Config {
                 upstream: 0,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
                 max_connections: None,
-                reuse_port: false,
+                reuse_port: true,
                 allow: None,
                 deny: Vec::new(),
                 per_client: None,

@@ -641,7 +641,7 @@ fn listener(
     let max_connections = t
         .uint(cx, "max_connections", 1, 10_000_000)
         .map(|n| n as usize);
-    let reuse_port = t.bool(cx, "reuse_port").unwrap_or(false);
+    let reuse_port = t.bool(cx, "reuse_port").unwrap_or(true);
     let allow = t.get("allow").map(|v| cidr_list(cx, "allow", v));
     let deny = t
         .get("deny")

@@ -110,9 +110,10 @@ pub fn close_with_reset(sock: Sock) {
     drop(sock);
 }
 
-/// Binds a listening socket. With `reuse_port`, several sockets may bind the same address
-/// and the kernel spreads new connections over them.
-pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Listener> {
+/// Binds a listening socket (non-blocking, not yet registered with a runtime: the worker
+/// that accepts on it registers it). With `reuse_port`, several sockets may bind the same
+/// address and the kernel spreads new connections over them.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     if addr.is_ipv6() {
@@ -129,7 +130,20 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Listener>
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    register(socket.into())
+    Ok(socket.into())
+}
+
+/// Fails with `AddrInUse` if a socket listens on `addr`, whatever its options: binds a
+/// probe socket there without SO_REUSEPORT (with SO_REUSEADDR, as listeners have, so that
+/// connections in TIME_WAIT do not count), then closes it.
+pub fn check_free(addr: SocketAddr) -> io::Result<()> {
+    let domain = socket2::Domain::for_address(addr);
+    let probe = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())
 }
 
 /// Accepts one connection if one is waiting: `Ok(None)` when none is (readiness cleared).
