@@ -216,14 +216,22 @@ def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
     return pids
 
 
-def cpu_seconds(pgid: int) -> float:
-    """utime+stime (+ reaped children's) summed over the process group, in seconds."""
-    ticks = 0
+def cpu_times(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds (+ reaped children's) summed over the process group.
+    System time is the kernel's work done on the proxy's behalf: its system calls, and
+    the loopback TCP processing that runs in their context."""
+    user = system = 0
     for pid in group_pids(pgid):
         f = _stat_fields(pid)
         if f and len(f) > 14:
-            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return ticks / CLK_TCK
+            user += int(f[11]) + int(f[13])
+            system += int(f[12]) + int(f[14])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pgid: int) -> float:
+    """utime+stime (+ reaped children's) summed over the process group, in seconds."""
+    return sum(cpu_times(pgid))
 
 
 def memory_kib(pgid: int) -> dict:
@@ -666,11 +674,11 @@ class Bench:
                 def body(port, pgid):
                     out = {}
                     for streams in (1, 8):
-                        cpu0 = cpu_seconds(pgid) if pgid else None
+                        cpu0 = cpu_times(pgid) if pgid else None
                         res = run_capture(["iperf3", "-c", LOOP, "-p", str(port), "-t", str(secs),
                                            "-P", str(streams), "-J", "--connect-timeout", "5000"],
                                           timeout=secs + 30)
-                        cpu1 = cpu_seconds(pgid) if pgid else None
+                        cpu1 = cpu_times(pgid) if pgid else None
                         try:
                             j = json.loads(res.stdout)
                         except json.JSONDecodeError:
@@ -683,8 +691,10 @@ class Bench:
                         out[f"p{streams}_gbps"] = recv["bits_per_second"] / 1e9
                         out[f"p{streams}_bytes"] = recv["bytes"]
                         if pgid and gb > 0:
-                            out[f"p{streams}_cpu_s"] = cpu1 - cpu0
-                            out[f"p{streams}_cpu_s_per_gb"] = (cpu1 - cpu0) / gb
+                            cpu = sum(cpu1) - sum(cpu0)
+                            out[f"p{streams}_cpu_s"] = cpu
+                            out[f"p{streams}_cpu_s_per_gb"] = cpu / gb
+                            out[f"p{streams}_sys_s_per_gb"] = (cpu1[1] - cpu0[1]) / gb
                         time.sleep(0.3)
                     return out
                 return self.with_proxy(c, srv.port, f"bulk-r{r + 1}", body)
@@ -706,10 +716,10 @@ class Bench:
         try:
             def one(c: Contender, r: int):
                 def body(port, pgid):
-                    cpu0 = cpu_seconds(pgid) if pgid else None
+                    cpu0 = cpu_times(pgid) if pgid else None
                     res = run_capture(["redis-benchmark", "-h", LOOP, "-p", str(port), "-c", str(clients),
                                        "-n", str(n), "-t", "ping,set,get", "--csv"], timeout=600)
-                    cpu1 = cpu_seconds(pgid) if pgid else None
+                    cpu1 = cpu_times(pgid) if pgid else None
                     tests = parse_redis_csv(res.stdout)
                     if not tests:
                         raise RuntimeError(f"redis-benchmark: no CSV rows (rc {res.returncode}): "
@@ -717,8 +727,9 @@ class Bench:
                     out = {"tests": tests}
                     if pgid:
                         total = n * len(tests)
-                        out["cpu_s"] = cpu1 - cpu0
-                        out["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / total
+                        out["cpu_s"] = sum(cpu1) - sum(cpu0)
+                        out["cpu_us_per_req"] = out["cpu_s"] * 1e6 / total
+                        out["sys_us_per_req"] = (cpu1[1] - cpu0[1]) * 1e6 / total
                     return out
                 return self.with_proxy(c, srv.port, f"redis-r{r + 1}", body)
 
@@ -735,11 +746,11 @@ class Bench:
         try:
             def one(c: Contender, r: int):
                 def body(port, pgid):
-                    cpu0 = cpu_seconds(pgid) if pgid else None
+                    cpu0 = cpu_times(pgid) if pgid else None
                     res = run_capture([self.tool("connrate"), "--target", f"{LOOP}:{port}",
                                        "--duration", str(secs), "--workers", str(workers)],
                                       timeout=secs + 60)
-                    cpu1 = cpu_seconds(pgid) if pgid else None
+                    cpu1 = cpu_times(pgid) if pgid else None
                     try:
                         j = json.loads(res.stdout.strip().splitlines()[-1])
                     except (json.JSONDecodeError, IndexError):
@@ -748,8 +759,9 @@ class Bench:
                            "p50_ms": j["latency_us"]["p50"] / 1000, "p99_ms": j["latency_us"]["p99"] / 1000,
                            "first_error": j.get("first_error")}
                     if pgid and j["completed"]:
-                        out["cpu_s"] = cpu1 - cpu0
-                        out["cpu_us_per_conn"] = (cpu1 - cpu0) * 1e6 / j["completed"]
+                        out["cpu_s"] = sum(cpu1) - sum(cpu0)
+                        out["cpu_us_per_conn"] = out["cpu_s"] * 1e6 / j["completed"]
+                        out["sys_us_per_conn"] = (cpu1[1] - cpu0[1]) * 1e6 / j["completed"]
                     return out
                 return self.with_proxy(c, srv.port, f"connrate-r{r + 1}", body)
 
@@ -919,6 +931,24 @@ def md_table(title: str, names: list[str], med: dict, cols: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_floor(med: dict, total_key: str, sys_key: str, what: str) -> str:
+    """One line: each proxy's kernel time alone as a fraction of HAProxy's total CPU. A
+    proxy that makes the same system calls cannot get its total below that fraction by
+    any change to its own code."""
+    base = med.get("haproxy", {}).get(total_key)
+    if not base:
+        return ""
+    parts = []
+    for name, m in med.items():
+        if name in ("direct", "haproxy") or m.get(sys_key) is None:
+            continue
+        parts.append(f"{name} {m[sys_key] / base:.2f}")
+    if not parts:
+        return ""
+    return (f"Kernel time alone {what}, as a fraction of HAProxy's total CPU {what}: "
+            + ", ".join(parts) + ".\n")
+
+
 def render(summary: dict, order: list[str]) -> str:
     out = []
     present = set(order)
@@ -934,6 +964,7 @@ def render(summary: dict, order: list[str]) -> str:
         out.append(md_table("Proxy CPU per GB relayed during bulk (CPU s/GB, lower is better)",
                             [n for n in order if n != "direct"], med,
                             [("1 stream", lambda m: m["p1_cpu_s_per_gb"], ".3f", hap + hsp),
+                             ("of which kernel", lambda m: m["p1_sys_s_per_gb"], ".3f", []),
                              ("8 streams", lambda m: m["p8_cpu_s_per_gb"], ".3f", hap + hsp)]))
     if "redis" in summary:
         med = summary["redis"]
@@ -949,7 +980,9 @@ def render(summary: dict, order: list[str]) -> str:
                                  ("p99 ms", lambda m, t=t: m["tests"][t]["p99_ms"], ".3f", [])]))
         out.append(md_table("Proxy CPU per redis request (µs/req, lower is better)",
                             [n for n in order if n != "direct"], med,
-                            [("µs/req", lambda m: m["cpu_us_per_req"], ".2f", hap)]))
+                            [("µs/req", lambda m: m["cpu_us_per_req"], ".2f", hap),
+                             ("of which kernel", lambda m: m["sys_us_per_req"], ".2f", hap)]))
+        out.append(kernel_floor(med, "cpu_us_per_req", "sys_us_per_req", "per redis request"))
     if "connrate" in summary:
         med = summary["connrate"]
         out.append(md_table("Connection rate: connect + 64 B echo + close (connections/s)", order, med,
@@ -958,7 +991,9 @@ def render(summary: dict, order: list[str]) -> str:
                              ("errors", lambda m: m["errors"], ".0f", [])]))
         out.append(md_table("Proxy CPU per connection (µs/conn, lower is better)",
                             [n for n in order if n != "direct"], med,
-                            [("µs/conn", lambda m: m["cpu_us_per_conn"], ".1f", hap)]))
+                            [("µs/conn", lambda m: m["cpu_us_per_conn"], ".1f", hap),
+                             ("of which kernel", lambda m: m["sys_us_per_conn"], ".1f", hap)]))
+        out.append(kernel_floor(med, "cpu_us_per_conn", "sys_us_per_conn", "per connection"))
     if "memory" in summary:
         med = summary["memory"]
         out.append(md_table("Memory per idle relayed connection (KiB/conn, lower is better)",
