@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
-use crate::net::{Listener, Sock};
+use crate::net::Listener;
+use crate::workers::Workers;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -218,6 +219,11 @@ impl Permit {
     pub fn listener(&self) -> &ListenerCtx {
         &self.l
     }
+
+    /// The listener's context, to keep after the permit is given up.
+    pub fn ctx(&self) -> Arc<ListenerCtx> {
+        self.l.clone()
+    }
 }
 
 impl Drop for Permit {
@@ -278,15 +284,18 @@ pub fn bind(
 pub type Slot = Arc<arc_swap::ArcSwap<ListenerCtx>>;
 
 /// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
-/// are refused once every worker's loop on it has stopped). Runs on a worker, which
-/// registers the socket with its runtime and serves there every connection it accepts.
-/// Each wake-up accepts every connection waiting. Resource errors (EMFILE, ENFILE,
-/// ENOBUFS, ENOMEM) back off and retry rather than spin or exit.
+/// are refused once every worker's loop on it has stopped). Runs on worker `me`, which
+/// registers the socket with its runtime and serves the connections it accepts, unless
+/// [`Workers::assign`] hands one to a less busy worker. Each wake-up accepts every
+/// connection waiting. Resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off and
+/// retry rather than spin or exit.
 pub async fn accept_loop(
     socket: std::net::TcpListener,
     slot: Slot,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    workers: Arc<Workers>,
+    me: usize,
 ) {
     let listener: Listener = match crate::net::register(socket) {
         Ok(l) => l,
@@ -314,7 +323,7 @@ pub async fn accept_loop(
                 Ok(None) => break,
                 Ok(Some((stream, peer))) => {
                     backoff = Duration::ZERO;
-                    admit(stream, peer, &slot, &tracker);
+                    admit(stream, peer, &slot, &tracker, &workers, me);
                 }
                 Err(e) if is_resource_error(&e) => {
                     backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
@@ -337,8 +346,16 @@ pub async fn accept_loop(
 }
 
 /// Admits an accepted connection under the limits (and, without a PROXY header to read,
-/// the ACL and per-client limits) and starts its session, or refuses it at once.
-fn admit(stream: Sock, peer: SocketAddr, slot: &Slot, tracker: &TaskTracker) {
+/// the ACL and per-client limits) and starts its session on the worker chosen for it, or
+/// refuses it at once.
+fn admit(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: &Slot,
+    tracker: &TaskTracker,
+    workers: &Arc<Workers>,
+    me: usize,
+) {
     let l = slot.load_full();
     let Some(permit) = Permit::try_new(&l) else {
         crate::net::close_with_reset(stream);
@@ -358,7 +375,22 @@ fn admit(stream: Sock, peer: SocketAddr, slot: &Slot, tracker: &TaskTracker) {
     } else {
         None
     };
-    tracker.spawn(crate::session::serve(stream, peer, permit, client_permit));
+    let on = workers.assign(me);
+    if on.worker() == me {
+        tracker.spawn(crate::session::serve(
+            stream,
+            peer,
+            permit,
+            client_permit,
+            on,
+        ));
+    } else {
+        let handle = on.handle().clone();
+        tracker.spawn_on(
+            crate::session::serve(stream, peer, permit, client_permit, on),
+            &handle,
+        );
+    }
 }
 
 fn is_resource_error(e: &io::Error) -> bool {

@@ -268,6 +268,11 @@ impl Proxy {
 }
 
 impl Shared {
+    /// The worker threads.
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
     /// Starts accepting on `socks` for listener `lc`. `prev` carries the counters of the
     /// listener of that name before a reload.
     fn start_listener(
@@ -301,6 +306,8 @@ impl Shared {
                     slot.clone(),
                     accept_stop.clone(),
                     self.connections.clone(),
+                    self.workers.clone(),
+                    b.worker,
                 ),
                 self.workers.handle(b.worker),
             );

@@ -6,49 +6,65 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-use crate::listener::Permit;
+use crate::listener::{ListenerCtx, Permit};
 use crate::net::{self, ConnectError, Sock};
 use crate::observe::{Outcome, Record};
 use crate::policy::{self, ClientPermit};
 use crate::relay::{self, End};
 use crate::upstream::{AcquireError, ServerGuard};
 use crate::wire::proxy::{self, Accept, Addresses, Parsed};
+use crate::workers::Assignment;
 
-/// Serves one accepted client connection to its end. `permit` holds the connection's place
-/// under the listener's and the global connection limits until it is dropped here;
-/// `client_permit` its place under the per-client limits, when the accept loop already
-/// checked the client (without a PROXY header to read).
+/// Serves one accepted client connection to its end, on the worker it was assigned to
+/// (`on`, its place in that worker's count, held until the end). `permit` holds the
+/// connection's place under the listener's and the global connection limits until it is
+/// dropped here; `client_permit` its place under the per-client limits, when the accept
+/// loop already checked the client (without a PROXY header to read).
 ///
 /// Two phases: setting up (PROXY header, admission, picking and connecting, with retries)
 /// runs in a boxed future that is freed once the server connection is up, so the state an
 /// open connection keeps for its lifetime is only the relay's and a few addresses.
 pub async fn serve(
-    client: Sock,
+    client: std::net::TcpStream,
     peer: SocketAddr,
     permit: Permit,
     client_permit: Option<ClientPermit>,
+    on: Assignment,
 ) {
-    let l = permit.listener();
+    // Every place the connection holds (listener and global limits, per-client limits,
+    // server slot, worker count) is given up before its last record is written, so that
+    // whoever reads the record can count on the place being free.
+    let l = permit.ctx();
     let ts = SystemTime::now();
     let start = Instant::now();
+    // Registered here, with the reactor of the worker that serves it.
+    let client: Sock = match net::register(client) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(listener = %l.name, client = %peer, "cannot register the connection: {e}");
+            drop((permit, client_permit, on));
+            return l.refuse(peer, Outcome::Limited, ts, start.elapsed());
+        }
+    };
 
     let c = match Box::pin(set_up(&client, peer, &permit, client_permit)).await {
         Ok(c) => c,
         Err(refused) => {
             net::close_with_reset(client);
-            let mut rec = record(&permit, ts, refused.peer, refused.server);
+            drop((permit, on));
+            let mut rec = record(&l, ts, refused.peer, refused.server);
             rec.result = refused.outcome;
             if refused.before_pool {
                 rec.upstream = None;
                 rec.duration_ms = start.elapsed();
                 return l.refuse(rec.client, rec.result, ts, rec.duration_ms);
             }
-            return finish(&permit, rec, start);
+            return finish(&l, rec, start);
         }
     };
     let server = c.guard.server();
     if l.access_log.on_connect {
-        let mut rec = record(&permit, ts, c.peer, Some(server.addr));
+        let mut rec = record(&l, ts, c.peer, Some(server.addr));
         rec.result = Outcome::Open;
         rec.event = Some("connect");
         rec.connect_ms = Some(c.connect_time);
@@ -61,7 +77,7 @@ pub async fn serve(
         down: [&l.stats.bytes_down, &server.stats.bytes_down],
     };
     let mut report = |up: u64, down: u64| {
-        let mut rec = record(&permit, ts, c.peer, Some(server.addr));
+        let mut rec = record(&l, ts, c.peer, Some(server.addr));
         rec.result = Outcome::Open;
         rec.event = Some("progress");
         rec.connect_ms = Some(c.connect_time);
@@ -84,7 +100,9 @@ pub async fn serve(
         progress,
     )
     .await;
-    let mut rec = record(&permit, ts, c.peer, Some(server.addr));
+    let server_addr = server.addr;
+    drop((c.guard, c._client_permit, permit, on));
+    let mut rec = record(&l, ts, c.peer, Some(server_addr));
     rec.connect_ms = Some(c.connect_time);
     rec.bytes_up = r.bytes_up;
     rec.bytes_down = r.bytes_down;
@@ -95,7 +113,7 @@ pub async fn serve(
         End::ServerReset => Outcome::ServerReset,
         End::Drained => Outcome::Drained,
     };
-    finish(&permit, rec, start);
+    finish(&l, rec, start);
 }
 
 /// A connection whose server connection is up.
@@ -264,12 +282,11 @@ async fn set_up(
 
 /// A record for this connection with the fields every record has.
 fn record(
-    permit: &Permit,
+    l: &ListenerCtx,
     ts: SystemTime,
     client: SocketAddr,
     server: Option<SocketAddr>,
 ) -> Record<'_> {
-    let l = permit.listener();
     Record {
         ts,
         listener: &l.name,
@@ -286,9 +303,8 @@ fn record(
     }
 }
 
-fn finish(permit: &Permit, mut rec: Record<'_>, start: Instant) {
+fn finish(l: &ListenerCtx, mut rec: Record<'_>, start: Instant) {
     rec.duration_ms = start.elapsed();
-    let l = permit.listener();
     l.stats.finish(rec.result);
     l.access_log.write(&rec);
 }

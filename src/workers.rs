@@ -2,25 +2,39 @@
 //! tokio runtime.
 //!
 //! A worker accepts on its own listening sockets (its own `SO_REUSEPORT` socket, or its own
-//! descriptor of a shared one) and serves every connection it accepts on that one thread,
-//! from set-up to the access-log record. So a connection's wake-ups never cross threads,
-//! no task is ever stolen by another worker, and the relay's scratch buffer and pipe pool
-//! are the thread's own. A work-stealing runtime with the same number of threads spends
+//! descriptor of a shared one) and serves each connection on one thread, from set-up to
+//! the access-log record. So a connection's wake-ups never cross threads, no task is ever
+//! stolen by another worker, and the relay's scratch buffer and pipe pool are the thread's
+//! own.
+//!
+//! The kernel spreads new connections over the workers' sockets by a hash, which can leave
+//! one worker with many more connections than another (a few dozen busy connections split
+//! 30/20 leave one core saturated and the other idle). So a worker serves a connection it
+//! accepted itself only while it has at most [`SLACK`] more connections than the least
+//! busy worker; otherwise it hands the accepted socket to that worker (one cross-thread
+//! wake-up, once per connection, only while the counts are uneven). A work-stealing runtime with the same number of threads spends
 //! measurably more CPU per request parking and waking its workers (see `bench/README.md`).
 //!
 //! The control plane (admin server, health checks, DNS, reload, signals) runs on the
 //! runtime of the thread that started the proxy.
 
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
+/// How many more connections than the least busy worker a worker may hold and still serve
+/// the connections it accepts itself.
+pub const SLACK: usize = 1;
+
 /// The running worker threads.
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Connections each worker serves now.
+    load: Box<[AtomicUsize]>,
     stop: CancellationToken,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -31,6 +45,7 @@ impl Workers {
         let n = n.max(1);
         let workers = Workers {
             handles: Vec::with_capacity(n),
+            load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             stop: CancellationToken::new(),
             threads: Mutex::new(Vec::with_capacity(n)),
         };
@@ -73,6 +88,37 @@ impl Workers {
         &self.handles[i % self.handles.len()]
     }
 
+    /// Connections worker `i` serves now.
+    pub fn load(&self, i: usize) -> usize {
+        self.load[i % self.load.len()].load(Relaxed)
+    }
+
+    /// Chooses the worker to serve a connection that worker `me` accepted: `me`, unless it
+    /// serves more than [`SLACK`] connections above the least busy worker, which then gets
+    /// it. The connection counts against the chosen worker until the returned
+    /// [`Assignment`] is dropped.
+    pub fn assign(self: &Arc<Self>, me: usize) -> Assignment {
+        let me = me % self.load.len();
+        let mine = self.load[me].load(Relaxed);
+        let mut target = me;
+        let mut least = mine;
+        for (i, l) in self.load.iter().enumerate() {
+            let l = l.load(Relaxed);
+            if l < least {
+                least = l;
+                target = i;
+            }
+        }
+        if mine <= least + SLACK {
+            target = me;
+        }
+        self.load[target].fetch_add(1, Relaxed);
+        Assignment {
+            workers: self.clone(),
+            worker: target,
+        }
+    }
+
     /// Stops every worker and waits for its thread to end. Tasks still running are dropped.
     pub fn shutdown(&self) {
         self.stop.cancel();
@@ -83,6 +129,30 @@ impl Workers {
             }
             let _ = t.join();
         }
+    }
+}
+
+/// A connection's place on a worker (see [`Workers::assign`]); dropping it gives it up.
+pub struct Assignment {
+    workers: Arc<Workers>,
+    worker: usize,
+}
+
+impl Assignment {
+    /// The worker that serves the connection.
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// That worker's runtime.
+    pub fn handle(&self) -> &Handle {
+        self.workers.handle(self.worker)
+    }
+}
+
+impl Drop for Assignment {
+    fn drop(&mut self) {
+        self.workers.load[self.worker].fetch_sub(1, Relaxed);
     }
 }
 
@@ -118,6 +188,26 @@ mod tests {
                 "ferry-worker-1"
             ]
         );
+        w.shutdown();
+    }
+
+    #[test]
+    fn connections_accepted_by_one_worker_are_spread_over_all() {
+        let w = Arc::new(Workers::start(3).unwrap());
+        // Every connection arrives at worker 0 (a skewed hash): the others get their share.
+        let held: Vec<Assignment> = (0..30).map(|_| w.assign(0)).collect();
+        let loads: Vec<usize> = (0..3).map(|i| w.load(i)).collect();
+        assert_eq!(loads.iter().sum::<usize>(), 30);
+        let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(max - min <= SLACK + 1, "{loads:?}");
+        // Worker 0 keeps what it accepts while it is not ahead by more than the slack.
+        assert_eq!(held[0].worker(), 0);
+        drop(held);
+        assert_eq!((0..3).map(|i| w.load(i)).sum::<usize>(), 0);
+        // Balanced: every worker keeps its own connections (no cross-thread hand-off).
+        let a: Vec<Assignment> = (0..3).map(|i| w.assign(i)).collect();
+        assert_eq!(a.iter().map(|a| a.worker()).collect::<Vec<_>>(), [0, 1, 2]);
+        drop(a);
         w.shutdown();
     }
 }

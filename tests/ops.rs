@@ -1420,3 +1420,58 @@ servers = ["{c}"]
         "the rendered stats page does not show {missing:?}; rendered DOM:\n{dom}"
     );
 }
+
+/// Two worker threads share the connections evenly (within the hand-off slack), whatever
+/// the kernel's SO_REUSEPORT hash did; the metrics and the status show each one's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_the_workers() {
+    let echo = echo_server().await;
+    let cfg = format!(
+        "[global]\nworkers = 2\n{}",
+        front_config(&format!("\"{echo}\""))
+    );
+    let ferry = Ferry::start(&cfg, 1).await;
+    let admin = admin_addr(&ferry).await;
+    let addr = ferry.addr("front");
+    let mut open = Vec::new();
+    for i in 0..24u8 {
+        let mut c = connect(addr).await;
+        echo_round_trip(&mut c, &[i; 8]).await;
+        open.push(c);
+    }
+    let m = metrics(admin).await;
+    let w: Vec<f64> = ["0", "1"]
+        .iter()
+        .map(|i| metric_must(&m, "ferry_worker_connections", &[("worker", i)]))
+        .collect();
+    assert_eq!(w[0] + w[1], 24.0, "{m}");
+    assert!((w[0] - w[1]).abs() <= 2.0, "uneven workers: {w:?}");
+    let st = status(admin).await;
+    let per_worker = st["process"]["worker_connections"]
+        .as_array()
+        .expect("process.worker_connections")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(per_worker.len(), 2);
+    assert_eq!(per_worker.iter().sum::<u64>(), 24, "{st:#}");
+
+    drop(open);
+    ferry.records(24, WAIT).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = metrics(admin).await;
+        let left: f64 = ["0", "1"]
+            .iter()
+            .map(|i| metric_must(&m, "ferry_worker_connections", &[("worker", i)]))
+            .sum();
+        if left == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} connections still counted on the workers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

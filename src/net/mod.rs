@@ -105,8 +105,8 @@ pub fn set_keepalive(stream: &std::net::TcpStream, idle: Duration) -> io::Result
 
 /// Closes `sock` with a reset rather than a FIN: for refused clients (no TIME_WAIT left
 /// behind under a flood) and to pass a peer's reset on to the other side.
-pub fn close_with_reset(sock: Sock) {
-    let _ = SockRef::from(sock.get_ref()).set_linger(Some(Duration::ZERO));
+pub fn close_with_reset<S: std::os::fd::AsFd>(sock: S) {
+    let _ = SockRef::from(&sock).set_linger(Some(Duration::ZERO));
     drop(sock);
 }
 
@@ -147,9 +147,11 @@ pub fn check_free(addr: SocketAddr) -> io::Result<()> {
 }
 
 /// Accepts one connection if one is waiting: `Ok(None)` when none is (readiness cleared).
+/// The socket is non-blocking and not yet registered: the worker that serves it registers
+/// it.
 pub fn try_accept(
     guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, std::net::TcpListener>,
-) -> io::Result<Option<(Sock, SocketAddr)>> {
+) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
     let accepted = guard.try_io(|l| {
         rustix::net::acceptfrom_with(l.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
             .map_err(io::Error::from)
@@ -161,7 +163,7 @@ pub fn try_accept(
             let peer = peer
                 .and_then(|p| SocketAddr::try_from(p).ok())
                 .ok_or_else(|| io::Error::other("accepted a connection with no IP peer address"))?;
-            Ok(Some((register(std::net::TcpStream::from(fd))?, peer)))
+            Ok(Some((std::net::TcpStream::from(fd), peer)))
         }
     }
 }

@@ -82,6 +82,20 @@ impl Collector for Snapshot {
         }
         {
             let mut m = enc.encode_descriptor(
+                "worker_connections",
+                "Client connections each worker thread serves now",
+                None,
+                MetricType::Gauge,
+            )?;
+            let workers = self.shared.workers();
+            for i in 0..workers.len() {
+                let worker = i.to_string();
+                let labels = [("worker", worker.as_str())];
+                ConstGauge::new(workers.load(i) as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
                 "bytes",
                 "Payload bytes relayed (up: client to server, down: server to client)",
                 None,

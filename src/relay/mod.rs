@@ -88,7 +88,8 @@ pub struct Relayed {
 }
 
 /// Shared byte counters a relay adds to as bytes move (not only when it ends), so that
-/// throughput shows while connections are open. Added to once per wake-up, not per read.
+/// throughput shows while connections are open. Bytes are counted as soon as they are read,
+/// before they are written on: once the receiver has them, the counters include them.
 pub struct Meters<'a> {
     /// Client → server counters (e.g. the listener's and the server's).
     pub up: [&'a AtomicU64; 2],
@@ -125,7 +126,6 @@ pub fn relay<'a>(
         last: now,
         idle_timeout,
         next_report,
-        metered: (0, 0),
         meters,
         progress,
         sleep: tokio::time::sleep_until(first),
@@ -148,8 +148,6 @@ pin_project_lite::pin_project! {
         last: Instant,
         idle_timeout: Duration,
         next_report: Option<Instant>,
-        // Bytes already added to `meters`.
-        metered: (u64, u64),
         meters: Meters<'a>,
         progress: Option<Progress<'a>>,
         // One timer serves both the idle timeout and progress reports: it fires at
@@ -174,8 +172,15 @@ impl Future for Relay<'_> {
             // Polled again after completion.
             return Poll::Pending;
         };
-        let io = poll_both(cx, client, server, this.up, this.down, this.last);
-        meter(this.meters, this.metered, this.up.bytes, this.down.bytes);
+        let io = poll_both(
+            cx,
+            client,
+            server,
+            this.up,
+            this.down,
+            this.last,
+            this.meters,
+        );
         let end = match io {
             Poll::Ready(end) => end,
             Poll::Pending => loop {
@@ -224,23 +229,6 @@ impl Future for Relay<'_> {
     }
 }
 
-/// Adds what moved since the last call to the shared counters.
-#[inline]
-fn meter(m: &Meters<'_>, done: &mut (u64, u64), up: u64, down: u64) {
-    if up != done.0 {
-        for c in m.up {
-            c.fetch_add(up - done.0, Relaxed);
-        }
-        done.0 = up;
-    }
-    if down != done.1 {
-        for c in m.down {
-            c.fetch_add(down - done.1, Relaxed);
-        }
-        done.1 = down;
-    }
-}
-
 /// Drives both directions; ready when both are done or either fails.
 fn poll_both(
     cx: &mut Context<'_>,
@@ -249,16 +237,17 @@ fn poll_both(
     up: &mut Half,
     down: &mut Half,
     last: &mut Instant,
+    meters: &Meters<'_>,
 ) -> Poll<End> {
     let down_done = down.done;
-    let u = match up.poll(cx, client, server, last, down_done) {
+    let u = match up.poll(cx, client, server, last, down_done, meters.up) {
         Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ClientReset),
         Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ServerReset),
         Poll::Ready(Ok(())) => true,
         Poll::Pending => false,
     };
     let up_done = up.done;
-    let d = match down.poll(cx, server, client, last, up_done) {
+    let d = match down.poll(cx, server, client, last, up_done, meters.down) {
         Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ServerReset),
         Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ClientReset),
         Poll::Ready(Ok(())) => true,
@@ -376,6 +365,7 @@ impl Half {
         to: &Sock,
         last: &mut Instant,
         other_done: bool,
+        meter: [&AtomicU64; 2],
     ) -> Poll<Result<(), Fail>> {
         let mut reads = 0;
         loop {
@@ -402,8 +392,8 @@ impl Half {
             };
             reads += 1;
             let step = match self.splicing.then(pipe::take).flatten() {
-                Some(pipe) => self.read_splice(&mut rg, pipe),
-                None => self.read_copy(cx, &mut rg, to),
+                Some(pipe) => self.read_splice(&mut rg, pipe, meter),
+                None => self.read_copy(cx, &mut rg, to, meter),
             };
             match step {
                 Step::Moved => *last = Instant::now(),
@@ -418,15 +408,23 @@ impl Half {
         }
     }
 
+    /// Counts `n` bytes read, here and in the shared counters (before they are written on).
+    fn count(&mut self, n: usize, meter: [&AtomicU64; 2]) {
+        self.bytes += n as u64;
+        for c in meter {
+            c.fetch_add(n as u64, Relaxed);
+        }
+    }
+
     /// Splices what `from` has into `pipe`; the next flush moves it on.
-    fn read_splice(&mut self, rg: &mut ReadGuard<'_>, pipe: Pipe) -> Step {
+    fn read_splice(&mut self, rg: &mut ReadGuard<'_>, pipe: Pipe, meter: [&AtomicU64; 2]) -> Step {
         match rg.try_io(|s| pipe.splice_in(s.get_ref())) {
             Ok(Ok(0)) => {
                 pipe::give_back(pipe);
                 Step::Eof
             }
             Ok(Ok(n)) => {
-                self.bytes += n as u64;
+                self.count(n, meter);
                 if n < pipe.capacity() {
                     drained(rg);
                 }
@@ -450,7 +448,13 @@ impl Half {
 
     /// Reads into the thread's scratch buffer and writes on at once; keeps only what the
     /// destination cannot take yet.
-    fn read_copy(&mut self, cx: &mut Context<'_>, rg: &mut ReadGuard<'_>, to: &Sock) -> Step {
+    fn read_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        rg: &mut ReadGuard<'_>,
+        to: &Sock,
+        meter: [&AtomicU64; 2],
+    ) -> Step {
         SCRATCH.with_borrow_mut(|scratch| {
             let n = match rg.try_io(|s| io::Read::read(&mut s.get_ref(), scratch)) {
                 Err(_would_block) => return Step::Again,
@@ -458,7 +462,7 @@ impl Half {
                 Ok(Ok(0)) => return Step::Eof,
                 Ok(Ok(n)) => n,
             };
-            self.bytes += n as u64;
+            self.count(n, meter);
             if n < scratch.len() {
                 drained(rg);
             } else if self.splice_allowed {
