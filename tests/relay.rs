@@ -485,12 +485,12 @@ async fn several_addresses_on_one_listener() {
     }
 }
 
-/// `reuse_port = false`: one listening socket per address, accepted on by every worker.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_socket_listener() {
+/// Starts ferry with `workers` workers and one listener (`reuse_port` as given) in front of
+/// an echo server, and relays 40 concurrent connections through it, all `ok`.
+async fn forty_through(workers: usize, reuse_port: bool) -> (Ferry, std::net::SocketAddr) {
     let echo = echo_server().await;
     let config = one_listener_with(
-        "[global]\nworkers = 3\n",
+        &format!("[global]\nworkers = {workers}\n"),
         "shared",
         "127.0.0.1:0",
         "echo",
@@ -498,50 +498,7 @@ async fn shared_socket_listener() {
     )
     .replace(
         "upstream = \"echo\"\n",
-        "upstream = \"echo\"\nreuse_port = false\n",
-    );
-    let ferry = Ferry::start(&config, 1).await;
-    assert_eq!(ferry.listening.len(), 1, "{:?}", ferry.listening);
-    let addr = ferry.addr("shared");
-    let mut tasks = Vec::new();
-    for i in 0..40u32 {
-        tasks.push(tokio::spawn(async move {
-            let mut c = TcpStream::connect(addr).await.expect("connect");
-            echo_round_trip(&mut c, &i.to_le_bytes()).await;
-        }));
-    }
-    for t in tasks {
-        within(WAIT, "shared-socket connections", t).await.unwrap();
-    }
-    let recs = ferry.records(40, WAIT).await;
-    assert!(recs.iter().all(|r| r["result"] == "ok"));
-    // Every worker accepts on the socket; once all have let go of it, it is closed.
-    let mut ferry = ferry;
-    ferry.signal("TERM");
-    let st = ferry
-        .wait_exit(WAIT)
-        .await
-        .expect("ferry exits after SIGTERM");
-    assert!(st.success(), "{st:?}");
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "the listening socket is closed"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reuse_port_listener() {
-    let echo = echo_server().await;
-    let config = one_listener_with(
-        "[global]\nworkers = 2\n",
-        "shared",
-        "127.0.0.1:0",
-        "echo",
-        &[echo],
-    )
-    .replace(
-        "upstream = \"echo\"\n",
-        "upstream = \"echo\"\nreuse_port = true\n",
+        &format!("upstream = \"echo\"\nreuse_port = {reuse_port}\n"),
     );
     let ferry = Ferry::start(&config, 1).await;
     // One address announced, however many sockets serve it.
@@ -555,10 +512,34 @@ async fn reuse_port_listener() {
         }));
     }
     for t in tasks {
-        within(WAIT, "reuse_port connections", t).await.unwrap();
+        within(WAIT, "40 connections", t).await.unwrap();
     }
     let recs = ferry.records(40, WAIT).await;
     assert!(recs.iter().all(|r| r["result"] == "ok"));
+    (ferry, addr)
+}
+
+/// `reuse_port = false`: one listening socket per address, accepted on by every worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_socket_listener() {
+    let (mut ferry, addr) = forty_through(3, false).await;
+    // Every worker accepts on the socket; once all have let go of it, it is closed.
+    ferry.signal("TERM");
+    let st = ferry
+        .wait_exit(WAIT)
+        .await
+        .expect("ferry exits after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the listening socket is closed"
+    );
+}
+
+/// `reuse_port = true` (the default): a socket per worker on the same address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_port_listener() {
+    forty_through(2, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
