@@ -229,11 +229,6 @@ def cpu_times(pgid: int) -> tuple[float, float]:
     return user / CLK_TCK, system / CLK_TCK
 
 
-def cpu_seconds(pgid: int) -> float:
-    """utime+stime (+ reaped children's) summed over the process group, in seconds."""
-    return sum(cpu_times(pgid))
-
-
 def memory_kib(pgid: int) -> dict:
     """Sum of Rss and Pss (KiB) over the process group (smaps_rollup; VmRSS fallback)."""
     rss = pss = 0

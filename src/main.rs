@@ -3,12 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
 use ferry::config::{Balance, Config, ConfigErrors};
-use std::sync::Arc;
-
 use ferry::runtime::{Proxy, effective_workers};
 use ferry::workers::Workers;
 

@@ -12,8 +12,7 @@
 //! 30/20 leave one core saturated and the other idle). So a worker serves a connection it
 //! accepted itself only while it has at most [`SLACK`] more connections than the least
 //! busy worker; otherwise it hands the accepted socket to that worker (one cross-thread
-//! wake-up, once per connection, only while the counts are uneven). A work-stealing runtime with the same number of threads spends
-//! measurably more CPU per request parking and waking its workers (see `bench/README.md`).
+//! wake-up, once per connection, only while the counts are uneven).
 //!
 //! The control plane (admin server, health checks, DNS, reload, signals) runs on the
 //! runtime of the thread that started the proxy.
@@ -43,13 +42,13 @@ impl Workers {
     /// Starts `n` worker threads (at least one).
     pub fn start(n: usize) -> io::Result<Workers> {
         let n = n.max(1);
-        let workers = Workers {
+        // Built as it goes, so that an error part-way stops (on drop) what was started.
+        let mut workers = Workers {
             handles: Vec::with_capacity(n),
             load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             stop: CancellationToken::new(),
             threads: Mutex::new(Vec::with_capacity(n)),
         };
-        let mut workers = workers;
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -93,6 +92,11 @@ impl Workers {
         self.load[i % self.load.len()].load(Relaxed)
     }
 
+    /// Connections each worker serves now, in worker order.
+    pub fn loads(&self) -> Vec<usize> {
+        self.load.iter().map(|l| l.load(Relaxed)).collect()
+    }
+
     /// Chooses the worker to serve a connection that worker `me` accepted: `me`, unless it
     /// serves more than [`SLACK`] connections above the least busy worker, which then gets
     /// it. The connection counts against the chosen worker until the returned
@@ -124,6 +128,8 @@ impl Workers {
         self.stop.cancel();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for t in threads {
+            // The last `Arc<Workers>` can be an `Assignment` dropped on a worker thread:
+            // that thread cannot wait for itself (it ends once its runtime sees `stop`).
             if t.thread().id() == std::thread::current().id() {
                 continue;
             }

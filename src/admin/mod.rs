@@ -338,9 +338,7 @@ pub fn status(shared: &Shared) -> Value {
         "process": {
             "connections_active": active,
             "connections_total": total,
-            "worker_connections": (0..shared.workers().len())
-                .map(|i| shared.workers().load(i))
-                .collect::<Vec<_>>(),
+            "worker_connections": shared.workers().loads(),
             "bytes_up": up,
             "bytes_down": down,
             "max_connections": shared.global.max(),

@@ -87,11 +87,10 @@ impl Collector for Snapshot {
                 None,
                 MetricType::Gauge,
             )?;
-            let workers = self.shared.workers();
-            for i in 0..workers.len() {
+            for (i, n) in self.shared.workers().loads().into_iter().enumerate() {
                 let worker = i.to_string();
                 let labels = [("worker", worker.as_str())];
-                ConstGauge::new(workers.load(i) as i64).encode(m.encode_family(&labels)?)?;
+                ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
             }
         }
         {
