@@ -297,7 +297,7 @@ pub async fn accept_loop(
     workers: Arc<Workers>,
     me: usize,
 ) {
-    let listener: Listener = match crate::net::register(socket) {
+    let listener: Listener = match crate::net::register_listener(socket) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(listener = %slot.load().name, "cannot register the listening socket: {e}");

@@ -18,7 +18,7 @@ use crate::config::TcpOptions;
 
 mod register;
 
-pub use register::register;
+pub(crate) use register::{register, register_listener};
 
 /// A connected TCP socket of the data path.
 pub type Sock = AsyncFd<std::net::TcpStream>;
@@ -64,6 +64,8 @@ pub async fn connect(
     if opts.nodelay {
         set(sref.set_tcp_nodelay(true))?;
     }
+    // An urgent byte from the server is relayed in line, not dropped (see `relay`).
+    set(sref.set_out_of_band_inline(true))?;
     match rustix::net::connect(&fd, &addr) {
         Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
         Err(e) => return Err(ConnectError::Failed(e.into())),
@@ -124,6 +126,8 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net:
     // Accepted sockets inherit TCP_NODELAY from the listening socket (Linux): set once
     // here rather than once per connection.
     socket.set_tcp_nodelay(true)?;
+    // Likewise SO_OOBINLINE: a client's urgent byte is relayed in line, not dropped.
+    socket.set_out_of_band_inline(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
     }

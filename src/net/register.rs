@@ -2,14 +2,26 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
 
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// Registers `inner` (a non-blocking socket ferry owns) with the runtime's reactor.
-pub fn register<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+/// Registers a connected, non-blocking TCP socket ferry owns with the runtime's reactor,
+/// for reading, writing and urgent data (`EPOLLPRI`: the relay must know when a short read
+/// stopped at an urgent mark rather than at the end of the queue).
+pub(crate) fn register(inner: std::net::TcpStream) -> io::Result<AsyncFd<std::net::TcpStream>> {
+    let interest = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
     // SAFETY: `inner` is a std socket that owns its descriptor, and the `AsyncFd` takes
     // ownership of it: nothing else can close or replace the descriptor while it is
     // registered, and `AsyncFd` deregisters it before dropping (closing) it.
-    unsafe { AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Registers a non-blocking listening socket ferry owns with the runtime's reactor.
+pub(crate) fn register_listener(
+    inner: std::net::TcpListener,
+) -> io::Result<AsyncFd<std::net::TcpListener>> {
+    // SAFETY: as for `register`: the `AsyncFd` owns the descriptor from here on.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }

@@ -22,6 +22,18 @@
 //!   none. If no pipe can be had (descriptor limit), that read is copied.
 //! - `Copy`: the scratch-buffer loop above; for TLS and wherever splice is unavailable.
 //!
+//! Readiness is edge-triggered: the kernel wakes us when data arrives, not while it sits.
+//! So a direction stops reading only when it has seen its socket empty: a `recv` or
+//! `splice` that failed with `EAGAIN`, or a `recv` that returned less than asked (TCP
+//! copies until the receive queue is empty, so a short `recv` saves the `EAGAIN` call).
+//! Two things look like "empty" and are not: a splice that stopped because the pipe ran
+//! out of slots (one per packet fragment, so with 1,500-byte packets a 1 MiB pipe takes
+//! about 370 KB), and a read that stopped at TCP urgent data (`MSG_OOB`). A short splice
+//! is therefore always followed by another; a socket that has had urgent data (`EPOLLPRI`)
+//! is copied, never spliced (a splice cannot pass the urgent mark), and its short reads
+//! prove nothing. Listening and server sockets set `SO_OOBINLINE`, so an urgent byte is
+//! relayed in line with the rest rather than dropped.
+//!
 //! Callers see only [`relay`] and its [`Relayed`] result.
 
 use std::cell::RefCell;
@@ -31,6 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -46,8 +59,9 @@ use pipe::Pipe;
 pub enum Engine {
     /// Through user space, one read and one write per chunk.
     Copy,
-    /// `splice(2)` through a pooled pipe; falls back to `Copy` per read if no pipe can be had.
-    Splice,
+    /// `splice(2)` through a pooled pipe of `pipe_size` bytes; falls back to `Copy` per
+    /// read if no pipe can be had.
+    Splice { pipe_size: usize },
 }
 
 /// Bytes read from a socket at a time.
@@ -284,10 +298,13 @@ enum Pending {
 /// One direction of the relay.
 struct Half {
     pending: Pending,
-    /// The engine allows splicing this direction.
-    splice_allowed: bool,
+    /// The pipe size when the engine allows splicing this direction; 0 when it does not.
+    pipe_size: u32,
     /// Splicing now: the direction is moving bulk data (see [`Half::read_copy`]).
     splicing: bool,
+    /// The source has had TCP urgent data: copy only, and a short read does not prove its
+    /// receive queue empty (a read stops at the urgent mark).
+    urgent: bool,
     /// The source sent EOF.
     eof: bool,
     /// The EOF has been passed on as a write shutdown.
@@ -307,10 +324,16 @@ enum Step {
 
 impl Half {
     fn new(engine: Engine) -> Half {
+        let pipe_size = match engine {
+            // The config bounds the size far below u32::MAX.
+            Engine::Splice { pipe_size } => u32::try_from(pipe_size).unwrap_or(u32::MAX),
+            Engine::Copy => 0,
+        };
         Half {
             pending: Pending::None,
-            splice_allowed: engine == Engine::Splice,
+            pipe_size,
             splicing: false,
+            urgent: false,
             eof: false,
             done: false,
             bytes: 0,
@@ -391,7 +414,12 @@ impl Half {
                 return Poll::Ready(Err(Fail::Read));
             };
             reads += 1;
-            let step = match self.splicing.then(pipe::take).flatten() {
+            if !self.urgent && has_urgent_data(from) {
+                self.urgent = true;
+                self.splicing = false;
+            }
+            let take = || pipe::take(self.pipe_size as usize);
+            let step = match self.splicing.then(take).flatten() {
                 Some(pipe) => self.read_splice(&mut rg, pipe, meter),
                 None => self.read_copy(cx, &mut rg, to, meter),
             };
@@ -425,9 +453,8 @@ impl Half {
             }
             Ok(Ok(n)) => {
                 self.count(n, meter);
-                if n < pipe.capacity() {
-                    drained(rg);
-                }
+                // Short or not, the socket may hold more (see the module doc): readiness
+                // stays, and the next read (a splice, or a copy) tells.
                 if n < SPLICE_BELOW {
                     // Small reads again: request/response traffic, cheaper copied.
                     self.splicing = false;
@@ -464,8 +491,10 @@ impl Half {
             };
             self.count(n, meter);
             if n < scratch.len() {
-                drained(rg);
-            } else if self.splice_allowed {
+                if !self.urgent {
+                    drained(rg);
+                }
+            } else if self.pipe_size > 0 && !self.urgent {
                 // A full buffer: more is waiting, this is bulk; splice from now on.
                 self.splicing = true;
             }
@@ -492,15 +521,23 @@ impl Half {
 
 type ReadGuard<'a> = AsyncFdReadyGuard<'a, std::net::TcpStream>;
 
-/// A read returned less than asked: the socket's receive queue is empty, so mark it not
-/// readable now rather than pay one more `recv` that fails with EAGAIN. The guard clears
-/// only readiness seen before the read, so data arriving since wakes us as usual. Not when
-/// the peer's FIN or an error was already signalled: those come with no further wake-up.
+/// A `recv` returned less than asked, from a socket without urgent data: TCP copies until
+/// the receive queue is empty, so it is, and we mark the socket not readable now rather
+/// than pay one more `recv` that fails with EAGAIN. The guard clears only readiness seen
+/// before the read, so data arriving since wakes us as usual. Not when the peer's FIN was
+/// already signalled: it comes with no further wake-up. (Never after a splice: see the
+/// module doc.)
 fn drained(rg: &mut ReadGuard<'_>) {
-    let r = rg.ready();
-    if !r.is_read_closed() && !r.is_error() {
+    if !rg.ready().is_read_closed() {
         rg.clear_ready();
     }
+}
+
+/// The kernel has flagged urgent data on `sock` (`EPOLLPRI`). Once seen, the flag stays
+/// for the connection's life (nothing clears it): such a socket is copied to the end.
+fn has_urgent_data(sock: &Sock) -> bool {
+    // No I/O: `try_io` runs the closure only when the readiness is set (an atomic load).
+    sock.try_io(Interest::PRIORITY, |_| Ok(())).is_ok()
 }
 
 #[cfg(test)]
@@ -528,7 +565,7 @@ mod tests {
             b,
             Duration::from_secs(1),
             &stop,
-            Engine::Splice,
+            Engine::Splice { pipe_size: 1 << 20 },
             meters,
             None,
         );

@@ -12,15 +12,13 @@ use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
 
 /// Empty pipes kept per thread.
 const POOL_MAX: usize = 16;
-/// The capacity asked for each pipe: the most one direction of a connection holds in
-/// flight (in kernel memory) while its receiver is slow.
-const PIPE_SIZE: usize = 1024 * 1024;
-/// Linux's default pipe capacity.
-const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 
 pub struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
+    /// The capacity asked for (`[global] pipe_size`).
+    asked: usize,
+    /// The capacity the kernel gave.
     cap: usize,
 }
 
@@ -28,18 +26,30 @@ thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
-/// An empty pipe from the pool, or a new one. `None` if none can be made (e.g. the
-/// descriptor limit is reached).
-pub fn take() -> Option<Pipe> {
-    if let Some(p) = POOL.with_borrow_mut(|pool| pool.pop()) {
-        return Some(p);
+/// An empty pipe of (up to) `size` bytes from the pool, or a new one. `None` if none can be
+/// made (e.g. the descriptor limit is reached).
+pub fn take(size: usize) -> Option<Pipe> {
+    while let Some(p) = POOL.with_borrow_mut(|pool| pool.pop()) {
+        if p.asked == size {
+            return Some(p);
+        }
+        // Made before a reload changed the size: let it go.
     }
     let (r, w) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
     // A bigger pipe moves more per splice (on loopback, 1 MiB pipes nearly double a single
     // stream's throughput and cut CPU per GB by a third). Past the per-user pipe budget
-    // (`/proc/sys/fs/pipe-user-pages-soft`) the kernel refuses; keep the default then.
-    let cap = rustix::pipe::fcntl_setpipe_size(&w, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
-    Some(Pipe { r, w, cap })
+    // (`/proc/sys/fs/pipe-user-pages-soft`) or `fs.pipe-max-size` the kernel refuses, and a
+    // user past the soft budget gets pipes of two pages: ask what it really is then.
+    let cap = match rustix::pipe::fcntl_setpipe_size(&w, size) {
+        Ok(cap) => cap,
+        Err(_) => rustix::pipe::fcntl_getpipe_size(&w).ok()?,
+    };
+    Some(Pipe {
+        r,
+        w,
+        asked: size,
+        cap,
+    })
 }
 
 /// Returns an empty pipe to this thread's pool.
@@ -52,12 +62,12 @@ pub fn give_back(p: Pipe) {
 }
 
 impl Pipe {
-    /// Bytes the pipe holds at most.
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
     /// Moves what `from` has (up to one pipe's worth) into the pipe. 0 means EOF.
+    ///
+    /// A TCP splice also stops short when the pipe runs out of slots (one per packet
+    /// fragment): with 1,500-byte packets a 1 MiB pipe takes about 370 KB. So a short
+    /// count says nothing about whether the socket still holds data; only `EAGAIN` does
+    /// (the pipe is always empty when this is called, so `EAGAIN` cannot mean "pipe full").
     pub fn splice_in(&self, from: impl AsFd) -> io::Result<usize> {
         Ok(splice(
             from,
@@ -79,5 +89,22 @@ impl Pipe {
             len,
             SpliceFlags::MOVE | SpliceFlags::NONBLOCK,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipe_reports_the_capacity_it_really_has() {
+        // Linux rounds a pipe up to a power-of-two number of pages.
+        let p = take(5000).expect("a pipe");
+        assert_eq!(p.cap, 8192);
+        assert_eq!(rustix::pipe::fcntl_getpipe_size(&p.w).unwrap(), p.cap);
+        give_back(p);
+        // A pooled pipe made for another size is not handed out for this one.
+        let q = take(64 * 1024).expect("a pipe");
+        assert_eq!(q.cap, 64 * 1024);
     }
 }
