@@ -128,7 +128,9 @@ pub enum ReloadOutcome {
 
 fn engine(cfg: &Config) -> Engine {
     if cfg.global.splice {
-        Engine::Splice
+        Engine::Splice {
+            pipe_size: cfg.global.pipe_size,
+        }
     } else {
         Engine::Copy
     }
@@ -543,6 +545,16 @@ impl Shared {
             changes.push(format!(
                 "max_connections is now {}",
                 cfg.global.max_connections
+            ));
+        }
+        if cfg.global.splice != old.global.splice || cfg.global.pipe_size != old.global.pipe_size {
+            changes.push(format!(
+                "new connections are relayed {}",
+                match engine(&cfg) {
+                    Engine::Copy => "through user space (splice off)".to_string(),
+                    Engine::Splice { pipe_size } =>
+                        format!("with splice through pipes of {pipe_size} bytes"),
+                }
             ));
         }
         if cfg.global.workers != old.global.workers {

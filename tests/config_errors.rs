@@ -409,3 +409,22 @@ fn check_without_config_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config FILE is required"));
 }
+
+#[test]
+fn pipe_size_out_of_range() {
+    assert_errors(
+        r#"[global]
+pipe_size = "1KiB"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+
+[[upstream]]
+name = "pool"
+servers = ["127.0.0.1:9000"]
+"#,
+        &["2:13: `pipe_size` must be from 4KiB to 64MiB, not 1024 bytes"],
+    );
+}

@@ -47,6 +47,9 @@ pub struct Global {
     pub workers: usize,
     /// Relay plain TCP with `splice(2)` (zero-copy) rather than through user space.
     pub splice: bool,
+    /// The capacity asked for each splice pipe: the most one direction of a connection
+    /// holds in kernel memory while its receiver is slow.
+    pub pipe_size: usize,
 }
 
 impl Default for Global {
@@ -56,6 +59,7 @@ impl Default for Global {
             drain_timeout: Duration::from_secs(30),
             workers: 0,
             splice: true,
+            pipe_size: 1024 * 1024,
         }
     }
 }

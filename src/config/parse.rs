@@ -221,9 +221,36 @@ impl<'a, 'i> Tab<'a, 'i> {
         }
     }
 
+    /// A size in `min..=max` bytes.
+    fn size_in(&self, cx: &mut Cx<'_>, key: &str, min: usize, max: usize) -> Option<usize> {
+        let n = self.size(cx, key)?;
+        if !(min..=max).contains(&n) {
+            cx.err(
+                self.get(key)?.span(),
+                format!(
+                    "`{key}` must be from {} to {}, not {n} bytes",
+                    show_size(min),
+                    show_size(max)
+                ),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
     fn table(&self, cx: &mut Cx<'_>, key: &str, what: &str) -> Option<Tab<'a, 'i>> {
         let v = self.get(key)?;
         as_table(cx, key, v, what)
+    }
+}
+
+/// A size as the config would write it: in the largest binary unit that divides it.
+fn show_size(n: usize) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => format!("{n} bytes"),
     }
 }
 
@@ -343,7 +370,17 @@ fn socket_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 const ROOT_KEYS: &[&str] = &["global", "admin", "log", "listener", "upstream"];
-const GLOBAL_KEYS: &[&str] = &["max_connections", "drain_timeout", "workers", "splice"];
+const GLOBAL_KEYS: &[&str] = &[
+    "max_connections",
+    "drain_timeout",
+    "workers",
+    "splice",
+    "pipe_size",
+];
+/// Bounds of `[global] pipe_size`: one page, and far more than a pipe needs to keep a
+/// fast stream moving (root may grow pipes past `fs.pipe-max-size`).
+const PIPE_SIZE_MIN: usize = 4 * 1024;
+const PIPE_SIZE_MAX: usize = 64 * 1024 * 1024;
 const LOG_KEYS: &[&str] = &["access", "format", "level", "on_connect", "interval"];
 const LISTENER_KEYS: &[&str] = &[
     "name",
@@ -483,6 +520,9 @@ fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Global {
             .uint(cx, "workers", 0, 1024)
             .map_or(d.workers, |n| n as usize),
         splice: t.bool(cx, "splice").unwrap_or(d.splice),
+        pipe_size: t
+            .size_in(cx, "pipe_size", PIPE_SIZE_MIN, PIPE_SIZE_MAX)
+            .unwrap_or(d.pipe_size),
     };
     t.finish(cx, GLOBAL_KEYS, &[]);
     g
