@@ -585,3 +585,70 @@ servers = ["{echo4}"]
     assert_eq!(r["server"], echo4.to_string());
     assert_eq!(r["result"], "ok");
 }
+
+/// Sends `head`, then `urgent` as TCP urgent data (`MSG_OOB`: its last byte is the urgent
+/// one), then `tail`, corked into one segment so that the receiver's queue holds data
+/// after the urgent mark by the time it reads.
+fn send_with_urgent_byte(s: &TcpStream, head: &[u8], urgent: &[u8], tail: &[u8]) {
+    use std::io::Write;
+    let sock = socket2::SockRef::from(s);
+    sock.set_tcp_cork(true).unwrap();
+    (&*sock).write_all(head).unwrap();
+    assert_eq!(sock.send_out_of_band(urgent).unwrap(), urgent.len());
+    (&*sock).write_all(tail).unwrap();
+    sock.set_tcp_cork(false).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urgent_data_is_relayed_in_line_and_strands_nothing() {
+    // A read stops short at TCP's urgent mark with data still queued behind it, and a
+    // splice cannot pass the mark at all. Each direction first moves 1 MiB (so the splice
+    // engine is splicing), then `head`, an urgent byte and `tail` in one segment, then
+    // pauses: all of it must arrive, the urgent byte in line.
+    const BULK: usize = 1 << 20;
+    for splice in [true, false] {
+        let server = serve_on("127.0.0.1", |mut s| async move {
+            s.write_all(&vec![b'd'; BULK]).await.unwrap();
+            send_with_urgent_byte(&s, b"HEAD", b"!", b"TAIL");
+            echo_stream(&mut s).await;
+        })
+        .await;
+        let config = one_listener_with(engine(splice), "front", "127.0.0.1:0", "up", &[server]);
+        let ferry = Ferry::start(&config, 1).await;
+        let mut c = connect(ferry.addr("front")).await;
+
+        let mut down = vec![0u8; BULK + 9];
+        within(
+            WAIT,
+            "the server's bytes after its urgent byte",
+            c.read_exact(&mut down),
+        )
+        .await
+        .unwrap();
+        assert!(down[..BULK].iter().all(|&b| b == b'd'));
+        assert_eq!(&down[BULK..], b"HEAD!TAIL", "splice = {splice}");
+
+        c.write_all(&vec![b'u'; BULK]).await.unwrap();
+        send_with_urgent_byte(&c, b"head", b"!", b"tail");
+        let mut up = vec![0u8; BULK + 9];
+        within(
+            WAIT,
+            "the client's bytes after its urgent byte, echoed",
+            c.read_exact(&mut up),
+        )
+        .await
+        .unwrap();
+        assert!(up[..BULK].iter().all(|&b| b == b'u'));
+        assert_eq!(&up[BULK..], b"head!tail", "splice = {splice}");
+        drop(c);
+        let r = &ferry.records(1, WAIT).await[0];
+        assert_eq!(r["bytes_up"], BULK as u64 + 9, "{r}");
+        assert_eq!(r["bytes_down"], 2 * (BULK as u64 + 9), "{r}");
+    }
+}
+
+/// Echoes until EOF.
+async fn echo_stream(s: &mut TcpStream) {
+    let (mut r, mut w) = s.split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+}

@@ -19,12 +19,18 @@ use tempfile::TempDir;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod netns;
+
 /// The default bound on any wait for something ferry should do promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// The path of the binary under test.
+/// The path of the binary under test: the one cargo built, or `$FERRY_TEST_BIN` (to run
+/// the suite against another build, e.g. to see a test fail on the build before a fix).
 pub fn ferry_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ferry")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("FERRY_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry").into())
+    })
 }
 
 /// Awaits `fut` for at most `d`; panics naming `what` if it takes longer.
