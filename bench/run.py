@@ -3,11 +3,14 @@
 
 One command, Python standard library only:
 
-    python3 bench/run.py [--quick] [--rounds N] [--only bulk,redis,connrate,memory]
-                         [--contenders direct,ferry,...] [--out bench/results/NAME.json]
+    python3 bench/run.py [--quick] [--rounds N] [--only bulk,bulk-mtu,redis,connrate,memory]
+                         [--contenders direct,ferry,...] [--ferry-baseline OLD_FERRY]
+                         [--out bench/results/NAME.json]
 
-Everything runs on loopback; every subprocess has a timeout and every server
-this script starts is killed (by process group) before it exits.
+Everything runs on loopback, except bulk-mtu, which runs over veth pairs between three
+private network namespaces that this script creates and deletes. Every subprocess has a
+timeout; every server this script starts is killed (by process group) and every
+namespace it creates is deleted before it exits.
 See bench/README.md for what each measurement means.
 """
 
@@ -21,12 +24,14 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import select
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,14 +44,16 @@ TOOLS_MANIFEST = os.path.join(BENCH_DIR, "tools", "Cargo.toml")
 TOOLS_BIN = os.path.join(BENCH_DIR, "tools", "target", "release")
 FERRY_BIN = os.path.join(ROOT, "target", "release", "ferry")
 
-ALL_CONTENDERS = ["direct", "ferry", "haproxy", "haproxy-splice", "nginx", "socat"]
-ALL_MEASUREMENTS = ["bulk", "redis", "connrate", "memory"]
+# "ferry-base" (a second, older ferry binary) runs only with --ferry-baseline PATH.
+ALL_CONTENDERS = ["direct", "ferry", "ferry-base", "haproxy", "haproxy-splice", "nginx", "socat"]
+ALL_MEASUREMENTS = ["bulk", "bulk-mtu", "redis", "connrate", "memory"]
 LOOP = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PROFILES = {
-    # Each contender-round costs roughly: bulk 2*T+3 s, redis ~5 s, connrate D+1 s,
-    # memory ~8 s. 6 contenders x 3 rounds of the full profile is ~10-12 minutes.
+    # Each contender-round costs roughly: bulk 2*T+3 s, bulk-mtu the same, redis ~5 s,
+    # connrate D+1 s, memory ~8 s. 6 contenders x 3 rounds of the full profile is
+    # ~14-16 minutes (~2-3 more with ferry-base); quick ~2 minutes.
     "full": dict(rounds=3, bulk_secs=5, redis_requests=100_000, redis_clients=50,
                  connrate_secs=5, connrate_workers=64, mem_conns=9_700, socat_mem_conns=1_000),
     "quick": dict(rounds=1, bulk_secs=2, redis_requests=20_000, redis_clients=50,
@@ -164,8 +171,17 @@ def reap_orphans() -> None:
 
 
 def kill_all() -> None:
-    for p in list(LIVE):
-        kill(p, grace=2.0)
+    """Kill every live child, then delete every network namespace this run created.
+    SIGINT/SIGTERM/SIGHUP are held back meanwhile so a second signal cannot cut the
+    cleanup short; they are delivered once it is done."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        for p in list(LIVE):
+            kill(p, grace=2.0)
+        delete_netns_all()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _on_signal(signum, _frame):
@@ -182,7 +198,7 @@ def run_capture(cmd: list[str], timeout: float, cwd: str | None = None) -> subpr
         out, err = p.communicate(timeout=timeout)
         return subprocess.CompletedProcess(cmd, p.returncode, out.decode(errors="replace"),
                                            err.decode(errors="replace"))
-    except subprocess.TimeoutExpired:
+    except BaseException:  # the timeout, or an interrupt (SIGINT/SIGTERM) while waiting
         kill(p)
         raise
     finally:
@@ -219,9 +235,12 @@ def group_pids(pgid: int, include_zombies: bool = False) -> list[int]:
 def cpu_times(pgid: int) -> tuple[float, float]:
     """(user, system) CPU seconds (+ reaped children's) summed over the process group.
     System time is the kernel's work done on the proxy's behalf: its system calls, and
-    the loopback TCP processing that runs in their context."""
+    the loopback TCP processing that runs in their context.
+    Zombies count too: a child that has exited (socat's fork at the end of a connection)
+    but is not reaped yet still reports its times, which reach the parent's cutime/cstime
+    only when it is reaped; skipping it would lose them in that window."""
     user = system = 0
-    for pid in group_pids(pgid):
+    for pid in group_pids(pgid, include_zombies=True):
         f = _stat_fields(pid)
         if f and len(f) > 14:
             user += int(f[11]) + int(f[13])
@@ -273,13 +292,25 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def free_port() -> int:
+def free_port(netns: str | None = None) -> int:
     """A free loopback port, preferably below the ephemeral range (the load generators
-    churn through ephemeral ports), never handed out twice in one run."""
+    churn through ephemeral ports), never handed out twice in one run.
+
+    With `netns` (one of this run's private namespaces, where only this harness's
+    processes live) every port is free except those handed out before, so a number not
+    used before in this run is returned without a bind test (a bind here would test the
+    root namespace). Never reusing a number keeps the previous turn's TIME_WAIT sockets
+    out of the way of the next listener."""
     low = _ephemeral_low()
     candidates = []
     if low > 12000:
         candidates = random.sample(range(10000, low), 200)
+    if netns is not None:
+        for port in candidates + list(range(10000, 60000)):
+            if port not in _USED_PORTS:
+                _USED_PORTS.add(port)
+                return port
+        raise RuntimeError("no unused port number left")
     for port in candidates + [0] * 20:
         if port in _USED_PORTS:
             continue
@@ -297,14 +328,45 @@ def free_port() -> int:
     raise RuntimeError("no free loopback port found")
 
 
-def is_listening(port: int) -> bool:
-    """True when something listens on 127.0.0.1:port. Probes by binding with SO_REUSEADDR
-    (which only conflicts with a *listening* socket), so no connection is ever made:
-    a probe connection would reach the backend through the proxy."""
+def _proc_net_addr(host: str, port: int) -> str:
+    """host:port as /proc/net/tcp spells a local address: the IPv4 address as a u32 in
+    host byte order, then the port, both upper-case hex ("0100007F:1F90")."""
+    return "%08X:%04X" % (struct.unpack("=I", socket.inet_aton(host))[0], port)
+
+
+def listening_in_proc(pid: int, host: str, port: int) -> bool:
+    """True when /proc/PID/net/tcp (the TCP table of the network namespace PID lives in)
+    has a socket in LISTEN state (0A) on host:port or on 0.0.0.0:port. Reads only."""
+    want = {_proc_net_addr(host, port), _proc_net_addr("0.0.0.0", port)}
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            next(f, None)  # header
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "0A" and fields[1] in want:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def is_listening(port: int, host: str = LOOP, pid: int | None = None, netns: str | None = None) -> bool:
+    """True when something listens on host:port, never by connecting (a probe connection
+    would reach the backend through the proxy).
+
+    In the root namespace: probes by binding with SO_REUSEADDR (which only conflicts with a
+    *listening* socket). In namespace `netns`: reads /proc/PID/net/tcp of process `pid`
+    (the server being waited for, started with `ip netns exec`), once that process has
+    entered the namespace (its /proc/PID/ns/net is the namespace's inode), so the root
+    namespace's table is never mistaken for the namespace's."""
+    if netns is not None:
+        if pid is None or netns_inode(netns) is None or proc_netns_inode(pid) != netns_inode(netns):
+            return False
+        return listening_in_proc(pid, host, port)
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        s.bind((LOOP, port))
+        s.bind((host, port))
         return False
     except OSError:
         return True
@@ -312,16 +374,159 @@ def is_listening(port: int) -> bool:
         s.close()
 
 
-def wait_listening(port: int, proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen | None, timeout: float = 15.0,
+                   host: str = LOOP, netns: str | None = None) -> None:
     deadline = time.monotonic() + timeout
+    where = f"{host}:{port}" + (f" in netns {netns}" if netns else "")
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
-        if is_listening(port):
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {where}")
+        if is_listening(port, host, proc.pid if proc is not None else None, netns):
             time.sleep(0.1)  # let multi-process servers (nginx workers) finish starting
             return
         time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {LOOP}:{port} after {timeout:.0f}s")
+    raise RuntimeError(f"nothing listening on {where} after {timeout:.0f}s")
+
+
+# --------------------------------------------------------------------------------------
+# Network namespaces (bulk-mtu): client ns <-veth-> proxy ns <-veth-> server ns
+# --------------------------------------------------------------------------------------
+
+NETNS_DIR = "/run/netns"  # where `ip netns add` mounts a named namespace
+NETNS: list[str] = []  # namespaces this run created (or tried to); kill_all() deletes them
+
+
+class SkipMeasurement(Exception):
+    """The measurement cannot run on this machine (e.g. no permission to create
+    namespaces): it is listed as skipped with this reason, not as an error."""
+
+
+def netns_inode(name: str) -> int | None:
+    try:
+        return os.stat(os.path.join(NETNS_DIR, name)).st_ino
+    except OSError:
+        return None
+
+
+def proc_netns_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def in_netns(netns: str | None, cmd: list[str]) -> list[str]:
+    """cmd run inside namespace `netns`. `ip netns exec` enters the namespace and then
+    execs cmd: the PID (hence the process group and the /proc CPU accounting) is cmd's."""
+    return ["ip", "netns", "exec", netns] + cmd if netns else cmd
+
+
+def delete_netns(name: str) -> bool:
+    """`ip netns delete NAME`; True when the name is gone. Processes still inside would
+    keep the namespace alive anonymously: kill them first."""
+    if netns_inode(name) is not None:
+        try:
+            run_capture(["ip", "netns", "delete", name], timeout=15)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+    return not os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def delete_netns_all() -> None:
+    for name in list(NETNS):
+        if delete_netns(name):
+            NETNS.remove(name)
+        else:
+            log(f"WARNING: could not delete network namespace {name} (ip netns delete {name})")
+
+
+def delete_stale_netns() -> None:
+    """Delete namespaces fb-PID-{c,p,s} left behind by a harness run that was SIGKILLed
+    (no cleanup ran): those whose PID no longer exists."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(r"fb-(\d+)-[cps]", name)
+        if m and int(m.group(1)) != os.getpid() and not os.path.exists(f"/proc/{m.group(1)}"):
+            log(f"deleting stale network namespace {name} (its harness, PID {m.group(1)}, is gone)")
+            delete_netns(name)
+
+
+class VethTopology:
+    """Three namespaces joined by two veth pairs, MTU 1500, GSO and GRO capped at 1500 so
+    every packet on the path is at most one MSS (as from a real NIC, not loopback's 64 KiB):
+
+        client ns fb-PID-c          proxy ns fb-PID-p                 server ns fb-PID-s
+        to-proxy 10.78.1.1/24 <-> to-client 10.78.1.2/24
+                                    to-server 10.78.2.1/24 <-> to-proxy 10.78.2.2/24
+
+    The client routes 10.78.2.0/24 via 10.78.1.2, the server 10.78.1.0/24 via 10.78.2.1
+    and the proxy namespace forwards (ip_forward=1): `direct` (client to 10.78.2.2) is
+    routed through the proxy namespace by the kernel alone."""
+
+    MTU = 1500
+    CLIENT_IP, PROXY_CLIENT_SIDE_IP = "10.78.1.1", "10.78.1.2"
+    PROXY_SERVER_SIDE_IP, SERVER_IP = "10.78.2.1", "10.78.2.2"
+
+    def __init__(self):
+        pid = os.getpid()
+        self.client, self.proxy, self.server = (f"fb-{pid}-{x}" for x in "cps")
+        self.info: dict = {}
+
+    def _ip(self, *args: str) -> str:
+        cmd = ["ip", *args]
+        r = run_capture(cmd, timeout=15)
+        if r.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {r.returncode}): {r.stderr.strip()[:300]}")
+        return r.stdout
+
+    def up(self) -> None:
+        """Create everything; on failure the caller's down() removes what was made."""
+        delete_stale_netns()
+        for ns in (self.client, self.proxy, self.server):
+            NETNS.append(ns)  # registered first, so kill_all() removes a half-made topology
+            try:
+                r = run_capture(["ip", "netns", "add", ns], timeout=15)
+            except (subprocess.TimeoutExpired, OSError) as e:
+                raise SkipMeasurement(f"`ip netns add` failed: {e}") from None
+            if r.returncode != 0:
+                raise SkipMeasurement(f"`ip netns add {ns}` failed (needs root / CAP_SYS_ADMIN): "
+                                      f"{r.stderr.strip()[:200]}")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        pairs = [(self.client, "to-proxy", self.CLIENT_IP, self.proxy, "to-client", self.PROXY_CLIENT_SIDE_IP),
+                 (self.proxy, "to-server", self.PROXY_SERVER_SIDE_IP, self.server, "to-proxy", self.SERVER_IP)]
+        mtu = str(self.MTU)
+        for ns_a, dev_a, ip_a, ns_b, dev_b, ip_b in pairs:
+            self._ip("-n", ns_a, "link", "add", dev_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+            for ns, dev, addr in ((ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b)):
+                self._ip("-n", ns, "link", "set", dev, "mtu", mtu, "gso_max_size", mtu, "gro_max_size", mtu)
+                self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+                self._ip("-n", ns, "link", "set", dev, "up")
+        self._ip("-n", self.client, "route", "add", "10.78.2.0/24", "via", self.PROXY_CLIENT_SIDE_IP)
+        self._ip("-n", self.server, "route", "add", "10.78.1.0/24", "via", self.PROXY_SERVER_SIDE_IP)
+        r = run_capture(in_netns(self.proxy, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]), timeout=15)
+        if r.returncode != 0:
+            raise RuntimeError(f"sysctl net.ipv4.ip_forward=1 in {self.proxy} failed: {r.stderr.strip()[:300]}")
+        # Read back what the kernel applied (recorded in the JSON).
+        for ns, dev in ((self.client, "to-proxy"), (self.proxy, "to-client"),
+                        (self.proxy, "to-server"), (self.server, "to-proxy")):
+            try:
+                d = json.loads(self._ip("-n", ns, "-d", "-j", "link", "show", "dev", dev))[0]
+            except (json.JSONDecodeError, IndexError, RuntimeError) as e:
+                log(f"WARNING: could not read back {ns}/{dev}: {e}")
+                continue
+            got = {k: d.get(k) for k in ("mtu", "gso_max_size", "gro_max_size")}
+            role = {self.client: "client", self.proxy: "proxy", self.server: "server"}[ns]
+            self.info[f"{role}/{dev}"] = got
+            if any(v != self.MTU for v in got.values()):
+                log(f"WARNING: {ns}/{dev}: wanted {self.MTU} everywhere, kernel has {got}")
+
+    def down(self) -> None:
+        for ns in (self.server, self.proxy, self.client):
+            if delete_netns(ns) and ns in NETNS:
+                NETNS.remove(ns)
 
 
 def tail(path: str, n: int = 15) -> str:
@@ -351,7 +556,10 @@ class Contender:
     def version(self) -> str:
         return ""
 
-    def start(self, listen: int, backend: int, tag: str) -> subprocess.Popen | None:
+    def start(self, listen: int, backend: int, tag: str, listen_host: str = LOOP,
+              backend_host: str = LOOP, netns: str | None = None) -> subprocess.Popen | None:
+        """Start the proxy on listen_host:listen relaying to backend_host:backend, inside
+        network namespace `netns` (via `ip netns exec`) when given."""
         raise NotImplementedError
 
     def log_path(self, tag: str) -> str:
@@ -362,47 +570,63 @@ class Direct(Contender):
     name = "direct"
     has_process = False
 
-    def start(self, listen, backend, tag):
+    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
         return None
 
 
 class Ferry(Contender):
+    """`ferry` runs target/release/ferry (built by this script); `ferry-base` (with
+    --ferry-baseline PATH) runs another ferry binary exactly the same way."""
     name = "ferry"
 
-    def __init__(self, tmp, fd_hard, build_error: str | None, mode: str):
+    def __init__(self, tmp, fd_hard, build_error: str | None, mode: str,
+                 binary: str = FERRY_BIN, name: str = "ferry"):
         super().__init__(tmp, fd_hard)
         self.build_error = build_error
         self.mode = mode
+        self.binary = binary
+        self.name = name
 
     def available(self):
         if self.build_error:
             return self.build_error
-        if not os.access(FERRY_BIN, os.X_OK):
-            return f"{FERRY_BIN} not found (ferry not built yet?)"
+        if not os.access(self.binary, os.X_OK):
+            if self.binary == FERRY_BIN:
+                return f"{FERRY_BIN} not found (ferry not built yet?)"
+            return f"{self.binary} is not an executable file"
         return None
 
-    def version(self):
-        v = ""
+    def _binary_version(self) -> str:
         try:
-            r = run_capture([FERRY_BIN, "--version"], timeout=10)
-            v = (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr).strip() else ""
+            r = run_capture([self.binary, "--version"], timeout=10)
+            text = (r.stdout or r.stderr).strip()
+            return text.splitlines()[0] if text else ""
         except (subprocess.TimeoutExpired, OSError, IndexError):
-            pass
+            return ""
+
+    def _built(self) -> str:
+        try:
+            return time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(self.binary)))
+        except OSError:
+            return "?"
+
+    def version(self):
+        v = self._binary_version()
+        built = self._built()
+        if self.binary != FERRY_BIN:
+            return f"{v} ({self.binary}, binary built {built})".strip()
         try:
             rev = run_capture(["git", "-C", ROOT, "describe", "--always", "--dirty"], timeout=10).stdout.strip()
         except (subprocess.TimeoutExpired, OSError):
             rev = ""
-        try:
-            built = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(FERRY_BIN)))
-        except OSError:
-            built = "?"
         return f"{v} (tree git {rev}, binary built {built})".strip() if rev else f"{v} (binary built {built})"
 
-    def start(self, listen, backend, tag):
+    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
         if self.mode == "quick":
-            cmd = [FERRY_BIN, "run", "--listen", f"{LOOP}:{listen}", "--upstream", f"{LOOP}:{backend}"]
+            cmd = [self.binary, "run", "--listen", f"{listen_host}:{listen}",
+                   "--upstream", f"{backend_host}:{backend}"]
         else:
-            cfg = os.path.join(self.tmp, f"ferry-{tag}.toml")
+            cfg = os.path.join(self.tmp, f"{self.name}-{tag}.toml")
             with open(cfg, "w") as f:
                 f.write(f"""[global]
 workers = 2
@@ -413,15 +637,15 @@ level = "warn"
 
 [[listener]]
 name = "bench"
-listen = ["{LOOP}:{listen}"]
+listen = ["{listen_host}:{listen}"]
 upstream = "backend"
 
 [[upstream]]
 name = "backend"
-servers = ["{LOOP}:{backend}"]
+servers = ["{backend_host}:{backend}"]
 """)
-            cmd = [FERRY_BIN, "run", "--config", cfg]
-        return spawn(cmd, log_path=self.log_path(tag))
+            cmd = [self.binary, "run", "--config", cfg]
+        return spawn(in_netns(netns, cmd), log_path=self.log_path(tag))
 
 
 class HAProxy(Contender):
@@ -444,7 +668,7 @@ class HAProxy(Contender):
         maxpipes = 128 if self.splice else 0
         return max(100, (self.fd_hard - 2 * maxpipes - 200) // 2), maxpipes
 
-    def start(self, listen, backend, tag):
+    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
         maxconn, maxpipes = self.maxconn()
         splice = "    option splice-request\n    option splice-response\n" if self.splice else ""
         pipes = f"    maxpipes {maxpipes}\n" if maxpipes else ""
@@ -462,13 +686,13 @@ defaults
     timeout server 10m
 {splice}
 frontend bench
-    bind {LOOP}:{listen}
+    bind {listen_host}:{listen}
     default_backend backend
 
 backend backend
-    server s1 {LOOP}:{backend}
+    server s1 {backend_host}:{backend}
 """)
-        return spawn(["haproxy", "-db", "-f", cfg], log_path=self.log_path(tag))
+        return spawn(in_netns(netns, ["haproxy", "-db", "-f", cfg]), log_path=self.log_path(tag))
 
 
 class Nginx(Contender):
@@ -516,7 +740,7 @@ class Nginx(Contender):
         except (subprocess.TimeoutExpired, OSError, IndexError):
             return ""
 
-    def start(self, listen, backend, tag):
+    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
         prefix = os.path.join(self.tmp, f"nginx-{tag}")
         os.makedirs(prefix, exist_ok=True)
         load = f"load_module {self.module};\n" if self.module else ""
@@ -535,18 +759,18 @@ events {{
 
 stream {{
     upstream backend {{
-        server {LOOP}:{backend};
+        server {backend_host}:{backend};
     }}
     server {{
-        listen {LOOP}:{listen};
+        listen {listen_host}:{listen};
         proxy_pass backend;
         proxy_connect_timeout 5s;
         proxy_timeout 10m;
     }}
 }}
 """)
-        return spawn(["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log",
-                      "-g", "daemon off;"], log_path=self.log_path(tag))
+        return spawn(in_netns(netns, ["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log",
+                                      "-g", "daemon off;"]), log_path=self.log_path(tag))
 
     def log_path(self, tag):
         return os.path.join(self.tmp, f"nginx-{tag}.log")
@@ -567,9 +791,10 @@ class Socat(Contender):
             pass
         return ""
 
-    def start(self, listen, backend, tag):
-        return spawn(["socat", f"TCP-LISTEN:{listen},bind={LOOP},fork,reuseaddr,backlog=4096,nodelay",
-                      f"TCP:{LOOP}:{backend},nodelay"], log_path=self.log_path(tag))
+    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
+        return spawn(in_netns(netns, ["socat",
+                                      f"TCP-LISTEN:{listen},bind={listen_host},fork,reuseaddr,backlog=4096,nodelay",
+                                      f"TCP:{backend_host}:{backend},nodelay"]), log_path=self.log_path(tag))
 
 
 # --------------------------------------------------------------------------------------
@@ -579,13 +804,17 @@ class Socat(Contender):
 class Backend:
     """A backend server started once per measurement and shared by all contenders."""
 
-    def __init__(self, name: str, cmd_fn: Callable[[int], list[str]], tmp: str):
+    def __init__(self, name: str, cmd_fn: Callable[[int], list[str]], tmp: str,
+                 host: str = LOOP, netns: str | None = None):
+        """cmd_fn(port) must make the server listen on host:port; with `netns` it runs
+        inside that network namespace."""
         self.name = name
-        self.port = free_port()
+        self.host = host
+        self.port = free_port(netns)
         self.log = os.path.join(tmp, f"backend-{name}-{self.port}.log")
-        self.proc = spawn(cmd_fn(self.port), log_path=self.log)
+        self.proc = spawn(in_netns(netns, cmd_fn(self.port)), log_path=self.log)
         try:
-            wait_listening(self.port, self.proc)
+            wait_listening(self.port, self.proc, host=host, netns=netns)
         except RuntimeError as e:
             kill(self.proc)
             raise RuntimeError(f"backend {name}: {e}\n{tail(self.log)}") from None
@@ -607,21 +836,25 @@ class Bench:
         self.fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self.raw: dict[str, dict[str, list[dict]]] = {}
         self.errors: list[str] = []
+        self.topology: dict | None = None  # bulk-mtu's namespaces and links, for the JSON
 
     def tool(self, name: str) -> str:
         return os.path.join(TOOLS_BIN, name)
 
     # -- one contender turn ---------------------------------------------------------
 
-    def with_proxy(self, c: Contender, backend_port: int, tag: str, body: Callable[[int, int | None], dict]) -> dict | None:
-        """Start contender `c` in front of `backend_port`, run body(port, pgid), stop it."""
+    def with_proxy(self, c: Contender, backend_port: int, tag: str, body: Callable[[int, int | None], dict],
+                   listen_host: str = LOOP, backend_host: str = LOOP, netns: str | None = None) -> dict | None:
+        """Start contender `c` on listen_host (inside `netns` when given) in front of
+        backend_host:backend_port, run body(port, pgid), stop it. For `direct` the port is
+        the backend's: the client connects to backend_host itself."""
         proc = None
         try:
             if c.has_process:
-                port = free_port()
-                proc = c.start(port, backend_port, tag)
+                port = free_port(netns)
+                proc = c.start(port, backend_port, tag, listen_host, backend_host, netns)
                 try:
-                    wait_listening(port, proc)
+                    wait_listening(port, proc, host=listen_host, netns=netns)
                 except RuntimeError as e:
                     raise RuntimeError(f"{e}\n{tail(c.log_path(tag))}") from None
                 pgid = proc.pid
@@ -657,22 +890,61 @@ class Bench:
                     res["round"] = r + 1
                     per.setdefault(c.name, []).append(res)
 
-    # -- bulk ------------------------------------------------------------------------
+    # -- bulk, bulk-mtu ----------------------------------------------------------------
 
     def bulk(self) -> None:
+        """iperf3 over loopback (64 KiB packets)."""
+        self._bulk("bulk")
+
+    def bulk_mtu(self) -> None:
+        """The same iperf3 test over veth pairs with MTU 1500 between three namespaces,
+        the proxy in the middle one (see VethTopology). The topology is made once for the
+        measurement and always deleted afterwards (kill_all() deletes it too)."""
+        topo = VethTopology()
+        try:
+            try:
+                topo.up()
+            except SkipMeasurement:
+                raise
+            except Exception as e:  # noqa: BLE001 - report the failing step, then clean up
+                raise RuntimeError(f"veth topology setup failed: {e}") from None
+            log(f"bulk-mtu: namespaces {topo.client} (client), {topo.proxy} (proxy), {topo.server} (server) up; "
+                + ", ".join(f"{k} {v}" for k, v in topo.info.items()))
+            self.topology = {"namespaces": {"client": topo.client, "proxy": topo.proxy, "server": topo.server},
+                             "addresses": {"client": topo.CLIENT_IP, "proxy_client_side": topo.PROXY_CLIENT_SIDE_IP,
+                                           "proxy_server_side": topo.PROXY_SERVER_SIDE_IP,
+                                           "server": topo.SERVER_IP},
+                             "links": topo.info}
+            self._bulk("bulk-mtu", topo)
+        finally:
+            topo.down()
+
+    def _bulk(self, measurement: str, topo: VethTopology | None = None) -> None:
+        """iperf3 -P 1 and -P 8 through each contender. Without `topo` everything is on
+        loopback in the root namespace; with it the iperf3 server runs in the server
+        namespace, the proxy in the proxy namespace and the iperf3 client in the client
+        namespace."""
         secs = self.prof["bulk_secs"]
+        if topo is None:
+            server_host = listen_host = LOOP
+            server_ns = proxy_ns = client_ns = None
+        else:
+            server_host, listen_host = topo.SERVER_IP, topo.PROXY_CLIENT_SIDE_IP
+            server_ns, proxy_ns, client_ns = topo.server, topo.proxy, topo.client
 
         def one(c: Contender, r: int):
             # A fresh iperf3 server per turn: a wedged server can't spoil later turns.
-            srv = Backend("iperf3", lambda p: ["iperf3", "-s", "-B", LOOP, "-p", str(p)], self.tmp)
+            srv = Backend("iperf3", lambda p: ["iperf3", "-s", "-B", server_host, "-p", str(p)], self.tmp,
+                          host=server_host, netns=server_ns)
             try:
                 def body(port, pgid):
+                    host = listen_host if c.has_process else server_host
                     out = {}
                     for streams in (1, 8):
                         cpu0 = cpu_times(pgid) if pgid else None
-                        res = run_capture(["iperf3", "-c", LOOP, "-p", str(port), "-t", str(secs),
-                                           "-P", str(streams), "-J", "--connect-timeout", "5000"],
-                                          timeout=secs + 30)
+                        res = run_capture(in_netns(client_ns, [
+                            "iperf3", "-c", host, "-p", str(port), "-t", str(secs),
+                            "-P", str(streams), "-J", "--connect-timeout", "5000"]), timeout=secs + 30)
                         cpu1 = cpu_times(pgid) if pgid else None
                         try:
                             j = json.loads(res.stdout)
@@ -685,6 +957,9 @@ class Bench:
                         gb = recv["bytes"] / 1e9
                         out[f"p{streams}_gbps"] = recv["bits_per_second"] / 1e9
                         out[f"p{streams}_bytes"] = recv["bytes"]
+                        retr = j["end"].get("sum_sent", {}).get("retransmits")
+                        if retr is not None:
+                            out[f"p{streams}_retransmits"] = retr
                         if pgid and gb > 0:
                             cpu = sum(cpu1) - sum(cpu0)
                             out[f"p{streams}_cpu_s"] = cpu
@@ -692,11 +967,12 @@ class Bench:
                             out[f"p{streams}_sys_s_per_gb"] = (cpu1[1] - cpu0[1]) / gb
                         time.sleep(0.3)
                     return out
-                return self.with_proxy(c, srv.port, f"bulk-r{r + 1}", body)
+                return self.with_proxy(c, srv.port, f"{measurement}-r{r + 1}", body,
+                                       listen_host=listen_host, backend_host=server_host, netns=proxy_ns)
             finally:
                 srv.stop()
 
-        self.interleaved("bulk", self.contenders, one)
+        self.interleaved(measurement, self.contenders, one)
 
     # -- redis -----------------------------------------------------------------------
 
@@ -950,17 +1226,20 @@ def render(summary: dict, order: list[str]) -> str:
     hsp = [b for b in ("haproxy-splice",) if b in present]
     hap = [b for b in ("haproxy",) if b in present]
     d = [b for b in ("direct",) if b in present]
-    if "bulk" in summary:
-        med = summary["bulk"]
-        out.append(md_table("Bulk throughput, iperf3 1 stream (Gbit/s)", order, med,
-                            [("Gbit/s", lambda m: m["p1_gbps"], ".2f", d + hap + hsp)]))
-        out.append(md_table("Bulk throughput, iperf3 8 streams (Gbit/s)", order, med,
-                            [("Gbit/s", lambda m: m["p8_gbps"], ".2f", d + hap + hsp)]))
-        out.append(md_table("Proxy CPU per GB relayed during bulk (CPU s/GB, lower is better)",
+    fb = [b for b in ("ferry-base",) if b in present]  # the ferry build to compare against
+    for key, where in (("bulk", ""), ("bulk-mtu", " over veth, MTU 1500")):
+        if key not in summary:
+            continue
+        med = summary[key]
+        out.append(md_table(f"Bulk throughput{where}, iperf3 1 stream (Gbit/s)", order, med,
+                            [("Gbit/s", lambda m: m["p1_gbps"], ".2f", d + hap + hsp + fb)]))
+        out.append(md_table(f"Bulk throughput{where}, iperf3 8 streams (Gbit/s)", order, med,
+                            [("Gbit/s", lambda m: m["p8_gbps"], ".2f", d + hap + hsp + fb)]))
+        out.append(md_table(f"Proxy CPU per GB relayed during bulk{where} (CPU s/GB, lower is better)",
                             [n for n in order if n != "direct"], med,
-                            [("1 stream", lambda m: m["p1_cpu_s_per_gb"], ".3f", hap + hsp),
+                            [("1 stream", lambda m: m["p1_cpu_s_per_gb"], ".3f", hap + hsp + fb),
                              ("of which kernel", lambda m: m["p1_sys_s_per_gb"], ".3f", []),
-                             ("8 streams", lambda m: m["p8_cpu_s_per_gb"], ".3f", hap + hsp)]))
+                             ("8 streams", lambda m: m["p8_cpu_s_per_gb"], ".3f", hap + hsp + fb)]))
     if "redis" in summary:
         med = summary["redis"]
         tests: list[str] = []
@@ -970,23 +1249,23 @@ def render(summary: dict, order: list[str]) -> str:
                     tests.append(t)
         for t in tests:
             out.append(md_table(f"redis-benchmark {t} (requests/s; latency ms)", order, med,
-                                [("req/s", lambda m, t=t: m["tests"][t]["rps"], ",.0f", d + hap),
+                                [("req/s", lambda m, t=t: m["tests"][t]["rps"], ",.0f", d + hap + fb),
                                  ("p50 ms", lambda m, t=t: m["tests"][t]["p50_ms"], ".3f", []),
                                  ("p99 ms", lambda m, t=t: m["tests"][t]["p99_ms"], ".3f", [])]))
         out.append(md_table("Proxy CPU per redis request (µs/req, lower is better)",
                             [n for n in order if n != "direct"], med,
-                            [("µs/req", lambda m: m["cpu_us_per_req"], ".2f", hap),
+                            [("µs/req", lambda m: m["cpu_us_per_req"], ".2f", hap + fb),
                              ("of which kernel", lambda m: m["sys_us_per_req"], ".2f", hap)]))
         out.append(kernel_floor(med, "cpu_us_per_req", "sys_us_per_req", "per redis request"))
     if "connrate" in summary:
         med = summary["connrate"]
         out.append(md_table("Connection rate: connect + 64 B echo + close (connections/s)", order, med,
-                            [("conn/s", lambda m: m["rate_per_s"], ",.0f", d + hap),
+                            [("conn/s", lambda m: m["rate_per_s"], ",.0f", d + hap + fb),
                              ("p99 ms", lambda m: m["p99_ms"], ".2f", []),
                              ("errors", lambda m: m["errors"], ".0f", [])]))
         out.append(md_table("Proxy CPU per connection (µs/conn, lower is better)",
                             [n for n in order if n != "direct"], med,
-                            [("µs/conn", lambda m: m["cpu_us_per_conn"], ".1f", hap),
+                            [("µs/conn", lambda m: m["cpu_us_per_conn"], ".1f", hap + fb),
                              ("of which kernel", lambda m: m["sys_us_per_conn"], ".1f", hap)]))
         out.append(kernel_floor(med, "cpu_us_per_conn", "sys_us_per_conn", "per connection"))
     if "memory" in summary:
@@ -994,7 +1273,7 @@ def render(summary: dict, order: list[str]) -> str:
         out.append(md_table("Memory per idle relayed connection (KiB/conn, lower is better)",
                             [n for n in order if n != "direct"], med,
                             [("RSS KiB/conn", lambda m: m["rss_kib_per_conn"], ".2f", hap),
-                             ("PSS KiB/conn", lambda m: m["pss_kib_per_conn"], ".2f", hap),
+                             ("PSS KiB/conn", lambda m: m["pss_kib_per_conn"], ".2f", hap + fb),
                              ("conns", lambda m: m["opened"], ".0f", []),
                              ("failed", lambda m: m["failed"], ".0f", [])]))
         if "socat" in med:
@@ -1045,19 +1324,26 @@ def tool_versions() -> dict:
         "redis-server": first(["redis-server", "--version"]),
         "redis-benchmark": first(["redis-benchmark", "--version"]),
         "rustc": first(["rustc", "--version"]),
+        "iproute2": first(["ip", "-V"]),
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="ferry benchmark harness (loopback only)")
+    ap = argparse.ArgumentParser(description="ferry benchmark harness (loopback; bulk-mtu over veth "
+                                             "between private network namespaces)")
     ap.add_argument("--quick", action="store_true", help="short smoke run (~2 s per measurement, 1 round)")
     ap.add_argument("--rounds", type=int, help="rounds per measurement (default 3, quick 1)")
     ap.add_argument("--only", default=",".join(ALL_MEASUREMENTS),
                     help="comma-separated measurements: " + ",".join(ALL_MEASUREMENTS))
-    ap.add_argument("--contenders", default=",".join(ALL_CONTENDERS),
-                    help="comma-separated contenders: " + ",".join(ALL_CONTENDERS))
+    ap.add_argument("--contenders",
+                    help="comma-separated contenders: " + ",".join(ALL_CONTENDERS)
+                    + " (default: all; ferry-base only with --ferry-baseline, which also adds it "
+                    "to an explicit list, right after ferry)")
+    ap.add_argument("--ferry-baseline", metavar="PATH",
+                    help="another ferry binary (e.g. a build from before a change), measured as contender "
+                    "ferry-base in the same run, started exactly like ferry")
     ap.add_argument("--out", help="JSON results path (default bench/results/<timestamp>.json)")
     ap.add_argument("--no-build", action="store_true", help="use existing binaries, do not run cargo")
     ap.add_argument("--ferry-mode", choices=["config", "quick"], default="config",
@@ -1068,13 +1354,26 @@ def parse_args(argv=None):
     ap.add_argument("--redis-requests", type=int, help="redis-benchmark -n")
     a = ap.parse_args(argv)
     a.only = [m.strip() for m in a.only.split(",") if m.strip()]
-    a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    if a.contenders is None:
+        a.contenders = [c for c in ALL_CONTENDERS if c != "ferry-base"]
+    else:
+        a.contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
     for m in a.only:
         if m not in ALL_MEASUREMENTS:
             ap.error(f"unknown measurement {m!r}")
     for c in a.contenders:
         if c not in ALL_CONTENDERS:
             ap.error(f"unknown contender {c!r}")
+    if a.ferry_baseline is not None:
+        a.ferry_baseline = os.path.abspath(a.ferry_baseline)
+        if not (os.path.isfile(a.ferry_baseline) and os.access(a.ferry_baseline, os.X_OK)):
+            ap.error(f"--ferry-baseline {a.ferry_baseline}: not an executable file")
+        if "ferry-base" not in a.contenders:
+            # Asked for a baseline: measure it, next to ferry (or last if ferry is not run).
+            at = a.contenders.index("ferry") + 1 if "ferry" in a.contenders else len(a.contenders)
+            a.contenders.insert(at, "ferry-base")
+    elif "ferry-base" in a.contenders:
+        ap.error("contender ferry-base needs --ferry-baseline PATH (the ferry binary to compare against)")
     if a.rounds is not None and not 1 <= a.rounds <= 50:
         ap.error("--rounds must be 1..50")
     return a
@@ -1091,6 +1390,9 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
+    # SIGINT raises KeyboardInterrupt even if we were started with it ignored (a background
+    # job of a non-interactive shell), so `kill -INT` / `timeout -s INT` always clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _child_setup()  # raise our own soft nofile limit too; children inherit it
     become_subreaper()
     fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -1101,7 +1403,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
 
     # Required external tools per measurement.
-    needs = {"bulk": ["iperf3"], "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": []}
+    needs = {"bulk": ["iperf3"], "bulk-mtu": ["iperf3", "ip", "sysctl"],
+             "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": []}
     measurements = []
     skipped_measurements = {}
     for m in args.only:
@@ -1138,6 +1441,8 @@ def main(argv=None) -> int:
         all_c: dict[str, Contender] = {
             "direct": Direct(tmp, fd_hard),
             "ferry": Ferry(tmp, fd_hard, ferry_err, args.ferry_mode),
+            "ferry-base": Ferry(tmp, fd_hard, None, args.ferry_mode,
+                                binary=args.ferry_baseline or "", name="ferry-base"),
             "haproxy": HAProxy(tmp, fd_hard, splice=False),
             "haproxy-splice": HAProxy(tmp, fd_hard, splice=True),
             "nginx": Nginx(tmp, fd_hard),
@@ -1158,6 +1463,8 @@ def main(argv=None) -> int:
                 if v:
                     versions[name] = v
         versions.update({k: v for k, v in tool_versions().items() if v})
+        if args.ferry_baseline and os.path.exists(FERRY_BIN) and os.path.samefile(args.ferry_baseline, FERRY_BIN):
+            log("WARNING: --ferry-baseline is target/release/ferry itself: ferry-base measures the same binary")
 
         result = {
             "date": started.isoformat(timespec="seconds"),
@@ -1165,6 +1472,7 @@ def main(argv=None) -> int:
                         "nofile_hard": fd_hard, "loadavg_at_start": load_before},
             "profile": "quick" if args.quick else "full",
             "params": prof,
+            "ferry_baseline": args.ferry_baseline,
             "measurements": measurements,
             "skipped_measurements": skipped_measurements,
             "contenders": [c.name for c in contenders],
@@ -1177,10 +1485,15 @@ def main(argv=None) -> int:
         }
         bench = Bench(args, prof, tmp, contenders)
         try:
-            for m in measurements:
+            for m in list(measurements):
                 t0 = time.monotonic()
                 try:
-                    getattr(bench, m)()
+                    getattr(bench, m.replace("-", "_"))()
+                except SkipMeasurement as e:
+                    measurements.remove(m)
+                    skipped_measurements[m] = str(e)
+                    log(f"SKIP measurement {m}: {e}")
+                    continue
                 except Exception as e:  # noqa: BLE001 - e.g. a backend failed to start
                     msg = f"{m}: {type(e).__name__}: {e}"
                     log("ERROR " + msg)
@@ -1191,6 +1504,8 @@ def main(argv=None) -> int:
             result["rounds"] = bench.raw
             result["median"] = {m: {c: median_tree(rs) for c, rs in per.items()} for m, per in bench.raw.items()}
             result["errors"] = bench.errors
+            if bench.topology:
+                result["veth_topology"] = bench.topology
             result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             tmp_out = out_path + ".tmp"
             with open(tmp_out, "w") as f:
