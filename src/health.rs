@@ -1,5 +1,5 @@
-//! Active health checks: per server, a TCP connect, optionally a `send` and an `expect`ed
-//! prefix of the answer, every `interval` (with jitter, so that checks of many servers do
+//! Active health checks: per server, a TCP connect (and the TLS handshake, for a pool that
+//! speaks TLS to its servers), optionally a `send` and an `expect`ed prefix of the answer, every `interval` (with jitter, so that checks of many servers do
 //! not align). `fall` consecutive failures mark an up server down, `rise` consecutive
 //! successes mark a down server up; each transition is logged with its reason.
 //!
@@ -14,13 +14,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthConfig;
+use crate::tls::{ClientTls, TlsStream};
 use crate::upstream::{LastCheck, Pool, Server};
 
 /// Runs the checks of `pool`'s servers until `stop`, following the server set as it
@@ -77,7 +76,7 @@ async fn check_loop(
         }
         let started = Instant::now();
         let proxy = pool.proxy_protocol.filter(|_| cfg.send_proxy);
-        let result = check_once(s.addr, &cfg, proxy).await;
+        let result = check_once(&s, &cfg, proxy, pool.tls.as_deref()).await;
         record(&pool, &s, &cfg, result, started.elapsed());
         next = Instant::now() + jitter(cfg.interval, 0.9, 1.1);
     }
@@ -87,37 +86,71 @@ fn checks(n: u32) -> &'static str {
     if n == 1 { "check" } else { "checks" }
 }
 
-/// One check. `Err` carries the reason.
+/// One check of `server`: a connect (and, for a TLS pool, a completed handshake), then
+/// `send` and `expect` if configured (inside TLS for a TLS pool). `Err` carries the reason.
 pub async fn check_once(
-    addr: SocketAddr,
+    server: &Server,
     cfg: &HealthConfig,
     proxy: Option<crate::wire::proxy::Version>,
+    tls: Option<&ClientTls>,
 ) -> Result<(), String> {
+    let addr = server.addr;
     let work = async {
-        let mut s = TcpStream::connect(addr)
+        let opts = crate::config::TcpOptions::default();
+        let s = crate::net::connect(addr, cfg.timeout, &opts)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| match e {
+                crate::net::ConnectError::Failed(e) => format!("connect: {e}"),
+                crate::net::ConnectError::Timeout => "connect: timed out".to_string(),
+            })?;
         if let Some(v) = proxy {
             // The checker's own connection: its own addresses.
-            let local = s.local_addr().map_err(|e| format!("local address: {e}"))?;
+            let local = s
+                .get_ref()
+                .local_addr()
+                .map_err(|e| format!("local address: {e}"))?;
             let header = crate::wire::proxy::encode(v, local, addr);
-            s.write_all(&header)
+            crate::net::write_all(&s, &header)
                 .await
                 .map_err(|e| format!("send PROXY header: {e}"))?;
         }
-        if let Some(send) = &cfg.send {
-            s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
-        }
-        if let Some(expect) = &cfg.expect {
-            let mut got = vec![0u8; expect.len()];
-            let mut n = 0;
-            while n < got.len() {
-                match s.read(&mut got[n..]).await {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) => return Err(format!("read: {e}")),
+        let mut got = Vec::new();
+        let want = cfg.expect.as_ref().map_or(0, |e| e.len());
+        match tls {
+            None => {
+                if let Some(send) = &cfg.send {
+                    crate::net::write_all(&s, send)
+                        .await
+                        .map_err(|e| format!("send: {e}"))?;
+                }
+                while got.len() < want {
+                    let mut buf = vec![0u8; want - got.len()];
+                    match crate::net::read_some(&s, &mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => got.extend_from_slice(&buf[..k]),
+                        Err(e) => return Err(format!("read: {e}")),
+                    }
                 }
             }
+            Some(tls) => {
+                let name = tls.server_name(&server.configured, addr.ip());
+                let mut t =
+                    TlsStream::client(s, tls.config.clone(), name).map_err(|e| e.to_string())?;
+                t.handshake().await.map_err(|e| e.to_string())?;
+                if let Some(send) = &cfg.send {
+                    t.send(send).await.map_err(|e| format!("send: {e}"))?;
+                }
+                while got.len() < want {
+                    match t.recv(&mut got).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => return Err(format!("read: {e}")),
+                    }
+                }
+            }
+        }
+        if let Some(expect) = &cfg.expect {
+            let n = got.len().min(expect.len());
             if got[..n] != expect[..] {
                 return Err(format!(
                     "expected {:?}, got {:?}",

@@ -14,7 +14,16 @@ use tokio_util::task::TaskTracker;
 use crate::config::ProxyAccept;
 use crate::observe::{AccessLog, ListenerStats, Outcome, Record};
 use crate::policy::{Acl, ClientPermit, ClientTable, clients::Refusal};
-use crate::upstream::Pool;
+use crate::route::Router;
+use crate::tls::ServerTls;
+
+/// A listener's front-end handshake, by mode (see `frontend`).
+pub enum FrontEnd {
+    /// Plain TCP; the ClientHello is read only if a route needs it.
+    Tcp,
+    /// TLS terminated with these settings.
+    Tls(Arc<ServerTls>),
+}
 
 /// A count of open connections with a ceiling.
 #[derive(Debug)]
@@ -65,7 +74,9 @@ impl Gate {
 /// listener's [`Slot`]; connections keep the one they were accepted with.
 pub struct ListenerCtx {
     pub name: String,
-    pub pool: Arc<Pool>,
+    pub front: FrontEnd,
+    pub router: Router,
+    pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     /// How the relay moves bytes.
     pub engine: crate::relay::Engine,
@@ -105,7 +116,9 @@ impl ListenerCtx {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
-        pool: Arc<Pool>,
+        front: FrontEnd,
+        router: Router,
+        handshake_timeout: Duration,
         idle_timeout: Duration,
         engine: crate::relay::Engine,
         stats: Arc<ListenerStats>,
@@ -119,7 +132,9 @@ impl ListenerCtx {
     ) -> ListenerCtx {
         ListenerCtx {
             name,
-            pool,
+            front,
+            router,
+            handshake_timeout,
             idle_timeout,
             engine,
             stats,
@@ -154,9 +169,10 @@ impl ListenerCtx {
 
     /// Accounts for a connection refused before any server was contacted: counted always,
     /// logged individually up to [`REFUSED_LOG_PER_SEC`] a second.
-    pub fn refuse(&self, client: SocketAddr, outcome: Outcome, ts: SystemTime, took: Duration) {
-        self.stats.finish(outcome);
-        let sec = ts
+    pub fn refuse(&self, rec: &Record<'_>) {
+        self.stats.finish(rec.result);
+        let sec = rec
+            .ts
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if self.refused_second.swap(sec, Relaxed) != sec {
@@ -166,20 +182,7 @@ impl ListenerCtx {
             self.refused_unlogged.fetch_add(1, Relaxed);
             return;
         }
-        self.access_log.write(&Record {
-            ts,
-            listener: &self.name,
-            client,
-            upstream: None,
-            server: None,
-            sni: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            connect_ms: None,
-            duration_ms: took,
-            result: outcome,
-            event: None,
-        });
+        self.access_log.write(rec);
     }
 
     /// Once a second: reports refused connections that were not logged one by one, and
@@ -359,7 +362,12 @@ fn admit(
     let l = slot.load_full();
     let Some(permit) = Permit::try_new(&l) else {
         crate::net::close_with_reset(stream);
-        l.refuse(peer, Outcome::Limited, SystemTime::now(), Duration::ZERO);
+        l.refuse(&Record::new(
+            SystemTime::now(),
+            &l.name,
+            peer,
+            Outcome::Limited,
+        ));
         return;
     };
     // With a PROXY header, the session checks the address the header carries.
@@ -368,7 +376,7 @@ fn admit(
             Ok(p) => p,
             Err(outcome) => {
                 crate::net::close_with_reset(stream);
-                l.refuse(peer, outcome, SystemTime::now(), Duration::ZERO);
+                l.refuse(&Record::new(SystemTime::now(), &l.name, peer, outcome));
                 return;
             }
         }

@@ -21,11 +21,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{self, Config};
-use crate::listener::{self, Bound, Gate, ListenerCtx, Slot};
+use crate::config::{self, Config, ListenerMode};
+use crate::listener::{self, Bound, FrontEnd, Gate, ListenerCtx, Slot};
 use crate::observe::{AccessLog, ListenerStats};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
+use crate::route::Router;
+use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::Pool;
 use crate::workers::Workers;
 
@@ -71,6 +73,8 @@ struct Live {
 
 struct LiveListener {
     cfg: config::Listener,
+    /// Its TLS settings (mode tls), with the session-resumption state they carry.
+    tls: Option<Arc<ServerTls>>,
     slot: Slot,
     stats: Arc<ListenerStats>,
     gate: Arc<Gate>,
@@ -173,9 +177,15 @@ impl Proxy {
         let global = Arc::new(Gate::new(cfg.global.max_connections));
         let background = CancellationToken::new();
 
+        let tls =
+            build_tls(cfg, None).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut pools = HashMap::new();
         for u in &cfg.upstreams {
-            pools.insert(u.name.clone(), start_pool(u, None, &background).await);
+            let client_tls = tls.upstreams.get(&u.name).cloned();
+            pools.insert(
+                u.name.clone(),
+                start_pool(u, None, client_tls, &background).await,
+            );
         }
 
         // Bind everything before accepting anything: a config that cannot fully start
@@ -215,7 +225,8 @@ impl Proxy {
         {
             let mut live = shared.live.lock().await;
             for (lc, socks) in cfg.listeners.iter().zip(sockets) {
-                let ll = shared.start_listener(&live, lc, socks, None);
+                let server_tls = tls.listeners.get(&lc.name).cloned();
+                let ll = shared.start_listener(&live, lc, socks, None, server_tls);
                 for a in &ll.addrs {
                     tracing::info!("listener {:?} listening on {a}", lc.name);
                     bound.push((lc.name.clone(), *a));
@@ -283,6 +294,7 @@ impl Shared {
         lc: &config::Listener,
         socks: Vec<Bound>,
         prev: Option<&LiveListener>,
+        tls: Option<Arc<ServerTls>>,
     ) -> LiveListener {
         let stats = prev.map_or_else(Arc::default, |p| p.stats.clone());
         let gate = prev.map_or_else(
@@ -291,7 +303,15 @@ impl Shared {
         );
         gate.set_max(lc.max_connections.unwrap_or(usize::MAX));
         let clients = self.clients_for(lc, prev);
-        let ctx = self.build_ctx(live, lc, stats.clone(), gate.clone(), clients.clone());
+        let ctx = self.build_ctx(
+            live,
+            lc,
+            stats.clone(),
+            gate.clone(),
+            clients.clone(),
+            tls.clone(),
+            prev,
+        );
         let slot: Slot = Arc::new(ArcSwap::from_pointee(ctx));
         let accept_stop = CancellationToken::new();
         let accepting = TaskTracker::new();
@@ -316,6 +336,7 @@ impl Shared {
         }
         LiveListener {
             cfg: lc.clone(),
+            tls,
             slot,
             stats,
             gate,
@@ -347,6 +368,7 @@ impl Shared {
         })))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build_ctx(
         &self,
         live: &Live,
@@ -354,11 +376,24 @@ impl Shared {
         stats: Arc<ListenerStats>,
         gate: Arc<Gate>,
         clients: Option<Arc<ClientTable>>,
+        tls: Option<Arc<ServerTls>>,
+        prev: Option<&LiveListener>,
     ) -> ListenerCtx {
-        let upstream = &live.cfg.upstreams[lc.upstream].name;
+        let pool_of = |i: usize| live.pools[&live.cfg.upstreams[i].name].pool.clone();
+        // Route counts carry over a reload that leaves the routes as they were.
+        let keep_hits = prev
+            .filter(|p| p.cfg.routes == lc.routes && p.cfg.upstream == lc.upstream)
+            .map(|p| p.slot.load().router.hits());
+        let router = Router::new(&lc.routes, lc.upstream.map(pool_of), pool_of, keep_hits);
+        let front = match (&lc.mode, tls) {
+            (ListenerMode::Tls(_), Some(t)) => FrontEnd::Tls(t),
+            _ => FrontEnd::Tcp,
+        };
         ListenerCtx::new(
             lc.name.clone(),
-            live.pools[upstream].pool.clone(),
+            front,
+            router,
+            lc.handshake_timeout,
             lc.idle_timeout,
             engine(&live.cfg),
             stats,
@@ -443,6 +478,13 @@ impl Shared {
             .flat_map(|l| l.addrs.iter().copied())
             .collect();
 
+        // TLS settings first: a certificate rustls cannot use rejects the reload before
+        // anything changes.
+        let tls = match build_tls(&cfg, Some(&live)) {
+            Ok(t) => t,
+            Err(e) => return ReloadOutcome::Rejected(vec![e]),
+        };
+
         // Bind what is new first: if any address cannot be bound, nothing changes.
         let mut new_sockets: HashMap<String, Vec<Bound>> = HashMap::new();
         for lc in &cfg.listeners {
@@ -523,14 +565,19 @@ impl Shared {
                 Some(p) => {
                     p.stop.cancel();
                     changes.push(format!("upstream {:?} changed", u.name));
+                    let client_tls = tls.upstreams.get(&u.name).cloned();
                     pools.insert(
                         u.name.clone(),
-                        start_pool(u, Some(&p.pool), &self.background).await,
+                        start_pool(u, Some(&p.pool), client_tls, &self.background).await,
                     );
                 }
                 None => {
                     changes.push(format!("upstream {:?} added", u.name));
-                    pools.insert(u.name.clone(), start_pool(u, None, &self.background).await);
+                    let client_tls = tls.upstreams.get(&u.name).cloned();
+                    pools.insert(
+                        u.name.clone(),
+                        start_pool(u, None, client_tls, &self.background).await,
+                    );
                 }
             }
         }
@@ -576,12 +623,15 @@ impl Shared {
             match (prev, new_sockets.remove(&lc.name)) {
                 (Some(p), None) => {
                     // Same sockets; new settings (and pool) for new connections.
+                    let server_tls = tls.listeners.get(&lc.name).cloned();
                     let ctx = self.build_ctx(
                         &live,
                         lc,
                         p.stats.clone(),
                         p.gate.clone(),
                         self.clients_for(lc, Some(&p)),
+                        server_tls.clone(),
+                        Some(&p),
                     );
                     p.gate.set_max(lc.max_connections.unwrap_or(usize::MAX));
                     let clients = ctx.clients.clone();
@@ -594,6 +644,7 @@ impl Shared {
                         LiveListener {
                             cfg: lc.clone(),
                             clients,
+                            tls: server_tls,
                             ..p
                         },
                     );
@@ -605,7 +656,8 @@ impl Shared {
                     } else {
                         changes.push(format!("listener {:?} added", lc.name));
                     }
-                    let ll = self.start_listener(&live, lc, socks, prev.as_ref());
+                    let server_tls = tls.listeners.get(&lc.name).cloned();
+                    let ll = self.start_listener(&live, lc, socks, prev.as_ref(), server_tls);
                     for a in &ll.addrs {
                         tracing::info!("listener {:?} listening on {a}", lc.name);
                     }
@@ -685,9 +737,10 @@ impl Shared {
 async fn start_pool(
     u: &config::Upstream,
     old: Option<&Pool>,
+    tls: Option<Arc<ClientTls>>,
     background: &CancellationToken,
 ) -> LivePool {
-    let pool = Arc::new(Pool::new(u, old));
+    let pool = Arc::new(Pool::new(u, old, tls));
     if pool.has_names() {
         crate::upstream::resolve_all(&pool).await;
     }
@@ -726,5 +779,76 @@ pub fn effective_workers(workers: usize) -> usize {
         workers
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// The TLS settings a config needs, built before anything is started or changed.
+struct TlsSet {
+    listeners: HashMap<String, Arc<ServerTls>>,
+    upstreams: HashMap<String, Arc<ClientTls>>,
+}
+
+/// Builds every listener's and upstream's TLS settings for `cfg`. With `live` (a reload),
+/// a listener whose TLS settings did not change keeps them as they are; one whose
+/// certificates changed gets new ones but keeps its session-resumption state while its
+/// client-certificate settings stay the same; an unchanged upstream keeps its own (and its
+/// sessions with the servers). Warns about certificates that expire soon.
+fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
+    let mut listeners = HashMap::new();
+    for lc in &cfg.listeners {
+        let ListenerMode::Tls(spec) = &lc.mode else {
+            continue;
+        };
+        let prev = live.and_then(|l| l.listeners.get(&lc.name));
+        let same = prev
+            .filter(|p| p.cfg.mode == lc.mode)
+            .and_then(|p| p.tls.clone());
+        let t = match same {
+            Some(t) => t,
+            None => {
+                let keep = prev.and_then(|p| p.tls.as_ref()).map(|t| &t.resumption);
+                let t = ServerTls::new(spec, keep)
+                    .map_err(|e| format!("listener {:?}: {e}", lc.name))?;
+                warn_expiry(&lc.name, &t);
+                Arc::new(t)
+            }
+        };
+        listeners.insert(lc.name.clone(), t);
+    }
+    let mut upstreams = HashMap::new();
+    for u in &cfg.upstreams {
+        let Some(spec) = &u.tls else { continue };
+        let prev = live
+            .and_then(|l| l.pools.get(&u.name))
+            .filter(|p| p.cfg.tls == u.tls)
+            .and_then(|p| p.pool.tls.clone());
+        let t = match prev {
+            Some(t) => t,
+            None => {
+                if !spec.verify {
+                    tracing::warn!(upstream = %u.name, "tls.verify = false: the servers' certificates are not checked; anyone on the path can impersonate them");
+                }
+                Arc::new(ClientTls::new(spec).map_err(|e| format!("upstream {:?}: {e}", u.name))?)
+            }
+        };
+        upstreams.insert(u.name.clone(), t);
+    }
+    Ok(TlsSet {
+        listeners,
+        upstreams,
+    })
+}
+
+/// Certificates that expire within this are warned about at start and reload.
+const EXPIRY_WARNING: i64 = 14 * 24 * 3600;
+
+fn warn_expiry(listener: &str, t: &ServerTls) {
+    for c in &t.certs {
+        let left = crate::tls::certs::seconds_left(&c.info);
+        if left <= 0 {
+            tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate has expired");
+        } else if left < EXPIRY_WARNING {
+            tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate expires in {} day(s)", left / 86400);
+        }
     }
 }

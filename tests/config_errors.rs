@@ -291,22 +291,17 @@ fn not_supported_yet() {
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
-mode = "tls"
+mode = "socks5"
 upstream = "pool"
-
-[[listener.route]]
-sni = "*.example.com"
-upstream = "pool"
+destinations = ["10.0.0.0/8:443"]
 
 [[upstream]]
 name = "pool"
 servers = ["127.0.0.1:9000"]
-tls = { sni = "db.internal" }
 "#,
         &[
-            r#"4:8: mode "tls" is not supported yet"#,
-            "7:12: `route` in [[listener]] is not supported yet",
-            "14:1: `tls` in [[upstream]] is not supported yet",
+            r#"4:8: mode "socks5" is not supported yet"#,
+            "6:1: `destinations` in [[listener]] is not supported yet",
         ],
     );
 }

@@ -285,11 +285,40 @@ pub fn status(shared: &Shared) -> Value {
             total += t;
             up += u;
             down += d;
+            let (mode, tls) = match &ctx.front {
+                crate::listener::FrontEnd::Tcp => ("tcp", Value::Null),
+                crate::listener::FrontEnd::Tls(t) => (
+                    "tls",
+                    json!({
+                        "handshakes": {
+                            "ok": st.tls_full.load(Relaxed),
+                            "resumed": st.tls_resumed.load(Relaxed),
+                            "failed": st.tls_failed.load(Relaxed),
+                        },
+                        "certificates": t.certs.iter().map(|c| json!({
+                            "name": c.name,
+                            "subject": c.info.subject,
+                            "names": c.info.names,
+                            "not_before": rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.info.not_before.max(0) as u64)),
+                            "not_after": rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.info.not_after.max(0) as u64)),
+                            "expires_in_days": crate::tls::certs::seconds_left(&c.info) / 86400,
+                        })).collect::<Vec<_>>(),
+                    }),
+                ),
+            };
+            let routes: Vec<Value> = ctx
+                .router
+                .counts()
+                .into_iter()
+                .map(|(route, upstream, n)| json!({"route": route, "upstream": upstream, "matches": n}))
+                .collect();
             json!({
                 "name": ctx.name,
                 "addrs": l.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "mode": "tcp",
-                "upstream": ctx.pool.name,
+                "mode": mode,
+                "upstream": ctx.router.default().map(|p| p.name.clone()),
+                "routes": routes,
+                "tls": tls,
                 "connections_active": a,
                 "connections_total": t,
                 "bytes_up": u,

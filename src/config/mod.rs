@@ -103,9 +103,113 @@ impl Default for LogConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a listener does with a connection before routing it. Each mode carries its own
+/// settings, so a setting that does not apply to a mode cannot be written for it.
+#[derive(Debug, Clone, PartialEq)]
 pub enum ListenerMode {
+    /// Bytes relayed as they are. Routes may look at a TLS ClientHello (SNI, offered ALPN)
+    /// without terminating TLS; the hello is passed on untouched.
     Tcp,
+    /// TLS terminated by ferry; routes see the negotiated SNI and ALPN.
+    Tls(Box<TlsListen>),
+}
+
+impl ListenerMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ListenerMode::Tcp => "tcp",
+            ListenerMode::Tls(_) => "tls",
+        }
+    }
+}
+
+/// `tls = { .. }` / `[listener.tls]` of a `mode = "tls"` listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsListen {
+    /// Served when the client sends no SNI, or one no other certificate is for.
+    pub default_cert: CertFiles,
+    /// `[[listener.tls.certs]]`: chosen by SNI (exact names before wildcards).
+    pub certs: Vec<(NamePattern, CertFiles)>,
+    pub client_auth: Option<ClientAuth>,
+    /// Protocols offered in ALPN, in order of preference.
+    pub alpn: Vec<String>,
+    pub min_version: TlsVersion,
+}
+
+/// A certificate chain and its key, read and checked at parse time (so a config that
+/// `ferry check` accepts serves), and again at every reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub loaded: crate::tls::certs::CertKey,
+}
+
+/// mTLS: client certificates verified against `ca`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAuth {
+    pub ca: PathBuf,
+    pub roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Without a certificate a client is refused; `false`: accepted, but a certificate it
+    /// sends must verify.
+    pub required: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// A host name, or a one-label wildcard: `*.example.com` matches `a.example.com`, not
+/// `example.com` nor `a.b.example.com`. Stored lowercased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamePattern {
+    Exact(String),
+    /// The part after `*.`.
+    Wildcard(String),
+}
+
+impl NamePattern {
+    /// `name` must already be lowercase (SNI as ferry reads it is).
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NamePattern::Exact(n) => n == name,
+            NamePattern::Wildcard(suffix) => name
+                .split_once('.')
+                .is_some_and(|(first, rest)| !first.is_empty() && rest == suffix),
+        }
+    }
+}
+
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamePattern::Exact(n) => f.write_str(n),
+            NamePattern::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// `[[listener.route]]`: every matcher given must match; the first route that matches
+/// picks the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub sni: Option<Vec<NamePattern>>,
+    /// Mode tcp: one of these is offered; mode tls: one of these was negotiated.
+    pub alpn: Option<Vec<String>>,
+    pub source: Option<Vec<IpNet>>,
+    /// The local port the client connected to.
+    pub port: Option<Vec<u16>>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+}
+
+impl Route {
+    /// Whether this route needs the TLS ClientHello (mode tcp reads it to match).
+    pub fn needs_hello(&self) -> bool {
+        self.sni.is_some() || self.alpn.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,8 +217,13 @@ pub struct Listener {
     pub name: String,
     pub listen: Vec<SocketAddr>,
     pub mode: ListenerMode,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
+    /// The default route: index into [`Config::upstreams`]. `None` when routes are given
+    /// and a connection that matches none is refused.
+    pub upstream: Option<usize>,
+    pub routes: Vec<Route>,
+    /// The front-end handshake (PROXY header, ClientHello, TLS handshake) must complete
+    /// within this.
+    pub handshake_timeout: Duration,
     /// No bytes either way for this long closes both sides.
     pub idle_timeout: Duration,
     /// Connections open at once on this listener; `None` = only the global limit.
@@ -157,6 +266,8 @@ pub struct ProxyAccept {
 /// Default `proxy_protocol.timeout`.
 pub const DEFAULT_PROXY_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Default `handshake_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `idle_timeout` when a listener sets none.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Default `connect_timeout` when an upstream sets none.
@@ -216,6 +327,24 @@ pub struct Upstream {
     pub tcp: TcpOptions,
     /// Send a PROXY header first on every server connection.
     pub proxy_protocol: Option<crate::wire::proxy::Version>,
+    /// Connect to the servers over TLS.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `tls = { .. }` of an upstream: TLS to its servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and verified; default: the server's host name as configured
+    /// (none for a server given by IP address, which is then verified by that address).
+    pub sni: Option<String>,
+    /// Trust anchors; `None`: the system's roots.
+    pub ca: Option<(PathBuf, Vec<rustls::pki_types::CertificateDer<'static>>)>,
+    /// A client certificate for mTLS to the servers.
+    pub client_cert: Option<CertFiles>,
+    /// `false` (written explicitly, and warned about): accept any server certificate.
+    pub verify: bool,
+    /// Protocols offered in ALPN.
+    pub alpn: Vec<String>,
 }
 
 /// Default `resolve_interval`.
@@ -347,7 +476,9 @@ impl Config {
                 name: "quick".into(),
                 listen,
                 mode: ListenerMode::Tcp,
-                upstream: 0,
+                upstream: Some(0),
+                routes: Vec::new(),
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
                 idle_timeout: DEFAULT_IDLE_TIMEOUT,
                 max_connections: None,
                 reuse_port: true,
@@ -376,6 +507,7 @@ impl Config {
                 health: None,
                 tcp: TcpOptions::default(),
                 proxy_protocol: None,
+                tls: None,
             }],
         }
     }
@@ -385,11 +517,22 @@ impl Config {
         let mut s = String::new();
         for l in &self.listeners {
             let addrs: Vec<String> = l.listen.iter().map(|a| a.to_string()).collect();
+            let mut to = Vec::new();
+            if !l.routes.is_empty() {
+                to.push(format!("{} route(s)", l.routes.len()));
+            }
+            if let Some(u) = l.upstream {
+                to.push(format!("upstream {:?}", self.upstreams[u].name));
+            }
+            let mode = match l.mode {
+                ListenerMode::Tcp => String::new(),
+                ref m => format!(" ({})", m.as_str()),
+            };
             s.push_str(&format!(
-                "listener {:?} on {} -> upstream {:?}\n",
+                "listener {:?}{mode} on {} -> {}\n",
                 l.name,
                 addrs.join(", "),
-                self.upstreams[l.upstream].name
+                to.join(", then ")
             ));
         }
         for u in &self.upstreams {

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -394,8 +394,22 @@ const LISTENER_KEYS: &[&str] = &[
     "deny",
     "per_client",
     "proxy_protocol",
+    "handshake_timeout",
+    "tls",
+    "route",
 ];
-const LISTENER_LATER: &[&str] = &["tls", "route", "destinations", "users", "protocol"];
+const LISTENER_LATER: &[&str] = &["destinations", "users", "protocol", "tcp"];
+const LISTEN_TLS_KEYS: &[&str] = &[
+    "cert",
+    "key",
+    "certs",
+    "client_ca",
+    "client_auth",
+    "alpn",
+    "min_version",
+];
+const ROUTE_KEYS: &[&str] = &["sni", "alpn", "source", "port", "upstream"];
+const UPSTREAM_TLS_KEYS: &[&str] = &["sni", "ca", "cert", "key", "verify", "alpn"];
 const UPSTREAM_KEYS: &[&str] = &[
     "name",
     "balance",
@@ -410,8 +424,9 @@ const UPSTREAM_KEYS: &[&str] = &[
     "health",
     "tcp",
     "proxy_protocol",
+    "tls",
 ];
-const UPSTREAM_LATER: &[&str] = &["tls"];
+const UPSTREAM_LATER: &[&str] = &[];
 const SERVER_KEYS: &[&str] = &["addr", "weight", "backup"];
 const HEALTH_KEYS: &[&str] = &[
     "active",
@@ -451,7 +466,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             let Some(t) = as_table(cx, "upstream", item, "[[upstream]]") else {
                 continue;
             };
-            let (name, u) = upstream(cx, t);
+            let (name, u) = upstream(cx, t, base);
             let Some((name, name_span)) = name else {
                 continue;
             };
@@ -481,7 +496,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
                     let Some(t) = as_table(cx, "listener", item, "[[listener]]") else {
                         continue;
                     };
-                    let (name, l) = listener(cx, t, &upstream_names, &mut bound);
+                    let (name, l) = listener(cx, t, &upstream_names, &mut bound, base);
                     let Some((name, name_span)) = name else {
                         continue;
                     };
@@ -607,6 +622,7 @@ fn listener(
     t: Tab<'_, '_>,
     upstreams: &HashMap<String, Option<usize>>,
     bound: &mut HashMap<SocketAddr, String>,
+    base: &Path,
 ) -> Named<Listener> {
     let (name, named) = name_of(cx, &t);
     let who = name.unwrap_or("?").to_string();
@@ -642,9 +658,30 @@ fn listener(
         }
     }
 
+    let tls_v = t.get("tls");
     let mode = match t.string(cx, "mode") {
-        None | Some(("tcp", _)) => Some(ListenerMode::Tcp),
-        Some((m @ ("tls" | "socks5" | "http-connect" | "transparent"), span)) => {
+        None | Some(("tcp", _)) => {
+            if let Some(v) = tls_v {
+                cx.err(
+                    v.span(),
+                    "`tls` applies to mode = \"tls\" (TLS terminated here); with mode \"tcp\" TLS passes through, and routes can still match its SNI",
+                );
+            }
+            Some(ListenerMode::Tcp)
+        }
+        Some(("tls", span)) => match tls_v {
+            None => {
+                cx.err(
+                    span,
+                    "mode \"tls\" needs `tls` with at least a certificate: tls = { cert = \"…\", key = \"…\" }",
+                );
+                None
+            }
+            Some(v) => as_table(cx, "tls", v, "`tls`")
+                .and_then(|tt| listen_tls(cx, tt, base))
+                .map(|t| ListenerMode::Tls(Box::new(t))),
+        },
+        Some((m @ ("socks5" | "http-connect" | "transparent"), span)) => {
             cx.err(span, format!("mode {m:?} is not supported yet"));
             None
         }
@@ -659,22 +696,48 @@ fn listener(
         }
     };
 
-    let upstream = match t.required(cx, "upstream") {
-        None => None,
-        Some(v) => match as_str(cx, "upstream", v) {
-            None => None,
-            Some(u) => match upstreams.get(u) {
-                Some(i) => *i,
-                None => {
-                    cx.err(
-                        v.span(),
-                        format!("listener {who:?} names upstream {u:?}, which is not defined"),
-                    );
-                    None
-                }
-            },
-        },
+    let upstream_ref = |cx: &mut Cx<'_>, v: &Val<'_>| -> Option<usize> {
+        let u = as_str(cx, "upstream", v)?;
+        match upstreams.get(u) {
+            Some(i) => *i,
+            None => {
+                cx.err(
+                    v.span(),
+                    format!("listener {who:?} names upstream {u:?}, which is not defined"),
+                );
+                None
+            }
+        }
     };
+    // `Some(None)`: given but invalid (already reported).
+    let upstream = t.get("upstream").map(|v| upstream_ref(cx, v));
+    let mut routes = Vec::new();
+    let mut routes_ok = true;
+    if let Some(v) = t.get("route")
+        && let Some(items) = table_array(cx, "route", v)
+    {
+        for item in items.iter() {
+            let Some(rt) = as_table(cx, "route", item, "[[listener.route]]") else {
+                routes_ok = false;
+                continue;
+            };
+            match route(cx, rt, item.span(), &upstream_ref) {
+                Some(r) => routes.push(r),
+                None => routes_ok = false,
+            }
+        }
+    }
+    if upstream.is_none() && routes.is_empty() && routes_ok {
+        cx.err(
+            t.span.clone(),
+            format!(
+                "listener {who:?} has nowhere to send connections: give it `upstream` (and, if you like, [[listener.route]] entries)"
+            ),
+        );
+    }
+    let handshake_timeout = t
+        .positive_duration(cx, "handshake_timeout")
+        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
     let idle_timeout = t
         .positive_duration(cx, "idle_timeout")
         .unwrap_or(DEFAULT_IDLE_TIMEOUT);
@@ -696,11 +759,19 @@ fn listener(
     t.finish(cx, LISTENER_KEYS, LISTENER_LATER);
 
     let l = (|| {
+        if !routes_ok {
+            return None;
+        }
         Some(Listener {
             name: name?.to_string(),
             listen,
             mode: mode?,
-            upstream: upstream?,
+            upstream: match upstream {
+                None => None,
+                Some(u) => Some(u?),
+            },
+            routes,
+            handshake_timeout,
             idle_timeout,
             max_connections,
             reuse_port,
@@ -713,7 +784,317 @@ fn listener(
     (named, l)
 }
 
-fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
+/// One `[[listener.route]]`.
+fn route(
+    cx: &mut Cx<'_>,
+    t: Tab<'_, '_>,
+    span: Range<usize>,
+    upstream_ref: &dyn Fn(&mut Cx<'_>, &Val<'_>) -> Option<usize>,
+) -> Option<Route> {
+    let sni = t.get("sni").map(|v| {
+        str_list(cx, "sni", v)
+            .into_iter()
+            .filter_map(|(s, span)| match name_pattern(s) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    cx.err(span, format!("`sni`: {e}"));
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let alpn = t.get("alpn").map(|v| alpn_list(cx, "alpn", v));
+    let source = t.get("source").map(|v| cidr_list(cx, "source", v));
+    let port = t.get("port").map(|v| port_list(cx, v));
+    let upstream = t.required(cx, "upstream").map(|v| upstream_ref(cx, v));
+    if sni.is_none() && alpn.is_none() && source.is_none() && port.is_none() {
+        cx.err(
+            span,
+            "a route needs at least one matcher: `sni`, `alpn`, `source` or `port` (the listener's `upstream` is the route for everything else)",
+        );
+    }
+    t.finish(cx, ROUTE_KEYS, &[]);
+    Some(Route {
+        sni,
+        alpn,
+        source,
+        port,
+        upstream: upstream??,
+    })
+}
+
+/// `port = 443` or `port = [443, 8443]`.
+fn port_list(cx: &mut Cx<'_>, v: &Val<'_>) -> Vec<u16> {
+    match v.get_ref() {
+        DeValue::Array(items) => items
+            .iter()
+            .filter_map(|i| as_uint(cx, "port", i, 1, 65535).map(|n| n as u16))
+            .collect(),
+        _ => as_uint(cx, "port", v, 1, 65535)
+            .map(|n| vec![n as u16])
+            .unwrap_or_default(),
+    }
+}
+
+/// ALPN protocol names: 1 to 255 bytes each.
+fn alpn_list(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (s, span) in str_list(cx, key, v) {
+        if s.is_empty() || s.len() > 255 {
+            cx.err(span, format!("`{key}`: a protocol name is 1 to 255 bytes"));
+        } else {
+            out.push(s.to_string());
+        }
+    }
+    out
+}
+
+/// A host name or a one-label wildcard (`*.example.com`), for SNI matching.
+fn name_pattern(s: &str) -> Result<NamePattern, String> {
+    let lower = s.trim_end_matches('.').to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let ok_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(ok_label) {
+        return Err(format!(
+            "{s:?} is not a host name or a wildcard such as \"*.example.com\""
+        ));
+    }
+    Ok(if wild {
+        NamePattern::Wildcard(name.to_string())
+    } else {
+        NamePattern::Exact(name.to_string())
+    })
+}
+
+/// A path as written in the config: relative to the config file's folder.
+fn path_in(base: &Path, s: &str) -> PathBuf {
+    let p = Path::new(s);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// `cert` and `key` of one table: both required when either is given; loaded and checked.
+fn cert_files(cx: &mut Cx<'_>, t: &Tab<'_, '_>, base: &Path) -> Option<CertFiles> {
+    let cert = t.string(cx, "cert");
+    let key = t.string(cx, "key");
+    let ((cert, cert_span), (key, key_span)) = match (cert, key) {
+        (Some(c), Some(k)) => (c, k),
+        (None, None) => return None,
+        (Some(_), None) => {
+            cx.err(
+                t.span.clone(),
+                format!("{} has `cert` but no `key`", t.what),
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            cx.err(
+                t.span.clone(),
+                format!("{} has `key` but no `cert`", t.what),
+            );
+            return None;
+        }
+    };
+    let (cert, key) = (path_in(base, cert), path_in(base, key));
+    match crate::tls::certs::load_cert_key(&cert, &key) {
+        Ok(loaded) => Some(CertFiles { cert, key, loaded }),
+        Err(crate::tls::certs::KeyError::Cert(e)) => {
+            cx.err(cert_span, format!("`cert`: {e}"));
+            None
+        }
+        Err(crate::tls::certs::KeyError::Key(e)) => {
+            cx.err(key_span, format!("`key`: {e}"));
+            None
+        }
+    }
+}
+
+/// A CA bundle file.
+fn ca_file(
+    cx: &mut Cx<'_>,
+    t: &Tab<'_, '_>,
+    key: &str,
+    base: &Path,
+) -> Option<(PathBuf, Vec<rustls::pki_types::CertificateDer<'static>>)> {
+    let (s, span) = t.string(cx, key)?;
+    let path = path_in(base, s);
+    match crate::tls::certs::load_certs(&path) {
+        Ok(c) => Some((path, c)),
+        Err(e) => {
+            cx.err(span, format!("`{key}`: {e}"));
+            None
+        }
+    }
+}
+
+/// `tls` of a `mode = "tls"` listener.
+fn listen_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<TlsListen> {
+    let top = cert_files(cx, &t, base);
+    let mut certs = Vec::new();
+    let mut certs_ok = true;
+    if let Some(v) = t.get("certs")
+        && let Some(items) = table_array(cx, "certs", v)
+    {
+        for item in items.iter() {
+            let Some(ct) = as_table(cx, "certs", item, "[[listener.tls.certs]]") else {
+                certs_ok = false;
+                continue;
+            };
+            let name = ct.required(cx, "name").and_then(|v| {
+                let s = as_str(cx, "name", v)?;
+                match name_pattern(s) {
+                    Ok(p) => Some((p, v.span())),
+                    Err(e) => {
+                        cx.err(v.span(), format!("`name`: {e}"));
+                        None
+                    }
+                }
+            });
+            let files = cert_files(cx, &ct, base);
+            if files.is_none() && ct.get("cert").is_none() && ct.get("key").is_none() {
+                cx.err(
+                    ct.span.clone(),
+                    "[[listener.tls.certs]] needs `cert` and `key`",
+                );
+            }
+            ct.finish(cx, &["name", "cert", "key"], &[]);
+            match (name, files) {
+                (Some((name, span)), Some(files)) => {
+                    if !crate::tls::certs::covers(&files.loaded, &name.to_string()) {
+                        cx.err(
+                            span,
+                            format!(
+                                "the certificate in {} is not valid for {name} (it is for: {})",
+                                files.cert.display(),
+                                files.loaded.info.names.join(", ")
+                            ),
+                        );
+                        certs_ok = false;
+                    } else if certs.iter().any(|(n, _)| *n == name) {
+                        cx.err(span, format!("a certificate for {name} is listed twice"));
+                        certs_ok = false;
+                    } else {
+                        certs.push((name, files));
+                    }
+                }
+                _ => certs_ok = false,
+            }
+        }
+    }
+    let client_auth_mode = match t.string(cx, "client_auth") {
+        None => None,
+        Some(("required", _)) => Some((true, None)),
+        Some(("optional", span)) => Some((false, Some(span))),
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!("`client_auth` must be \"required\" or \"optional\", not {other:?}"),
+            );
+            None
+        }
+    };
+    let client_auth = match (ca_file(cx, &t, "client_ca", base), client_auth_mode) {
+        (Some((ca, roots)), mode) => Some(ClientAuth {
+            ca,
+            roots,
+            required: mode.is_none_or(|(r, _)| r),
+        }),
+        (None, Some((_, span))) if t.get("client_ca").is_none() => {
+            let span = span.unwrap_or_else(|| t.get("client_auth").map_or(0..0, |v| v.span()));
+            cx.err(
+                span,
+                "`client_auth` needs `client_ca`: the CA that signs client certificates",
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let alpn = t
+        .get("alpn")
+        .map(|v| alpn_list(cx, "alpn", v))
+        .unwrap_or_default();
+    let min_version = match t.string(cx, "min_version") {
+        None | Some(("1.2", _)) => Some(TlsVersion::V1_2),
+        Some(("1.3", _)) => Some(TlsVersion::V1_3),
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!("`min_version` must be \"1.2\" or \"1.3\", not {other:?}"),
+            );
+            None
+        }
+    };
+    let whole = t.span.clone();
+    t.finish(cx, LISTEN_TLS_KEYS, &[]);
+    if !certs_ok {
+        return None;
+    }
+    let default_cert = match top {
+        Some(c) => c,
+        None if !certs.is_empty() => certs[0].1.clone(),
+        None => {
+            cx.err(
+                whole,
+                "`tls` needs a certificate: `cert` and `key`, or [[listener.tls.certs]] entries",
+            );
+            return None;
+        }
+    };
+    Some(TlsListen {
+        default_cert,
+        certs,
+        client_auth,
+        alpn,
+        min_version: min_version?,
+    })
+}
+
+/// `tls` of an upstream.
+fn upstream_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<UpstreamTls> {
+    let sni = t.string(cx, "sni").and_then(|(s, span)| {
+        if rustls::pki_types::ServerName::try_from(s).is_ok() && !s.is_empty() {
+            Some(s.trim_end_matches('.').to_ascii_lowercase())
+        } else {
+            cx.err(span, format!("`sni`: {s:?} is not a host name"));
+            None
+        }
+    });
+    let ca = ca_file(cx, &t, "ca", base);
+    let client_cert = cert_files(cx, &t, base);
+    let verify = t.bool(cx, "verify").unwrap_or(true);
+    if !verify && ca.is_some() {
+        let span = t.get("verify").map_or(0..0, |v| v.span());
+        cx.err(
+            span,
+            "`verify = false` and `ca` contradict each other: drop one",
+        );
+    }
+    let alpn = t
+        .get("alpn")
+        .map(|v| alpn_list(cx, "alpn", v))
+        .unwrap_or_default();
+    t.finish(cx, UPSTREAM_TLS_KEYS, &[]);
+    Some(UpstreamTls {
+        sni,
+        ca,
+        client_cert,
+        verify,
+        alpn,
+    })
+}
+
+fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Named<Upstream> {
     let (name, named) = name_of(cx, &t);
     let factor = t
         .uint(cx, "hash_balance_factor", 101, 10_000)
@@ -847,6 +1228,9 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
             "`send_proxy` in [upstream.health] needs the upstream's `proxy_protocol`",
         );
     }
+    let tls = t
+        .table(cx, "tls", "`tls`")
+        .and_then(|tt| upstream_tls(cx, tt, base));
     t.finish(cx, UPSTREAM_KEYS, UPSTREAM_LATER);
 
     let u = (|| {
@@ -863,6 +1247,7 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Named<Upstream> {
             health,
             tcp,
             proxy_protocol,
+            tls,
         })
     })();
     (named, u)

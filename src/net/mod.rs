@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 use crate::config::TcpOptions;
 
@@ -24,6 +25,48 @@ pub(crate) use register::{register, register_listener};
 pub type Sock = AsyncFd<std::net::TcpStream>;
 /// A listening TCP socket.
 pub type Listener = AsyncFd<std::net::TcpListener>;
+
+/// A readiness guard for reading a [`Sock`].
+pub type ReadGuard<'a> = AsyncFdReadyGuard<'a, std::net::TcpStream>;
+
+/// The result of one [`recv`].
+pub enum Recv {
+    Data(usize),
+    Eof,
+    /// Nothing to read: readiness is cleared, the next poll waits for new data.
+    Again,
+    Err(io::Error),
+}
+
+/// One `recv` into `buf` from a socket whose read readiness `rg` is held.
+///
+/// Readiness is edge-triggered, so it is cleared only when the socket is seen empty: on
+/// `EAGAIN`, or on a read shorter than `buf`, since TCP copies until the receive queue is
+/// empty; that saves the `recv` that would fail with `EAGAIN`. Not when `urgent` (the
+/// socket had TCP urgent data: a read stops short at the urgent mark with data queued
+/// behind it), and not when the peer's FIN was already signalled (no further wake-up would
+/// come for it). The guard clears only readiness seen before the read, so data arriving
+/// since wakes the task as usual.
+pub fn recv(rg: &mut ReadGuard<'_>, buf: &mut [u8], urgent: bool) -> Recv {
+    match rg.try_io(|s| io::Read::read(&mut s.get_ref(), buf)) {
+        Err(_would_block) => Recv::Again,
+        Ok(Err(e)) => Recv::Err(e),
+        Ok(Ok(0)) => Recv::Eof,
+        Ok(Ok(n)) => {
+            if n < buf.len() && !urgent && !rg.ready().is_read_closed() {
+                rg.clear_ready();
+            }
+            Recv::Data(n)
+        }
+    }
+}
+
+/// The kernel has flagged TCP urgent data on `sock` (`EPOLLPRI`). Once seen, the flag stays
+/// for the connection's life (nothing clears it), and so does the caution it calls for.
+pub fn has_urgent_data(sock: &Sock) -> bool {
+    // No I/O: `try_io` runs the closure only when the readiness is set (an atomic load).
+    sock.try_io(Interest::PRIORITY, |_| Ok(())).is_ok()
+}
 
 /// Why a connect to a server did not succeed.
 #[derive(Debug)]
@@ -200,6 +243,16 @@ pub async fn read_exact(sock: &Sock, buf: &mut [u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads what `sock` has (at most `buf.len()` bytes); waits for at least one (0 means EOF).
+pub async fn read_some(sock: &Sock, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut g = sock.readable().await?;
+        if let Ok(r) = g.try_io(|s| io::Read::read(&mut s.get_ref(), buf)) {
+            return r;
+        }
+    }
 }
 
 /// Looks at what `sock` has received without consuming it; waits for at least one byte

@@ -40,6 +40,16 @@ pub struct Record<'a> {
     pub upstream: Option<&'a str>,
     pub server: Option<SocketAddr>,
     pub sni: Option<&'a str>,
+    /// The protocol agreed by ALPN (mode tls), or the first one offered (mode tcp routes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cipher: Option<&'static str>,
+    /// The subject of the client's certificate (mTLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<&'a str>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// Time to establish the server connection; absent when none was made.
@@ -49,6 +59,9 @@ pub struct Record<'a> {
     pub duration_ms: Duration,
     #[serde(serialize_with = "outcome")]
     pub result: Outcome,
+    /// Why it was refused or failed, when there is more to say than `result`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
     /// On records that are not the final one: `"connect"` (`on_connect`) or `"progress"`
     /// (`interval`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,7 +91,30 @@ fn outcome<S: serde::Serializer>(o: &Outcome, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(o.as_str())
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
+    /// A record with the fields every record has; the rest empty.
+    pub fn new(ts: SystemTime, listener: &'a str, client: SocketAddr, result: Outcome) -> Self {
+        Record {
+            ts,
+            listener,
+            client,
+            upstream: None,
+            server: None,
+            sni: None,
+            alpn: None,
+            tls_version: None,
+            tls_cipher: None,
+            client_cert: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            connect_ms: None,
+            duration_ms: Duration::ZERO,
+            result,
+            reason: None,
+            event: None,
+        }
+    }
+
     /// Appends the record and a newline to `out`.
     pub fn format(&self, format: LogFormat, out: &mut String) {
         match format {
@@ -91,7 +127,7 @@ impl Record<'_> {
                 let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
                 let _ = write!(
                     out,
-                    "{} listener={} client={} upstream={} server={} sni={} bytes_up={} bytes_down={} connect_ms={} duration_ms={} result={}{}{}",
+                    "{} listener={} client={} upstream={} server={} sni={} bytes_up={} bytes_down={} connect_ms={} duration_ms={} result={}",
                     humantime::format_rfc3339_millis(self.ts),
                     self.listener,
                     self.client,
@@ -103,9 +139,26 @@ impl Record<'_> {
                     opt(self.connect_ms.map(|d| ms(d).to_string())),
                     ms(self.duration_ms),
                     self.result.as_str(),
-                    if self.event.is_some() { " event=" } else { "" },
-                    self.event.unwrap_or(""),
                 );
+                // Fields that apply to some connections only, when they do. Free text is
+                // quoted.
+                let extra: [(&str, Option<&str>, bool); 6] = [
+                    ("event", self.event, false),
+                    ("alpn", self.alpn, false),
+                    ("tls_version", self.tls_version, false),
+                    ("tls_cipher", self.tls_cipher, false),
+                    ("client_cert", self.client_cert, true),
+                    ("reason", self.reason, true),
+                ];
+                for (k, v, quote) in extra {
+                    if let Some(v) = v {
+                        if quote {
+                            let _ = write!(out, " {k}={v:?}");
+                        } else {
+                            let _ = write!(out, " {k}={v}");
+                        }
+                    }
+                }
             }
         }
         out.push('\n');

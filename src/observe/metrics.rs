@@ -108,6 +108,78 @@ impl Collector for Snapshot {
             }
         }
 
+        {
+            let mut m = enc.encode_descriptor(
+                "route_matches",
+                "Connections routed, by the route that matched (1, 2, … in config order, or default)",
+                None,
+                MetricType::Counter,
+            )?;
+            for l in &listeners {
+                for (route, upstream, n) in l.router.counts() {
+                    let labels = [
+                        ("listener", l.name.as_str()),
+                        ("route", route.as_str()),
+                        ("upstream", upstream),
+                    ];
+                    counter(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let tls_listeners: Vec<_> = listeners
+            .iter()
+            .filter_map(|l| match &l.front {
+                crate::listener::FrontEnd::Tls(t) => Some((l, t.clone())),
+                crate::listener::FrontEnd::Tcp => None,
+            })
+            .collect();
+        {
+            let mut m = enc.encode_descriptor(
+                "tls_handshakes",
+                "TLS handshakes with clients, by result (ok: full, resumed, failed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (l, _) in &tls_listeners {
+                for (result, v) in [
+                    ("ok", &l.stats.tls_full),
+                    ("resumed", &l.stats.tls_resumed),
+                    ("failed", &l.stats.tls_failed),
+                ] {
+                    let labels = [("listener", l.name.as_str()), ("result", result)];
+                    counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "tls_handshake_duration_seconds",
+                "Time from the first byte of a ClientHello to a completed TLS handshake",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (l, _) in &tls_listeners {
+                let (sum, count, buckets) = l.stats.tls_handshake.snapshot();
+                let labels = [("listener", l.name.as_str())];
+                m.encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "tls_certificate_expiry_seconds",
+                "When each served certificate expires, in seconds since the Unix epoch (name: the SNI it is served for, or default)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (l, t) in &tls_listeners {
+                for c in &t.certs {
+                    let labels = [("listener", l.name.as_str()), ("name", c.name.as_str())];
+                    ConstGauge::new(c.info.not_after).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+
         // Per server.
         let servers: Vec<_> = view
             .pools

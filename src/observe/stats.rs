@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use super::Outcome;
 
 /// Counters of one listener.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ListenerStats {
     /// Connections accepted and not yet finished.
     pub active: AtomicU64,
@@ -16,6 +16,26 @@ pub struct ListenerStats {
     pub bytes_up: AtomicU64,
     /// Payload bytes server → client.
     pub bytes_down: AtomicU64,
+    /// TLS handshakes (mode "tls"): full, resumed, failed; and how long they took.
+    pub tls_full: AtomicU64,
+    pub tls_resumed: AtomicU64,
+    pub tls_failed: AtomicU64,
+    pub tls_handshake: Histogram,
+}
+
+impl Default for ListenerStats {
+    fn default() -> Self {
+        ListenerStats {
+            active: AtomicU64::new(0),
+            finished: Default::default(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            tls_full: AtomicU64::new(0),
+            tls_resumed: AtomicU64::new(0),
+            tls_failed: AtomicU64::new(0),
+            tls_handshake: Histogram::new(HANDSHAKE_BUCKETS),
+        }
+    }
 }
 
 impl ListenerStats {
@@ -58,6 +78,11 @@ pub struct Histogram {
 
 /// Buckets for connect times, in seconds.
 pub const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets for TLS handshake times (from the first byte of the ClientHello), in seconds.
+pub const HANDSHAKE_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 

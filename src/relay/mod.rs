@@ -12,6 +12,11 @@
 //! - A reset (or any error) on one side ends the relay and resets the other side.
 //! - No bytes either way for `idle_timeout` ends it; so does the drain signal.
 //!
+//! Each end is a [`Stream`]: a plain socket or a TLS session ([`TlsStream`]), so the same
+//! state machine relays plain TCP, terminated TLS (plaintext on one side) and re-encrypted
+//! TLS. A TLS end's EOF is its close_notify (or its TCP FIN), and an EOF passed on to a TLS
+//! end is a close_notify followed by a FIN; a TLS failure ends the relay like a reset.
+//!
 //! Two engines move the bytes, chosen per relay by [`Engine`]:
 //! - `Splice` (Linux, plain TCP): adaptive. A direction starts by copying; once a read
 //!   fills the whole buffer (bulk data), it moves to `splice(2)` from the source socket into
@@ -20,7 +25,8 @@
 //!   cheaper than two splices). A pipe is taken from a per-thread pool when the source
 //!   becomes readable and given back as soon as it is empty, so an idle connection holds
 //!   none. If no pipe can be had (descriptor limit), that read is copied.
-//! - `Copy`: the scratch-buffer loop above; for TLS and wherever splice is unavailable.
+//! - `Copy`: the scratch-buffer loop above; always used for a direction with a TLS end
+//!   (its bytes are encrypted or decrypted in user space).
 //!
 //! Readiness is edge-triggered: the kernel wakes us when data arrives, not while it sits.
 //! So a direction stops reading only when it has seen its socket empty: a `recv` or
@@ -44,11 +50,12 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::io::unix::AsyncFdReadyGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::{Sock, close_with_reset};
+use crate::net::{self, ReadGuard, Recv, Sock, close_with_reset};
+use crate::tls::TlsStream;
+use crate::tls::stream::ReadEnd;
 
 mod pipe;
 
@@ -92,13 +99,47 @@ pub enum End {
 }
 
 /// What a relay did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Relayed {
-    /// Bytes client → server.
+    /// Bytes client → server (plaintext where TLS is terminated).
     pub bytes_up: u64,
     /// Bytes server → client.
     pub bytes_down: u64,
     pub end: End,
+    /// Why, when a TLS session failed.
+    pub reason: Option<Box<str>>,
+}
+
+/// One end of a relay.
+pub enum Stream {
+    Plain(Sock),
+    /// Boxed: a TLS session is large, and most connections have none.
+    Tls(Box<TlsStream>),
+}
+
+impl Stream {
+    fn has_output(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(t) => t.has_output(),
+        }
+    }
+
+    /// Closes with a reset (a peer's reset passed on).
+    fn reset(self) {
+        match self {
+            Stream::Plain(s) => close_with_reset(s),
+            Stream::Tls(t) => close_with_reset(t.into_sock()),
+        }
+    }
+
+    /// An end that did not finish cleanly (idle timeout, drain): a TLS peer gets a
+    /// close_notify if one can be written at once.
+    fn close_abruptly(self) {
+        if let Stream::Tls(mut t) = self {
+            t.close_now();
+        }
+    }
 }
 
 /// Shared byte counters a relay adds to as bytes move (not only when it ends), so that
@@ -119,10 +160,10 @@ pub struct Progress<'a> {
 
 /// Relays between `client` and `server` until both directions are done, `idle_timeout`
 /// passes with no bytes moving, one side fails, or `stop` is cancelled. Consumes and closes
-/// both sockets.
+/// both ends. Splices only between two plain sockets.
 pub fn relay<'a>(
-    client: Sock,
-    server: Sock,
+    client: Stream,
+    server: Stream,
     idle_timeout: Duration,
     stop: &'a CancellationToken,
     engine: Engine,
@@ -132,6 +173,10 @@ pub fn relay<'a>(
     let now = Instant::now();
     let next_report = progress.as_ref().map(|p| now + p.every);
     let first = next_report.map_or(now + idle_timeout, |r| r.min(now + idle_timeout));
+    let engine = match (&client, &server) {
+        (Stream::Plain(_), Stream::Plain(_)) => engine,
+        _ => Engine::Copy,
+    };
     Relay {
         client: Some(client),
         server: Some(server),
@@ -146,6 +191,7 @@ pub fn relay<'a>(
         stop,
         cancel_registered: false,
         cancelled: stop.cancelled(),
+        reason: None,
     }
 }
 
@@ -154,8 +200,8 @@ pin_project_lite::pin_project! {
     /// `select!`) because it lives as long as the connection, and its size is most of what
     /// an idle connection costs.
     pub struct Relay<'a> {
-        client: Option<Sock>,
-        server: Option<Sock>,
+        client: Option<Stream>,
+        server: Option<Stream>,
         up: Half,
         down: Half,
         // When bytes last moved either way.
@@ -174,6 +220,8 @@ pin_project_lite::pin_project! {
         cancel_registered: bool,
         #[pin]
         cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
+        // Why a TLS session failed, if one did.
+        reason: Option<Box<str>>,
     }
 }
 
@@ -182,7 +230,7 @@ impl Future for Relay<'_> {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Relayed> {
         let mut this = self.project();
-        let (Some(client), Some(server)) = (this.client.as_ref(), this.server.as_ref()) else {
+        let (Some(client), Some(server)) = (this.client.as_mut(), this.server.as_mut()) else {
             // Polled again after completion.
             return Poll::Pending;
         };
@@ -194,6 +242,7 @@ impl Future for Relay<'_> {
             this.down,
             this.last,
             this.meters,
+            this.reason,
         );
         let end = match io {
             Poll::Ready(end) => end,
@@ -230,40 +279,59 @@ impl Future for Relay<'_> {
             },
         };
         let (client, server) = (this.client.take(), this.server.take());
-        match end {
-            End::ClientReset => server.map(close_with_reset),
-            End::ServerReset => client.map(close_with_reset),
-            End::Done | End::IdleTimeout | End::Drained => None,
-        };
+        match (end, client, server) {
+            (End::ClientReset, _, Some(server)) => server.reset(),
+            (End::ServerReset, Some(client), _) => client.reset(),
+            (End::IdleTimeout | End::Drained, client, server) => {
+                client
+                    .into_iter()
+                    .chain(server)
+                    .for_each(Stream::close_abruptly);
+            }
+            _ => {}
+        }
         Poll::Ready(Relayed {
             bytes_up: this.up.bytes,
             bytes_down: this.down.bytes,
             end,
+            reason: this.reason.take(),
         })
     }
 }
 
 /// Drives both directions; ready when both are done or either fails.
+#[allow(clippy::too_many_arguments)]
 fn poll_both(
     cx: &mut Context<'_>,
-    client: &Sock,
-    server: &Sock,
+    client: &mut Stream,
+    server: &mut Stream,
     up: &mut Half,
     down: &mut Half,
     last: &mut Instant,
     meters: &Meters<'_>,
+    reason: &mut Option<Box<str>>,
 ) -> Poll<End> {
     let down_done = down.done;
     let u = match up.poll(cx, client, server, last, down_done, meters.up) {
-        Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ClientReset),
-        Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ServerReset),
+        Poll::Ready(Err(f)) => {
+            *reason = f.reason;
+            return Poll::Ready(match f.side {
+                Side::Read => End::ClientReset,
+                Side::Write => End::ServerReset,
+            });
+        }
         Poll::Ready(Ok(())) => true,
         Poll::Pending => false,
     };
     let up_done = up.done;
     let d = match down.poll(cx, server, client, last, up_done, meters.down) {
-        Poll::Ready(Err(Fail::Read)) => return Poll::Ready(End::ServerReset),
-        Poll::Ready(Err(Fail::Write)) => return Poll::Ready(End::ClientReset),
+        Poll::Ready(Err(f)) => {
+            *reason = f.reason;
+            return Poll::Ready(match f.side {
+                Side::Read => End::ServerReset,
+                Side::Write => End::ClientReset,
+            });
+        }
         Poll::Ready(Ok(())) => true,
         Poll::Pending => false,
     };
@@ -274,10 +342,26 @@ fn poll_both(
     }
 }
 
-/// Which socket of a direction failed.
-enum Fail {
+/// Which end of a direction failed, and why when TLS says.
+struct Fail {
+    side: Side,
+    reason: Option<Box<str>>,
+}
+
+enum Side {
     Read,
     Write,
+}
+
+impl Fail {
+    const READ: Fail = Fail {
+        side: Side::Read,
+        reason: None,
+    };
+    const WRITE: Fail = Fail {
+        side: Side::Write,
+        reason: None,
+    };
 }
 
 /// Bytes read from the source but not yet written to the destination.
@@ -319,7 +403,7 @@ enum Step {
     /// Nothing to read right now.
     Again,
     ReadErr,
-    WriteErr,
+    WriteErr(Fail),
 }
 
 impl Half {
@@ -340,11 +424,12 @@ impl Half {
         }
     }
 
-    /// Writes out whatever is pending. Ready(Ok) once nothing is.
-    fn flush(&mut self, cx: &mut Context<'_>, to: &Sock) -> Poll<Result<(), Fail>> {
+    /// Writes out whatever is pending, then whatever `to` has queued (TLS). Ready(Ok) once
+    /// nothing is.
+    fn flush(&mut self, cx: &mut Context<'_>, to: &mut Stream) -> Poll<Result<(), Fail>> {
         loop {
             match &mut self.pending {
-                Pending::None => return Poll::Ready(Ok(())),
+                Pending::None => break,
                 Pending::Buf { buf, pos } if *pos == buf.len() => {
                     // Released as soon as it drains: an idle connection holds no buffer.
                     self.pending = Pending::None;
@@ -360,8 +445,21 @@ impl Half {
                 }
                 _ => {}
             }
-            let Ok(mut g) = ready!(to.poll_write_ready(cx)) else {
-                return Poll::Ready(Err(Fail::Write));
+            let sock = match to {
+                Stream::Plain(sock) => sock,
+                Stream::Tls(t) => {
+                    // A TLS end takes plaintext whole (what its socket cannot take waits
+                    // there, encrypted).
+                    if let Pending::Buf { buf, pos } =
+                        std::mem::replace(&mut self.pending, Pending::None)
+                    {
+                        t.write_plain(&buf[pos..]).map_err(tls_write_fail)?;
+                    }
+                    continue;
+                }
+            };
+            let Ok(mut g) = ready!(sock.poll_write_ready(cx)) else {
+                return Poll::Ready(Err(Fail::WRITE));
             };
             let r = g.try_io(|s| match &self.pending {
                 Pending::Buf { buf, pos } => s.get_ref().write(&buf[*pos..]),
@@ -371,7 +469,7 @@ impl Half {
             match r {
                 // Would block: readiness is cleared; the next poll registers for it.
                 Err(_would_block) => {}
-                Ok(Ok(0)) | Ok(Err(_)) => return Poll::Ready(Err(Fail::Write)),
+                Ok(Ok(0)) | Ok(Err(_)) => return Poll::Ready(Err(Fail::WRITE)),
                 Ok(Ok(n)) => match &mut self.pending {
                     Pending::Buf { pos, .. } => *pos += n,
                     Pending::Pipe { len, .. } => *len -= n,
@@ -379,13 +477,43 @@ impl Half {
                 },
             }
         }
+        if let Stream::Tls(t) = to {
+            ready!(t.poll_flush(cx)).map_err(|_| Fail::WRITE)?;
+        }
+        Poll::Ready(Ok(()))
     }
 
+    /// Passes the EOF on: a write shutdown (a FIN), after a close_notify for a TLS end.
+    /// When the other direction is done too, the relay ends now and closing the socket
+    /// sends the FIN: the shutdown is skipped. A failure means the peer is already gone;
+    /// its reset shows on the other direction.
+    fn close_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        to: &mut Stream,
+        other_done: bool,
+    ) -> Poll<Result<(), Fail>> {
+        let sock = match to {
+            Stream::Plain(sock) => sock,
+            Stream::Tls(t) => {
+                if t.queue_close().is_ok() && ready!(t.poll_flush(cx)).is_err() {
+                    return Poll::Ready(Ok(()));
+                }
+                t.sock()
+            }
+        };
+        if !other_done {
+            let _ = sock.get_ref().shutdown(Shutdown::Write);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &Sock,
-        to: &Sock,
+        from: &mut Stream,
+        to: &mut Stream,
         last: &mut Instant,
         other_done: bool,
         meter: [&AtomicU64; 2],
@@ -395,13 +523,8 @@ impl Half {
             ready!(self.flush(cx, to))?;
             if self.eof {
                 if !self.done {
+                    ready!(self.close_write(cx, to, other_done))?;
                     self.done = true;
-                    // When the other direction is done too, the relay ends now and closing
-                    // the socket sends the FIN: save the syscall. A failure means the peer
-                    // is already gone; its reset shows on the other direction.
-                    if !other_done {
-                        let _ = to.get_ref().shutdown(Shutdown::Write);
-                    }
                 }
                 return Poll::Ready(Ok(()));
             }
@@ -410,18 +533,52 @@ impl Half {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
-            let Ok(mut rg) = ready!(from.poll_read_ready(cx)) else {
-                return Poll::Ready(Err(Fail::Read));
-            };
             reads += 1;
-            if !self.urgent && has_urgent_data(from) {
-                self.urgent = true;
-                self.splicing = false;
-            }
-            let take = || pipe::take(self.pipe_size as usize);
-            let step = match self.splicing.then(take).flatten() {
-                Some(pipe) => self.read_splice(&mut rg, pipe, meter),
-                None => self.read_copy(cx, &mut rg, to, meter),
+            let step = match from {
+                Stream::Plain(sock) => {
+                    let Ok(mut rg) = ready!(sock.poll_read_ready(cx)) else {
+                        return Poll::Ready(Err(Fail::READ));
+                    };
+                    if !self.urgent && net::has_urgent_data(sock) {
+                        self.urgent = true;
+                        self.splicing = false;
+                    }
+                    let pipe = match to {
+                        Stream::Plain(_) if self.splicing => pipe::take(self.pipe_size as usize),
+                        _ => None,
+                    };
+                    match pipe {
+                        Some(pipe) => self.read_splice(&mut rg, pipe, meter),
+                        None => self.read_copy(&mut rg, to, meter),
+                    }
+                }
+                Stream::Tls(tls) => {
+                    let mut fail = None;
+                    let mut deliver = |plain: &[u8]| {
+                        self.count(plain.len(), meter);
+                        if let Err(f) = self.deliver(plain, to) {
+                            fail = Some(f);
+                            return false;
+                        }
+                        matches!(self.pending, Pending::None) && !to.has_output()
+                    };
+                    let r = tls.poll_read(cx, &mut deliver);
+                    if let Some(f) = fail {
+                        return Poll::Ready(Err(f));
+                    }
+                    match ready!(r) {
+                        ReadEnd::Moved => Step::Moved,
+                        ReadEnd::Eof => Step::Eof,
+                        ReadEnd::Again => Step::Again,
+                        ReadEnd::Reset => Step::ReadErr,
+                        ReadEnd::Failed(e) => {
+                            return Poll::Ready(Err(Fail {
+                                side: Side::Read,
+                                reason: Some(e.0.into()),
+                            }));
+                        }
+                    }
+                }
             };
             match step {
                 Step::Moved => *last = Instant::now(),
@@ -430,8 +587,8 @@ impl Half {
                     *last = Instant::now();
                 }
                 Step::Again => {}
-                Step::ReadErr => return Poll::Ready(Err(Fail::Read)),
-                Step::WriteErr => return Poll::Ready(Err(Fail::Write)),
+                Step::ReadErr => return Poll::Ready(Err(Fail::READ)),
+                Step::WriteErr(f) => return Poll::Ready(Err(f)),
             }
         }
     }
@@ -441,6 +598,29 @@ impl Half {
         self.bytes += n as u64;
         for c in meter {
             c.fetch_add(n as u64, Relaxed);
+        }
+    }
+
+    /// Writes `data` to `to` at once; keeps what it cannot take yet. Called only when
+    /// nothing is pending.
+    fn deliver(&mut self, data: &[u8], to: &mut Stream) -> Result<(), Fail> {
+        match to {
+            Stream::Plain(sock) => {
+                // No syscall unless the socket is known writable; EAGAIN clears that.
+                let written = match sock.try_io(Interest::WRITABLE, |mut s| s.write(data)) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(_) => return Err(Fail::WRITE),
+                };
+                if written < data.len() {
+                    self.pending = Pending::Buf {
+                        buf: data[written..].to_vec(),
+                        pos: 0,
+                    };
+                }
+                Ok(())
+            }
+            Stream::Tls(t) => t.write_plain(data).map_err(tls_write_fail),
         }
     }
 
@@ -477,67 +657,35 @@ impl Half {
     /// destination cannot take yet.
     fn read_copy(
         &mut self,
-        cx: &mut Context<'_>,
         rg: &mut ReadGuard<'_>,
-        to: &Sock,
+        to: &mut Stream,
         meter: [&AtomicU64; 2],
     ) -> Step {
         SCRATCH.with_borrow_mut(|scratch| {
-            let n = match rg.try_io(|s| io::Read::read(&mut s.get_ref(), scratch)) {
-                Err(_would_block) => return Step::Again,
-                Ok(Err(_)) => return Step::ReadErr,
-                Ok(Ok(0)) => return Step::Eof,
-                Ok(Ok(n)) => n,
+            let n = match net::recv(rg, scratch, self.urgent) {
+                Recv::Again => return Step::Again,
+                Recv::Err(_) => return Step::ReadErr,
+                Recv::Eof => return Step::Eof,
+                Recv::Data(n) => n,
             };
             self.count(n, meter);
-            if n < scratch.len() {
-                if !self.urgent {
-                    drained(rg);
-                }
-            } else if self.pipe_size > 0 && !self.urgent {
+            if n == scratch.len() && self.pipe_size > 0 && !self.urgent {
                 // A full buffer: more is waiting, this is bulk; splice from now on.
                 self.splicing = true;
             }
-            let written = match to.poll_write_ready(cx) {
-                // Not writable now: the waker is registered; keep it all.
-                Poll::Pending => 0,
-                Poll::Ready(Err(_)) => return Step::WriteErr,
-                Poll::Ready(Ok(mut wg)) => match wg.try_io(|s| s.get_ref().write(&scratch[..n])) {
-                    Ok(Ok(m)) => m,
-                    Ok(Err(_)) => return Step::WriteErr,
-                    Err(_would_block) => 0,
-                },
-            };
-            if written < n {
-                self.pending = Pending::Buf {
-                    buf: scratch[written..n].to_vec(),
-                    pos: 0,
-                };
+            match self.deliver(&scratch[..n], to) {
+                Ok(()) => Step::Moved,
+                Err(f) => Step::WriteErr(f),
             }
-            Step::Moved
         })
     }
 }
 
-type ReadGuard<'a> = AsyncFdReadyGuard<'a, std::net::TcpStream>;
-
-/// A `recv` returned less than asked, from a socket without urgent data: TCP copies until
-/// the receive queue is empty, so it is, and we mark the socket not readable now rather
-/// than pay one more `recv` that fails with EAGAIN. The guard clears only readiness seen
-/// before the read, so data arriving since wakes us as usual. Not when the peer's FIN was
-/// already signalled: it comes with no further wake-up. (Never after a splice: see the
-/// module doc.)
-fn drained(rg: &mut ReadGuard<'_>) {
-    if !rg.ready().is_read_closed() {
-        rg.clear_ready();
+fn tls_write_fail(e: crate::tls::stream::TlsError) -> Fail {
+    Fail {
+        side: Side::Write,
+        reason: Some(e.0.into()),
     }
-}
-
-/// The kernel has flagged urgent data on `sock` (`EPOLLPRI`). Once seen, the flag stays
-/// for the connection's life (nothing clears it): such a socket is copied to the end.
-fn has_urgent_data(sock: &Sock) -> bool {
-    // No I/O: `try_io` runs the closure only when the readiness is set (an atomic load).
-    sock.try_io(Interest::PRIORITY, |_| Ok(())).is_ok()
 }
 
 #[cfg(test)]
@@ -561,8 +709,8 @@ mod tests {
             down: [&c, &c],
         };
         let f = relay(
-            a,
-            b,
+            Stream::Plain(a),
+            Stream::Plain(b),
             Duration::from_secs(1),
             &stop,
             Engine::Splice { pipe_size: 1 << 20 },

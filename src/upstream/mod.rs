@@ -6,6 +6,7 @@
 //! counters, of addresses that stay) and swaps it in; open connections keep their
 //! `ServerGuard` and never notice.
 
+pub mod connect;
 mod dns;
 mod queue;
 mod sticky;
@@ -199,6 +200,8 @@ pub struct Pool {
     pub tcp: TcpOptions,
     /// Send a PROXY header first on every server connection.
     pub proxy_protocol: Option<crate::wire::proxy::Version>,
+    /// TLS to the servers.
+    pub tls: Option<Arc<crate::tls::ClientTls>>,
     pub health: Option<HealthConfig>,
     max_per_server: u64,
     queue: Option<Arc<Queue>>,
@@ -300,7 +303,11 @@ impl Pool {
     /// With `old` (a reload), servers that stay keep their `Server` object, and with it
     /// their health, counters and admin state; servers of a name keep their last addresses
     /// until it is resolved again.
-    pub fn new(cfg: &config::Upstream, old: Option<&Pool>) -> Pool {
+    pub fn new(
+        cfg: &config::Upstream,
+        old: Option<&Pool>,
+        tls: Option<Arc<crate::tls::ClientTls>>,
+    ) -> Pool {
         let old_servers = old.map(|p| p.servers());
         let reuse = |configured: &str, addr: SocketAddr, weight: u32, backup: bool| {
             old_servers
@@ -344,6 +351,7 @@ impl Pool {
             retries: cfg.retries,
             tcp: cfg.tcp,
             proxy_protocol: cfg.proxy_protocol,
+            tls,
             health: cfg.health.clone(),
             max_per_server: cfg
                 .max_connections_per_server

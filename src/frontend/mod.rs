@@ -1,0 +1,234 @@
+//! The front-end stage: what happens to an accepted connection before it is routed.
+//!
+//! Per listener mode, one handshake turns the accepted socket into an [`Accepted`]: the
+//! real client (after a PROXY header), what routing may look at (SNI, ALPN), the client
+//! end of the relay (a plain socket or a TLS session), and any bytes already read from
+//! the client that the server must still get (a ClientHello read to route on is replayed,
+//! not peeked: a peek loop on an edge-triggered socket spins). Or a [`Refusal`] with its
+//! stage, outcome and reason, the socket already closed.
+//!
+//! - mode `tcp`: the PROXY header if configured; then, only if a route matches on SNI or
+//!   ALPN, the TLS ClientHello (a client that is not TLS takes the default route).
+//! - mode `tls`: the PROXY header if configured, the ClientHello, the TLS handshake.
+//!
+//! The whole handshake runs within the listener's `handshake_timeout`: a client that
+//! sends half a header or half a ClientHello and stops is closed (`protocol_error`) and
+//! holds nothing after that.
+
+mod hello;
+mod proxy_header;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::listener::{FrontEnd, ListenerCtx};
+use crate::net::{self, Sock};
+use crate::observe::Outcome;
+use crate::policy::{self, ClientPermit};
+use crate::relay::Stream;
+use crate::session::{Refusal, Stage};
+use crate::tls::{TlsInfo, TlsStream};
+use crate::wire::proxy::Addresses;
+
+/// A client connection ready to be routed.
+pub struct Accepted {
+    /// The client: the real one behind a PROXY header.
+    pub peer: SocketAddr,
+    /// Where the client connected to, as a PROXY header gave it.
+    pub destination: Option<SocketAddr>,
+    pub stream: Stream,
+    /// Bytes read from the client that the server must get first.
+    pub replay: Vec<u8>,
+    /// SNI, lowercased (from the ClientHello).
+    pub sni: Option<Box<str>>,
+    /// ALPN protocols the ClientHello offers (mode tcp).
+    pub alpn_offered: Vec<Vec<u8>>,
+    /// What a terminated handshake settled (mode tls).
+    pub tls: Option<TlsInfo>,
+    /// The client's place under the per-client limits, when checked here.
+    pub client_permit: Option<ClientPermit>,
+}
+
+/// What a failed handshake leaves for the record.
+pub struct Failed {
+    pub peer: SocketAddr,
+    pub refusal: Refusal,
+    pub sni: Option<Box<str>>,
+}
+
+/// Runs the listener's front-end handshake on `sock` within its `handshake_timeout`.
+/// `client_permit` is the accept loop's admission (without a PROXY header to read);
+/// otherwise the real client is admitted here. On failure the socket is closed.
+pub async fn handshake(
+    l: &ListenerCtx,
+    sock: Sock,
+    peer: SocketAddr,
+    client_permit: Option<ClientPermit>,
+) -> Result<Accepted, Failed> {
+    let mut state = State {
+        peer,
+        destination: None,
+        client_permit,
+        sni: None,
+        sock: Some(sock),
+    };
+    let started = Instant::now();
+    let r = tokio::time::timeout(l.handshake_timeout, run(l, &mut state)).await;
+    let refusal = match r {
+        Ok(Ok(a)) => return Ok(a),
+        Ok(Err(refusal)) => refusal,
+        Err(_) => {
+            if matches!(l.front, FrontEnd::Tls(_)) {
+                l.stats
+                    .tls_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Refusal::handshake(format!(
+                "handshake not complete within {:?}",
+                l.handshake_timeout
+            ))
+        }
+    };
+    tracing::debug!(listener = %l.name, client = %state.peer, took = ?started.elapsed(), "front-end handshake failed: {}", refusal.reason.as_deref().unwrap_or(refusal.outcome.as_str()));
+    // A socket still here was not handed to a TLS session (which closes its own): reset
+    // it, as every refused connection is.
+    if let Some(s) = state.sock.take() {
+        net::close_with_reset(s);
+    }
+    Err(Failed {
+        peer: state.peer,
+        refusal,
+        sni: state.sni,
+    })
+}
+
+/// What the handshake has learned so far (kept when it times out).
+struct State {
+    peer: SocketAddr,
+    destination: Option<SocketAddr>,
+    client_permit: Option<ClientPermit>,
+    sni: Option<Box<str>>,
+    /// The client socket until a stream owns it.
+    sock: Option<Sock>,
+}
+
+async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
+    let Some(sock) = st.sock.as_ref() else {
+        return Err(Refusal::handshake("no socket"));
+    };
+    // The PROXY header, from trusted sources only; its source address then stands for the
+    // client everywhere (ACL, limits, hashing, affinity, logs).
+    if let Some(pp) = &l.proxy {
+        let header = if !policy::contains(&pp.trusted, st.peer.ip()) {
+            Err(format!(
+                "{} is not a trusted PROXY protocol source",
+                st.peer
+            ))
+        } else {
+            match tokio::time::timeout(pp.timeout, proxy_header::read(sock, pp.accept)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no complete PROXY header within {:?}", pp.timeout)),
+            }
+        };
+        match header {
+            Ok(Addresses::Proxied {
+                source,
+                destination,
+            }) => {
+                st.peer = source;
+                st.destination = Some(destination);
+            }
+            Ok(Addresses::Local) => {}
+            Err(reason) => return Err(Refusal::handshake(reason)),
+        }
+        st.client_permit = l.admit_client(st.peer.ip()).map_err(|o| Refusal {
+            stage: Stage::Admission,
+            outcome: o,
+            reason: None,
+            server: None,
+        })?;
+    }
+
+    match &l.front {
+        FrontEnd::Tcp => {
+            let mut replay = Vec::new();
+            let mut alpn_offered = Vec::new();
+            if l.router.needs_hello() {
+                // Not TLS (`None`): routes on SNI and ALPN do not match.
+                if let Some(h) = hello::read(sock, &mut replay).await? {
+                    st.sni = h.sni.map(Into::into);
+                    alpn_offered = h.alpn;
+                }
+            }
+            let sock = st
+                .sock
+                .take()
+                .ok_or_else(|| Refusal::handshake("no socket"))?;
+            Ok(Accepted {
+                peer: st.peer,
+                destination: st.destination,
+                stream: Stream::Plain(sock),
+                replay,
+                sni: st.sni.take(),
+                alpn_offered,
+                tls: None,
+                client_permit: st.client_permit.take(),
+            })
+        }
+        FrontEnd::Tls(tls) => {
+            let started = Instant::now();
+            let mut bytes = Vec::new();
+            let h = hello::read(sock, &mut bytes).await?.ok_or_else(|| {
+                Refusal::handshake("not TLS: the first bytes are not a ClientHello")
+            })?;
+            st.sni = h.sni.map(Into::into);
+            let sock = st
+                .sock
+                .take()
+                .ok_or_else(|| Refusal::handshake("no socket"))?;
+            let fail = |reason: String| {
+                l.stats
+                    .tls_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Refusal::handshake(reason)
+            };
+            let mut t = Box::new(
+                TlsStream::server(sock, tls.config.clone(), bytes).map_err(|e| fail(e.0))?,
+            );
+            // On failure the session is dropped here: the alert rustls queued has been
+            // written, and the socket closes with a FIN so that the client can read it.
+            t.handshake().await.map_err(|e| fail(e.0))?;
+            let info = t.info();
+            tls.check_peer(&info, t.peer_certificates()).map_err(fail)?;
+            let counter = if info.resumed {
+                &l.stats.tls_resumed
+            } else {
+                &l.stats.tls_full
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            l.stats.tls_handshake.observe(started.elapsed());
+            Ok(Accepted {
+                peer: st.peer,
+                destination: st.destination,
+                stream: Stream::Tls(t),
+                replay: Vec::new(),
+                sni: st.sni.take(),
+                alpn_offered: Vec::new(),
+                tls: Some(info),
+                client_permit: st.client_permit.take(),
+            })
+        }
+    }
+}
+
+impl Refusal {
+    /// A front-end handshake that failed: `protocol_error`.
+    pub fn handshake(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            stage: Stage::Handshake,
+            outcome: Outcome::ProtocolError,
+            reason: Some(reason.into()),
+            server: None,
+        }
+    }
+}

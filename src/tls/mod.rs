@@ -1,0 +1,315 @@
+//! TLS with rustls (its `ring` provider): terminating clients' TLS on `mode = "tls"`
+//! listeners, and originating TLS to the servers of an upstream with `tls`.
+//!
+//! Configs are built once per listener or upstream (and again on reload) from the checked
+//! config; connections share them. Session resumption state (the ticket keys, which rotate,
+//! and a bounded session cache) belongs to a listener and survives reloads, unless the
+//! client-certificate settings changed: a session is only ever resumed under the settings
+//! that verified it, and a resumed session's client certificate is verified again
+//! ([`ServerTls::check_peer`]), so resumption never skips client-certificate verification.
+//!
+//! The data path uses rustls's unbuffered API through [`stream::TlsStream`]: ferry owns
+//! every buffer, so an idle TLS connection holds none.
+
+pub mod certs;
+mod resolver;
+pub mod stream;
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::config::{ClientAuth, TlsListen, TlsVersion, UpstreamTls};
+use certs::CertInfo;
+
+pub use stream::{TlsInfo, TlsStream};
+
+/// Sessions a listener remembers for resumption by session ID (TLS 1.2 clients that do
+/// not take tickets); tickets need no server memory.
+const SESSION_CACHE: usize = 10_000;
+
+/// The crypto provider: ring, its default cipher suites and key exchange groups.
+pub fn provider() -> Arc<CryptoProvider> {
+    static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static BOTH: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static V13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match min {
+        TlsVersion::V1_2 => BOTH,
+        TlsVersion::V1_3 => V13,
+    }
+}
+
+/// Resumption state of one listener: kept across reloads while the client-certificate
+/// settings stay the same.
+pub struct Resumption {
+    ticketer: Arc<dyn ProducesTickets>,
+    cache: Arc<ServerSessionMemoryCache>,
+    /// The client-authentication settings the sessions were verified under.
+    client_auth: Option<(Vec<CertificateDer<'static>>, bool)>,
+}
+
+impl Resumption {
+    fn new(client_auth: &Option<ClientAuth>) -> Result<Arc<Resumption>, String> {
+        Ok(Arc::new(Resumption {
+            ticketer: rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| format!("cannot make session ticket keys: {e}"))?,
+            cache: ServerSessionMemoryCache::new(SESSION_CACHE),
+            client_auth: auth_key(client_auth),
+        }))
+    }
+}
+
+fn auth_key(a: &Option<ClientAuth>) -> Option<(Vec<CertificateDer<'static>>, bool)> {
+    a.as_ref().map(|a| (a.roots.clone(), a.required))
+}
+
+/// A certificate a listener serves, for the status page and metrics.
+#[derive(Debug, Clone)]
+pub struct ServedCert {
+    /// The SNI it is chosen for (`*.example.com`), or `default`.
+    pub name: String,
+    pub info: CertInfo,
+}
+
+/// What a `mode = "tls"` listener terminates with.
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// The client-certificate verifier, to verify a resumed session's certificate again.
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    pub required: bool,
+    pub certs: Vec<ServedCert>,
+    pub resumption: Arc<Resumption>,
+}
+
+impl ServerTls {
+    /// Builds a listener's TLS settings. `keep` is the listener's resumption state before
+    /// a reload: kept if the client-certificate settings did not change.
+    pub fn new(spec: &TlsListen, keep: Option<&Arc<Resumption>>) -> Result<ServerTls, String> {
+        let resumption = match keep {
+            Some(r) if r.client_auth == auth_key(&spec.client_auth) => r.clone(),
+            _ => Resumption::new(&spec.client_auth)?,
+        };
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions(spec.min_version))
+            .map_err(|e| format!("TLS versions: {e}"))?;
+        let verifier = match &spec.client_auth {
+            None => None,
+            Some(a) => {
+                let mut roots = RootCertStore::empty();
+                for c in &a.roots {
+                    roots
+                        .add(c.clone())
+                        .map_err(|e| format!("{}: unusable CA certificate: {e}", a.ca.display()))?;
+                }
+                let mut b =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+                if !a.required {
+                    b = b.allow_unauthenticated();
+                }
+                Some(b.build().map_err(|e| format!("{}: {e}", a.ca.display()))?)
+            }
+        };
+        let builder = match &verifier {
+            Some(v) => builder.with_client_cert_verifier(v.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let resolver = resolver::SniResolver::new(spec);
+        let mut config = builder.with_cert_resolver(Arc::new(resolver));
+        config.alpn_protocols = spec.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        config.ticketer = resumption.ticketer.clone();
+        config.session_storage = resumption.cache.clone();
+        let mut certs = vec![ServedCert {
+            name: "default".into(),
+            info: spec.default_cert.loaded.info.clone(),
+        }];
+        for (name, c) in &spec.certs {
+            certs.push(ServedCert {
+                name: name.to_string(),
+                info: c.loaded.info.clone(),
+            });
+        }
+        Ok(ServerTls {
+            config: Arc::new(config),
+            verifier,
+            required: spec.client_auth.as_ref().is_some_and(|a| a.required),
+            certs,
+            resumption,
+        })
+    }
+
+    /// After a handshake: a resumed session's client certificate is verified again, now
+    /// (it may have expired since); a required certificate must be there.
+    pub fn check_peer(
+        &self,
+        info: &TlsInfo,
+        chain: Option<&[CertificateDer<'static>]>,
+    ) -> Result<(), String> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(());
+        };
+        match chain {
+            None if self.required => Err("no client certificate".into()),
+            None => Ok(()),
+            Some(_) if !info.resumed => Ok(()),
+            Some(chain) => {
+                let (ee, rest) = chain
+                    .split_first()
+                    .ok_or_else(|| "empty client certificate chain".to_string())?;
+                verifier
+                    .verify_client_cert(ee, rest, UnixTime::now())
+                    .map(|_| ())
+                    .map_err(|e| format!("resumed session's client certificate: {e}"))
+            }
+        }
+    }
+}
+
+/// How an upstream connects to its servers over TLS.
+#[derive(Debug)]
+pub struct ClientTls {
+    pub config: Arc<ClientConfig>,
+    sni: Option<ServerName<'static>>,
+}
+
+impl ClientTls {
+    pub fn new(spec: &UpstreamTls) -> Result<ClientTls, String> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions(TlsVersion::V1_2))
+            .map_err(|e| format!("TLS versions: {e}"))?;
+        let builder = if !spec.verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+        } else {
+            let mut roots = RootCertStore::empty();
+            match &spec.ca {
+                Some((path, certs)) => {
+                    for c in certs {
+                        roots.add(c.clone()).map_err(|e| {
+                            format!("{}: unusable CA certificate: {e}", path.display())
+                        })?;
+                    }
+                }
+                None => {
+                    let (n, _) = roots.add_parsable_certificates(system_roots().iter().cloned());
+                    if n == 0 {
+                        return Err(
+                            "no `ca` given and the system has no CA certificates (install ca-certificates, or set `ca`)"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match &spec.client_cert {
+            Some(c) => builder
+                .with_client_auth_cert(c.loaded.chain.clone(), c.loaded.key().clone_key())
+                .map_err(|e| format!("{}: {e}", c.key.display()))?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = spec.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let sni = match &spec.sni {
+            Some(s) => {
+                Some(ServerName::try_from(s.clone()).map_err(|e| format!("`sni` {s:?}: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(ClientTls {
+            config: Arc::new(config),
+            sni,
+        })
+    }
+
+    /// The name to send and verify for a server configured as `configured`
+    /// (`"host:port"` or `"ip:port"`) at `ip`.
+    pub fn server_name(&self, configured: &str, ip: IpAddr) -> ServerName<'static> {
+        if let Some(n) = &self.sni {
+            return n.clone();
+        }
+        let host = configured
+            .rsplit_once(':')
+            .map_or(configured, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        match host.parse::<IpAddr>() {
+            Ok(_) => ServerName::IpAddress(ip.into()),
+            Err(_) => ServerName::try_from(host.to_string())
+                .unwrap_or_else(|_| ServerName::IpAddress(ip.into())),
+        }
+    }
+}
+
+/// The system's trust anchors, read once.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let r = rustls_native_certs::load_native_certs();
+        for e in r.errors.iter().take(3) {
+            tracing::warn!("reading the system's CA certificates: {e}");
+        }
+        r.certs
+    })
+}
+
+/// `verify = false`: any server certificate is accepted (the handshake's signatures are
+/// still checked, so the session is encrypted to whoever holds that certificate's key).
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
