@@ -810,6 +810,13 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
                 let t = ServerTls::new(spec, keep)
                     .map_err(|e| format!("listener {:?}: {e}", lc.name))?;
                 warn_expiry(&lc.name, &t);
+                let keys =
+                    std::iter::once(&spec.default_cert).chain(spec.certs.iter().map(|(_, c)| c));
+                for c in keys {
+                    if let Some(w) = crate::tls::certs::key_file_warning(&c.key) {
+                        tracing::warn!(listener = %lc.name, "{w}");
+                    }
+                }
                 Arc::new(t)
             }
         };
@@ -827,6 +834,13 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
             None => {
                 if !spec.verify {
                     tracing::warn!(upstream = %u.name, "tls.verify = false: the servers' certificates are not checked; anyone on the path can impersonate them");
+                }
+                if let Some(w) = spec
+                    .client_cert
+                    .as_ref()
+                    .and_then(|c| crate::tls::certs::key_file_warning(&c.key))
+                {
+                    tracing::warn!(upstream = %u.name, "{w}");
                 }
                 Arc::new(ClientTls::new(spec).map_err(|e| format!("upstream {:?}: {e}", u.name))?)
             }

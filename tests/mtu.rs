@@ -6,15 +6,16 @@
 //! a wake-up shows as a stall: a server answers 256 KiB to 6 MiB and then waits for the next
 //! request (downloads), or takes 256 KiB to 6 MiB and answers with their SHA-256 (uploads).
 //! Every answer is checked by SHA-256, for the splice engine (with its default pipes, and
-//! with pipes forced small) and for the copy engine. Each round must complete within
-//! `netns::SLOW`, far above the normal time (a fraction of a second).
+//! with pipes forced small), for the copy engine, and through TLS terminated by ferry
+//! (whose reads carry partial records over from one segment to the next). Each round must
+//! complete within `netns::SLOW`, far above the normal time (a fraction of a second).
 
 mod common;
 
 use std::net::SocketAddr;
 
 use common::netns::{Path3, SLOW};
-use common::{Prng, WAIT, prng_sha256, send_prng};
+use common::{Prng, WAIT, pki, prng_sha256, send_prng};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -114,9 +115,91 @@ async fn client(net: &Path3, front: SocketAddr, id: u64, what: &str) {
     s.shutdown().await.unwrap();
 }
 
+/// One client as [`client`], through TLS (blocking rustls on a socket of the client's
+/// namespace).
+fn tls_client(net: &Path3, front: SocketAddr, id: u64, what: &str, roots: &[String]) {
+    use std::io::{Read, Write};
+    let sock = common::netns::in_ns(&net.client_ns, || {
+        std::net::TcpStream::connect_timeout(&front, WAIT).expect("connect")
+    });
+    sock.set_read_timeout(Some(SLOW)).unwrap();
+    sock.set_write_timeout(Some(SLOW)).unwrap();
+    let opts = pki::ClientOpts {
+        sni: Some("ferry.test"),
+        roots,
+        ..Default::default()
+    };
+    let conn =
+        rustls::ClientConnection::new(pki::client_config(&opts), "ferry.test".try_into().unwrap())
+            .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    let mut rng = Prng::new(0x5EED ^ id);
+    let mut buf = vec![0u8; 64 * 1024];
+    for round in 0..ROUNDS {
+        for op in [b'D', b'U'] {
+            let size = MIN_SIZE + rng.below(MAX_SIZE - MIN_SIZE + 1);
+            let seed = rng.next_u64();
+            let label = format!(
+                "{what}: client {id}, round {round}, {} of {size} bytes",
+                if op == b'D' { "download" } else { "upload" }
+            );
+            s.write_all(&request(op, size, seed))
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let digest: [u8; 32] = if op == b'D' {
+                let mut h = Sha256::new();
+                let mut left = size;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    // A read timing out (SLOW) is the stall this test looks for.
+                    let n = s
+                        .read(&mut buf[..k])
+                        .unwrap_or_else(|e| panic!("{label}: {e} with {left} bytes to go"));
+                    assert!(n > 0, "{label}: EOF with {left} bytes to go");
+                    h.update(&buf[..n]);
+                    left -= n as u64;
+                }
+                h.finalize().into()
+            } else {
+                let mut r = Prng::new(seed);
+                let mut left = size;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    r.fill(&mut buf[..k]);
+                    s.write_all(&buf[..k])
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    left -= k as u64;
+                }
+                let mut d = [0u8; 32];
+                s.read_exact(&mut d)
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                d
+            };
+            assert_eq!(digest, prng_sha256(size, seed), "{label}: SHA-256 differs");
+        }
+    }
+    s.conn.send_close_notify();
+    let _ = s.flush();
+}
+
 async fn rounds_through_ferry(global: &str, what: &str) {
-    let net = Path3::new();
+    rounds_through(global, what, false).await
+}
+
+async fn rounds_through(global: &str, what: &str, tls: bool) {
+    let net = std::sync::Arc::new(Path3::new());
     let server = start_server(&net);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new("mtu test CA");
+    let (cert, key) = ca.server(&["ferry.test"]).write(dir.path(), "ferry");
+    let tls_lines = if tls {
+        format!(
+            "mode = \"tls\"\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+            cert.display(),
+            key.display()
+        )
+    } else {
+        String::new()
+    };
     let config = format!(
         r#"
 [global]
@@ -130,6 +213,7 @@ access = "@LOG@"
 name = "front"
 listen = "{}:0"
 upstream = "back"
+{tls_lines}
 
 [[upstream]]
 name = "back"
@@ -139,11 +223,31 @@ servers = ["{server}"]
     );
     let ferry = net.start_ferry(&config, 1).await;
     let front = ferry.addr("front");
-    let clients = (0..CLIENTS).map(|id| {
-        let net = &net;
-        async move { client(net, front, id, what).await }
-    });
-    futures_join_all(clients).await;
+    if tls {
+        let roots = vec![ca.pem()];
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|id| {
+                let (net, roots, what) = (net.clone(), roots.clone(), what.to_string());
+                std::thread::spawn(move || tls_client(&net, front, id, &what, &roots))
+            })
+            .collect();
+        let joined = tokio::task::spawn_blocking(move || {
+            handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for r in joined {
+            if let Err(e) = r {
+                std::panic::resume_unwind(e);
+            }
+        }
+    } else {
+        let clients = (0..CLIENTS).map(|id| {
+            let net = &*net;
+            async move { client(net, front, id, what).await }
+        });
+        futures_join_all(clients).await;
+    }
     // Each connection ended cleanly and is accounted for, bytes included.
     let records = ferry.records(CLIENTS as usize, WAIT).await;
     assert_eq!(records.len(), CLIENTS as usize);
@@ -190,4 +294,9 @@ async fn splice_engine_with_small_pipes_on_mtu_sized_packets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_engine_on_mtu_sized_packets() {
     rounds_through_ferry("splice = false", "copy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_on_mtu_sized_packets() {
+    rounds_through("", "TLS terminated", true).await;
 }

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub mod netns;
+pub mod pki;
 
 /// The default bound on any wait for something ferry should do promptly.
 pub const WAIT: Duration = Duration::from_secs(10);
