@@ -236,8 +236,26 @@ class Sim:
         ls = []
         for l in self.listeners:
             results = {k: int(v) for k, v in l["results"].items()}
+            tls = None
+            routes = [{"route": "default", "upstream": l["upstream"], "matches": sum(results.values())}]
+            if l["addrs"] == ["0.0.0.0:443"]:
+                # Terminated TLS: a default certificate, one chosen by SNI that expires soon,
+                # and a route (shaped like src/admin/mod.rs).
+                tls = {
+                    "handshakes": {"ok": 1200, "resumed": 3400, "failed": 7},
+                    "certificates": [
+                        {"name": "default", "subject": "CN=www.example.com",
+                         "names": ["www.example.com"], "not_before": "2026-09-01T00:00:00Z",
+                         "not_after": "2027-03-01T00:00:00Z", "expires_in_days": 89},
+                        {"name": "*.api.example.com", "subject": "CN=*.api.example.com",
+                         "names": ["*.api.example.com"], "not_before": "2026-09-10T00:00:00Z",
+                         "not_after": "2026-12-10T00:00:00Z", "expires_in_days": 8},
+                    ],
+                }
+                routes.insert(0, {"route": "1", "upstream": "pg-pool", "matches": 17})
             ls.append({
-                "name": l["name"], "addrs": l["addrs"], "mode": "tcp", "upstream": l["upstream"],
+                "name": l["name"], "addrs": l["addrs"], "mode": "tls" if tls else "tcp",
+                "upstream": l["upstream"], "routes": routes, "tls": tls,
                 "connections_active": sum(s["connections_active"] for s in
                                           next(u for u in ups if u["name"] == l["upstream"])["servers"]),
                 "connections_total": sum(results.values()),
