@@ -809,7 +809,6 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
                 let keep = prev.and_then(|p| p.tls.as_ref()).map(|t| &t.resumption);
                 let t = ServerTls::new(spec, keep)
                     .map_err(|e| format!("listener {:?}: {e}", lc.name))?;
-                warn_expiry(&lc.name, &t);
                 let keys =
                     std::iter::once(&spec.default_cert).chain(spec.certs.iter().map(|(_, c)| c));
                 for c in keys {
@@ -820,6 +819,8 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
                 Arc::new(t)
             }
         };
+        // At start and at every reload, changed or not.
+        warn_expiry(&lc.name, &t);
         listeners.insert(lc.name.clone(), t);
     }
     let mut upstreams = HashMap::new();
