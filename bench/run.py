@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""ferry benchmark harness: ferry vs haproxy, nginx (stream), socat and a direct path.
+"""ferry benchmark harness: ferry vs haproxy, nginx (stream), socat and a direct path; for
+TLS termination ferry vs haproxy, nginx, stunnel, hitch and a direct TLS path.
 
 One command, Python standard library only:
 
-    python3 bench/run.py [--quick] [--rounds N] [--only bulk,bulk-mtu,redis,connrate,memory]
-                         [--contenders direct,ferry,...] [--ferry-baseline OLD_FERRY]
+    python3 bench/run.py [--quick] [--rounds N]
+                         [--only bulk,bulk-mtu,redis,connrate,memory,
+                                 tls-handshake,tls-resume,tls-bulk,tls-memory]
+                         [--contenders direct,direct-tls,ferry,...] [--ferry-baseline OLD_FERRY]
                          [--out bench/results/NAME.json]
 
 Everything runs on loopback, except bulk-mtu, which runs over veth pairs between three
@@ -42,23 +45,50 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
 TOOLS_MANIFEST = os.path.join(BENCH_DIR, "tools", "Cargo.toml")
 TOOLS_BIN = os.path.join(BENCH_DIR, "tools", "target", "release")
+TOOLS_LOCK = os.path.join(BENCH_DIR, "tools", "Cargo.lock")
+ROOT_LOCK = os.path.join(ROOT, "Cargo.lock")
 FERRY_BIN = os.path.join(ROOT, "target", "release", "ferry")
 
 # "ferry-base" (a second, older ferry binary) runs only with --ferry-baseline PATH.
-ALL_CONTENDERS = ["direct", "ferry", "ferry-base", "haproxy", "haproxy-splice", "nginx", "socat"]
-ALL_MEASUREMENTS = ["bulk", "bulk-mtu", "redis", "connrate", "memory"]
+# Plain TCP measurements run the contenders that relay plain TCP (direct, ferry, ferry-base,
+# haproxy, haproxy-splice, nginx, socat); the tls-* measurements those that terminate TLS
+# (direct-tls, ferry, ferry-base, haproxy, nginx, stunnel, hitch). See Contender.plain/.tls.
+ALL_CONTENDERS = ["direct", "direct-tls", "ferry", "ferry-base", "haproxy", "haproxy-splice", "nginx",
+                  "socat", "stunnel", "hitch"]
+TLS_MEASUREMENTS = ["tls-handshake", "tls-resume", "tls-bulk", "tls-memory"]
+ALL_MEASUREMENTS = ["bulk", "bulk-mtu", "redis", "connrate", "memory"] + TLS_MEASUREMENTS
+# Tools of bench/tools each measurement runs.
+TOOLS_NEEDED = {"connrate": ["echo", "connrate"], "memory": ["echo", "idleconns"],
+                "tls-handshake": ["echo", "tlsrate"], "tls-resume": ["echo", "tlsrate"],
+                "tls-bulk": ["echo", "tlsbulk"], "tls-memory": ["echo", "idleconns"]}
+TLS_SNI = "bench.test"  # the name in every certificate's subjectAltName, sent and verified
 LOOP = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 PROFILES = {
     # Each contender-round costs roughly: bulk 2*T+3 s, bulk-mtu the same, redis ~5 s,
-    # connrate D+1 s, memory ~8 s. 6 contenders x 3 rounds of the full profile is
-    # ~14-16 minutes (~2-3 more with ferry-base); quick ~2 minutes.
+    # connrate D+1 s, memory ~8 s; tls-handshake 2*(D+1) s, tls-resume D+1 s, tls-bulk
+    # 2*T+2 s, tls-memory ~10 s. 6 plain contenders x 3 rounds of the full profile is
+    # ~14-16 minutes, 6 TLS contenders x 3 rounds ~12-14 more (~2-3 more each with
+    # ferry-base); quick ~2 + ~2 minutes.
     "full": dict(rounds=3, bulk_secs=5, redis_requests=100_000, redis_clients=50,
-                 connrate_secs=5, connrate_workers=64, mem_conns=9_700, socat_mem_conns=1_000),
+                 connrate_secs=5, connrate_workers=64, mem_conns=9_700, socat_mem_conns=1_000,
+                 tls_secs=5, tls_workers=64, tls_bulk_secs=5),
     "quick": dict(rounds=1, bulk_secs=2, redis_requests=20_000, redis_clients=50,
-                  connrate_secs=2, connrate_workers=64, mem_conns=1_000, socat_mem_conns=500),
+                  connrate_secs=2, connrate_workers=64, mem_conns=1_000, socat_mem_conns=500,
+                  tls_secs=2, tls_workers=64, tls_bulk_secs=2),
 }
+
+
+def cargo_lock_version(lock: str, crate: str) -> str:
+    """The version of `crate` in a Cargo.lock ("?" if absent)."""
+    try:
+        with open(lock) as f:
+            text = f.read()
+    except OSError:
+        return "?"
+    m = re.search(r'\[\[package\]\]\nname = "' + re.escape(crate) + r'"\nversion = "([^"]+)"', text)
+    return m.group(1) if m else "?"
 
 
 def log(msg: str) -> None:
@@ -529,6 +559,118 @@ class VethTopology:
                 NETNS.remove(ns)
 
 
+# --------------------------------------------------------------------------------------
+# TLS certificates (tls-* measurements): made once per run with `openssl req`
+# --------------------------------------------------------------------------------------
+
+class CertFiles:
+    """One certificate variant: a self-signed CA and a leaf for TLS_SNI signed by it.
+    Every contender serves the same leaf (alone, no chain: the client trusts the CA)."""
+
+    def __init__(self, variant: str, label: str, d: str):
+        self.variant = variant          # "ecdsa" or "rsa"
+        self.label = label              # "ECDSA P-256", "RSA-2048"
+        self.ca = os.path.join(d, f"{variant}-ca.pem")
+        self.ca_key = os.path.join(d, f"{variant}-ca.key")
+        self.cert = os.path.join(d, f"{variant}-leaf.pem")       # leaf certificate (PEM)
+        self.key = os.path.join(d, f"{variant}-leaf.key")        # its key (PKCS#8 PEM)
+        self.combined = os.path.join(d, f"{variant}-leaf+key.pem")  # both (haproxy, hitch)
+
+    def info(self) -> dict:
+        return {"label": self.label, "sni": TLS_SNI, "ca": os.path.basename(self.ca),
+                "leaf": os.path.basename(self.cert)}
+
+
+CERT_VARIANTS = [("ecdsa", "ECDSA P-256", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+                 ("rsa", "RSA-2048", ["-newkey", "rsa:2048"])]
+
+_REQ_CNF = f"""[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = {TLS_SNI}
+[ca_ext]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[leaf_ext]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:{TLS_SNI}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def make_certs(tmp: str) -> dict[str, CertFiles]:
+    """For each variant (ECDSA P-256, RSA-2048): `openssl req -x509` makes a CA, then
+    `openssl req -x509 -CA` a leaf for TLS_SNI signed by it (OpenSSL >= 3.0). Keys are
+    unencrypted PKCS#8, mode 0600. Raises RuntimeError with openssl's message on failure."""
+    d = os.path.join(tmp, "certs")
+    os.makedirs(d, exist_ok=True)
+    cnf = os.path.join(d, "req.cnf")
+    with open(cnf, "w") as f:
+        f.write(_REQ_CNF)
+    out: dict[str, CertFiles] = {}
+    for variant, label, newkey in CERT_VARIANTS:
+        c = CertFiles(variant, label, d)
+        steps = [
+            ["openssl", "req", "-x509", "-config", cnf, "-extensions", "ca_ext", *newkey, "-nodes",
+             "-keyout", c.ca_key, "-out", c.ca, "-days", "7", "-subj", f"/CN=ferry bench CA ({label})"],
+            ["openssl", "req", "-x509", "-config", cnf, "-extensions", "leaf_ext", *newkey, "-nodes",
+             "-keyout", c.key, "-out", c.cert, "-days", "7", "-subj", f"/CN={TLS_SNI}",
+             "-CA", c.ca, "-CAkey", c.ca_key],
+            ["openssl", "verify", "-CAfile", c.ca, "-purpose", "sslserver", c.cert],
+        ]
+        for cmd in steps:
+            r = run_capture(cmd, timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd[:3])} …` failed (rc {r.returncode}): "
+                                   f"{(r.stderr or r.stdout).strip()[-300:]}")
+        for k in (c.key, c.ca_key):
+            os.chmod(k, 0o600)
+        with open(c.combined, "w") as f, open(c.cert) as a, open(c.key) as b:
+            f.write(a.read() + b.read())
+        os.chmod(c.combined, 0o600)
+        out[variant] = c
+    return out
+
+
+def _recv_exact(s, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def tls_probe(port: int, cert: CertFiles, backend: str = "echo", timeout: float = 5.0) -> dict:
+    """One TLS connection with Python's ssl module (OpenSSL, independent of the Rust tools):
+    verifies the served certificate against the run's CA for TLS_SNI, makes one round trip
+    to the backend through it (echo: one byte back; sink: an empty upload, answered with
+    a zero count) and returns what was negotiated. Proves the contender terminates TLS with
+    the given certificate and relays the plaintext; also the turn's warm-up connection."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=cert.ca)
+    with socket.create_connection((LOOP, port), timeout=timeout) as raw:
+        with ctx.wrap_socket(raw, server_hostname=TLS_SNI) as s:
+            if backend == "sink":
+                s.sendall(b"\0\0\0\0")  # end frame of the sink protocol (bench/tools lib.rs)
+                if _recv_exact(s, 8) != b"\0" * 8:
+                    raise RuntimeError("TLS probe: no answer from the sink through the contender")
+            else:
+                s.sendall(b"w")
+                if _recv_exact(s, 1) != b"w":
+                    raise RuntimeError("TLS probe: no echo through the contender")
+            peer = s.getpeercert() or {}
+            cn = [v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"]
+            return {"version": s.version(), "cipher": (s.cipher() or ("?",))[0],
+                    "peer_cn": cn[0] if cn else None}
+
+
 def tail(path: str, n: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -544,6 +686,8 @@ def tail(path: str, n: int = 15) -> str:
 class Contender:
     name = "?"
     has_process = True
+    plain = True   # runs in the plain TCP measurements (bulk, bulk-mtu, redis, connrate, memory)
+    tls = False    # runs in the tls-* measurements (terminates TLS: start_tls)
 
     def __init__(self, tmp: str, fd_hard: int):
         self.tmp = tmp
@@ -562,8 +706,33 @@ class Contender:
         network namespace `netns` (via `ip netns exec`) when given."""
         raise NotImplementedError
 
+    def start_tls(self, listen: int, backend: int, tag: str, cert: CertFiles) -> subprocess.Popen | None:
+        """Start the proxy on 127.0.0.1:listen terminating TLS with `cert` (TLS 1.2 and 1.3)
+        and relaying the plaintext to 127.0.0.1:backend."""
+        raise NotImplementedError
+
+    def tls_library(self) -> str:
+        """The TLS library the contender uses (for the JSON)."""
+        return ""
+
     def log_path(self, tag: str) -> str:
         return os.path.join(self.tmp, f"{self.name}-{tag}.log")
+
+
+def _first_line(cmd: list[str], match: str = "", both: bool = True) -> str:
+    """First output line of cmd (stdout + stderr) containing `match`; "" on failure."""
+    try:
+        r = run_capture(cmd, timeout=10)
+    except (subprocess.TimeoutExpired, OSError):
+        return ""
+    for line in ((r.stdout + r.stderr) if both else r.stdout).splitlines():
+        if match in line:
+            return line.strip()
+    return ""
+
+
+def openssl_runtime() -> str:
+    return _first_line(["openssl", "version"]) or "OpenSSL (version unknown)"
 
 
 class Direct(Contender):
@@ -574,10 +743,27 @@ class Direct(Contender):
         return None
 
 
+class DirectTls(Contender):
+    """No proxy in the tls-* measurements: the client talks TLS straight to a backend that
+    speaks TLS itself (bench/tools `echo --tls-cert/--tls-key`, rustls with ring, same
+    certificate): the floor of what client and backend manage on this machine."""
+    name = "direct-tls"
+    has_process = False
+    plain = False
+    tls = True
+
+    def start_tls(self, listen, backend, tag, cert):
+        return None
+
+    def tls_library(self):
+        return f"bench/tools echo: rustls {cargo_lock_version(TOOLS_LOCK, 'rustls')} (ring)"
+
+
 class Ferry(Contender):
     """`ferry` runs target/release/ferry (built by this script); `ferry-base` (with
     --ferry-baseline PATH) runs another ferry binary exactly the same way."""
     name = "ferry"
+    tls = True
 
     def __init__(self, tmp, fd_hard, build_error: str | None, mode: str,
                  binary: str = FERRY_BIN, name: str = "ferry"):
@@ -621,14 +807,13 @@ class Ferry(Contender):
             rev = ""
         return f"{v} (tree git {rev}, binary built {built})".strip() if rev else f"{v} (binary built {built})"
 
-    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
-        if self.mode == "quick":
-            cmd = [self.binary, "run", "--listen", f"{listen_host}:{listen}",
-                   "--upstream", f"{backend_host}:{backend}"]
-        else:
-            cfg = os.path.join(self.tmp, f"{self.name}-{tag}.toml")
-            with open(cfg, "w") as f:
-                f.write(f"""[global]
+    def _config(self, tag: str, listen: str, backend: str, cert: CertFiles | None = None) -> str:
+        tls = ""
+        if cert is not None:
+            tls = f'mode = "tls"\ntls = {{ cert = "{cert.cert}", key = "{cert.key}" }}\n'
+        cfg = os.path.join(self.tmp, f"{self.name}-{tag}.toml")
+        with open(cfg, "w") as f:
+            f.write(f"""[global]
 workers = 2
 
 [log]
@@ -637,15 +822,33 @@ level = "warn"
 
 [[listener]]
 name = "bench"
-listen = ["{listen_host}:{listen}"]
-upstream = "backend"
+listen = ["{listen}"]
+{tls}upstream = "backend"
 
 [[upstream]]
 name = "backend"
-servers = ["{backend_host}:{backend}"]
+servers = ["{backend}"]
 """)
+        return cfg
+
+    def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
+        if self.mode == "quick":
+            cmd = [self.binary, "run", "--listen", f"{listen_host}:{listen}",
+                   "--upstream", f"{backend_host}:{backend}"]
+        else:
+            cfg = self._config(tag, f"{listen_host}:{listen}", f"{backend_host}:{backend}")
             cmd = [self.binary, "run", "--config", cfg]
         return spawn(in_netns(netns, cmd), log_path=self.log_path(tag))
+
+    def start_tls(self, listen, backend, tag, cert):
+        # Always a config file (--ferry-mode quick has no TLS flags).
+        cfg = self._config(tag, f"{LOOP}:{listen}", f"{LOOP}:{backend}", cert)
+        return spawn([self.binary, "run", "--config", cfg], log_path=self.log_path(tag))
+
+    def tls_library(self):
+        if self.binary == FERRY_BIN:
+            return f"rustls {cargo_lock_version(ROOT_LOCK, 'rustls')} (ring {cargo_lock_version(ROOT_LOCK, 'ring')})"
+        return "rustls (ring), as built into " + self.binary
 
 
 class HAProxy(Contender):
@@ -653,6 +856,7 @@ class HAProxy(Contender):
         super().__init__(tmp, fd_hard)
         self.splice = splice
         self.name = "haproxy-splice" if splice else "haproxy"
+        self.tls = not splice  # splicing cannot apply to decrypted data: plain only
 
     def available(self):
         return None if shutil.which("haproxy") else "haproxy not installed (bench/setup.sh)"
@@ -669,6 +873,15 @@ class HAProxy(Contender):
         return max(100, (self.fd_hard - 2 * maxpipes - 200) // 2), maxpipes
 
     def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
+        return self._start(listen, backend, tag, listen_host, backend_host, netns)
+
+    def start_tls(self, listen, backend, tag, cert):
+        # `crt` takes the certificate and its key in one PEM file. Everything else is
+        # HAProxy's default: TLS 1.2-1.3, session cache (tune.ssl.cachesize 20000) and
+        # TLS tickets on.
+        return self._start(listen, backend, tag, bind_opts=f" ssl crt {cert.combined}")
+
+    def _start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None, bind_opts=""):
         maxconn, maxpipes = self.maxconn()
         splice = "    option splice-request\n    option splice-response\n" if self.splice else ""
         pipes = f"    maxpipes {maxpipes}\n" if maxpipes else ""
@@ -686,7 +899,7 @@ defaults
     timeout server 10m
 {splice}
 frontend bench
-    bind {listen_host}:{listen}
+    bind {listen_host}:{listen}{bind_opts}
     default_backend backend
 
 backend backend
@@ -694,9 +907,15 @@ backend backend
 """)
         return spawn(in_netns(netns, ["haproxy", "-db", "-f", cfg]), log_path=self.log_path(tag))
 
+    def tls_library(self):
+        built = _first_line(["haproxy", "-vv"], "Built with OpenSSL version")
+        run = _first_line(["haproxy", "-vv"], "Running on OpenSSL version")
+        return "; ".join(x for x in (built, run) if x) or openssl_runtime()
+
 
 class Nginx(Contender):
     name = "nginx"
+    tls = True
 
     def __init__(self, tmp, fd_hard):
         super().__init__(tmp, fd_hard)
@@ -741,6 +960,23 @@ class Nginx(Contender):
             return ""
 
     def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
+        return self._start(listen, backend, tag, listen_host, backend_host, netns)
+
+    def start_tls(self, listen, backend, tag, cert):
+        # nginx 1.22's default ssl_protocols lack TLSv1.3 (added to the default in 1.23.4):
+        # allowed explicitly. A shared session cache as typically configured (the default
+        # is `none`); tickets are on by default, their key made once in the master and
+        # shared by the workers.
+        ssl = (f"        ssl_certificate {cert.cert};\n"
+               f"        ssl_certificate_key {cert.key};\n"
+               "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+               "        ssl_session_cache shared:SSL:10m;\n")
+        return self._start(listen, backend, tag, ssl=ssl)
+
+    def tls_library(self):
+        return _first_line(["nginx", "-V"], "built with OpenSSL") or openssl_runtime()
+
+    def _start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None, ssl=""):
         prefix = os.path.join(self.tmp, f"nginx-{tag}")
         os.makedirs(prefix, exist_ok=True)
         load = f"load_module {self.module};\n" if self.module else ""
@@ -762,8 +998,8 @@ stream {{
         server {backend_host}:{backend};
     }}
     server {{
-        listen {listen_host}:{listen};
-        proxy_pass backend;
+        listen {listen_host}:{listen}{" ssl" if ssl else ""};
+{ssl}        proxy_pass backend;
         proxy_connect_timeout 5s;
         proxy_timeout 10m;
     }}
@@ -797,6 +1033,86 @@ class Socat(Contender):
                                       f"TCP:{backend_host}:{backend},nodelay"]), log_path=self.log_path(tag))
 
 
+class Stunnel(Contender):
+    """stunnel4 (OpenSSL): one thread per connection (its PTHREAD model; there is no
+    worker-count setting). Defaults otherwise: session cache 1,000 entries, tickets on,
+    TLS 1.2-1.3. Logging at `warning` (the default `notice` logs every connection)."""
+    name = "stunnel"
+    plain = False
+    tls = True
+
+    def binary(self) -> str | None:
+        return shutil.which("stunnel4") or shutil.which("stunnel")
+
+    def available(self):
+        return None if self.binary() else "stunnel4 not installed (bench/setup.sh)"
+
+    def version(self):
+        return _first_line([self.binary(), "-version"], "stunnel ")
+
+    def tls_library(self):
+        lines = [_first_line([self.binary(), "-version"], w) for w in ("Compiled with", "Running  with")]
+        return "; ".join(x for x in lines if x) or openssl_runtime()
+
+    def start_tls(self, listen, backend, tag, cert):
+        cfg = os.path.join(self.tmp, f"stunnel-{tag}.conf")
+        with open(cfg, "w") as f:
+            f.write(f"""foreground = yes
+pid =
+syslog = no
+debug = warning
+
+[bench]
+accept = {LOOP}:{listen}
+connect = {LOOP}:{backend}
+cert = {cert.cert}
+key = {cert.key}
+socket = l:TCP_NODELAY=1
+socket = r:TCP_NODELAY=1
+""")
+        return spawn([self.binary(), cfg], log_path=self.log_path(tag))
+
+
+class Hitch(Contender):
+    """hitch (OpenSSL): a master and `--workers` event-driven worker processes. It refuses
+    to run its workers as root, so they run as the package's `_hitch` user (else nobody);
+    the certificate is loaded by the master before they drop privileges. Backend plain (no
+    PROXY header: --write-proxy stays off)."""
+    name = "hitch"
+    plain = False
+    tls = True
+
+    def available(self):
+        return None if shutil.which("hitch") else "hitch not installed (bench/setup.sh)"
+
+    def version(self):
+        return _first_line(["hitch", "--version"], "hitch")
+
+    def tls_library(self):
+        return f"OpenSSL (dynamic): runtime {openssl_runtime()}"
+
+    def user(self) -> list[str]:
+        if os.geteuid() != 0:
+            return []
+        import pwd
+        for u in ("_hitch", "hitch", "nobody"):
+            try:
+                pwd.getpwnam(u)
+                return [f"--user={u}"]
+            except KeyError:
+                continue
+        return []
+
+    def start_tls(self, listen, backend, tag, cert):
+        ocsp = os.path.join(self.tmp, "hitch-ocsp")  # no OCSP responder in our certs: stays empty
+        os.makedirs(ocsp, exist_ok=True)
+        # --backlog: hitch's default of 100 overflows when 128 idle connections are opened
+        # at once (tls-memory); the plain socat contender gets backlog=4096 for the same reason.
+        return spawn(["hitch", f"--frontend=[{LOOP}]:{listen}", f"--backend=[{LOOP}]:{backend}",
+                      "--workers=2", "--backlog=4096", f"--ocsp-dir={ocsp}", "--log-level=1",
+                      *self.user(), cert.combined], log_path=self.log_path(tag))
+
+
 # --------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------
@@ -828,11 +1144,15 @@ class Backend:
 # --------------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, args, prof: dict, tmp: str, contenders: list[Contender]):
+    def __init__(self, args, prof: dict, tmp: str, contenders: list[Contender],
+                 certs: dict[str, CertFiles] | None = None):
         self.args = args
         self.prof = prof
         self.tmp = tmp
         self.contenders = contenders
+        self.certs = certs or {}  # for the tls-* measurements
+        self.plain_contenders = [c for c in contenders if c.plain]
+        self.tls_contenders = [c for c in contenders if c.tls]
         self.fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self.raw: dict[str, dict[str, list[dict]]] = {}
         self.errors: list[str] = []
@@ -844,15 +1164,21 @@ class Bench:
     # -- one contender turn ---------------------------------------------------------
 
     def with_proxy(self, c: Contender, backend_port: int, tag: str, body: Callable[[int, int | None], dict],
-                   listen_host: str = LOOP, backend_host: str = LOOP, netns: str | None = None) -> dict | None:
+                   listen_host: str = LOOP, backend_host: str = LOOP, netns: str | None = None,
+                   cert: CertFiles | None = None) -> dict | None:
         """Start contender `c` on listen_host (inside `netns` when given) in front of
         backend_host:backend_port, run body(port, pgid), stop it. For `direct` the port is
-        the backend's: the client connects to backend_host itself."""
+        the backend's: the client connects to backend_host itself. With `cert` the contender
+        terminates TLS with it (start_tls; loopback only); for `direct-tls` backend_port must
+        be that of a TLS-speaking backend."""
         proc = None
         try:
             if c.has_process:
                 port = free_port(netns)
-                proc = c.start(port, backend_port, tag, listen_host, backend_host, netns)
+                if cert is not None:
+                    proc = c.start_tls(port, backend_port, tag, cert)
+                else:
+                    proc = c.start(port, backend_port, tag, listen_host, backend_host, netns)
                 try:
                     wait_listening(port, proc, host=listen_host, netns=netns)
                 except RuntimeError as e:
@@ -874,6 +1200,9 @@ class Bench:
             kill(proc)
 
     def interleaved(self, measurement: str, contenders: list[Contender], fn: Callable[[Contender, int], dict | None]) -> None:
+        if not contenders:
+            log(f"{measurement}: none of the selected contenders applies")
+            return
         per = self.raw.setdefault(measurement, {})
         for r in range(self.prof["rounds"]):
             order = contenders if r % 2 == 0 else list(reversed(contenders))
@@ -972,7 +1301,7 @@ class Bench:
             finally:
                 srv.stop()
 
-        self.interleaved(measurement, self.contenders, one)
+        self.interleaved(measurement, self.plain_contenders, one)
 
     # -- redis -----------------------------------------------------------------------
 
@@ -1004,7 +1333,7 @@ class Bench:
                     return out
                 return self.with_proxy(c, srv.port, f"redis-r{r + 1}", body)
 
-            self.interleaved("redis", self.contenders, one)
+            self.interleaved("redis", self.plain_contenders, one)
         finally:
             srv.stop()
 
@@ -1036,61 +1365,242 @@ class Bench:
                     return out
                 return self.with_proxy(c, srv.port, f"connrate-r{r + 1}", body)
 
-            self.interleaved("connrate", self.contenders, one)
+            self.interleaved("connrate", self.plain_contenders, one)
         finally:
             srv.stop()
 
     # -- memory ----------------------------------------------------------------------
 
     def memory(self) -> None:
-        # Each relayed connection costs the proxy 2 fds; keep headroom for listeners/logs.
-        cap = max(10, (self.fd_hard - 300) // 2)
         srv = Backend("echo", lambda p: [self.tool("echo"), "--listen", f"{LOOP}:{p}"], self.tmp)
         try:
             def one(c: Contender, r: int):
-                n = min(self.prof["mem_conns"], cap)
-                if c.name == "socat":
-                    n = min(n, self.prof["socat_mem_conns"])  # one forked process per connection
-                if isinstance(c, HAProxy):
-                    n = min(n, c.maxconn()[0] - 10)
-
-                def body(port, pgid):
-                    # Warm up: one relayed round trip, so lazy one-time allocations are in the baseline.
-                    with socket.create_connection((LOOP, port), timeout=5) as s:
-                        s.sendall(b"w")
-                        s.recv(1)
-                    time.sleep(0.5)
-                    before = memory_kib(pgid)
-                    client = spawn([self.tool("idleconns"), "--target", f"{LOOP}:{port}", "--count", str(n),
-                                    "--hold-secs", "300"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   log_path=os.path.join(self.tmp, "idleconns.log"))
-                    try:
-                        lines = read_until_ready(client, timeout=120)
-                        j = json.loads(lines[0])
-                        time.sleep(1.0)  # let the proxy settle (buffers freed, threads idle)
-                        after = memory_kib(pgid)
-                        opened = j["opened"]
-                        out = {"conns": n, "opened": opened, "failed": j["failed"],
-                               "open_s": j["elapsed_s"], "before": before, "after": after,
-                               "first_error": j.get("first_error")}
-                        if opened:
-                            out["rss_kib_per_conn"] = (after["rss_kib"] - before["rss_kib"]) / opened
-                            out["pss_kib_per_conn"] = (after["pss_kib"] - before["pss_kib"]) / opened
-                        return out
-                    finally:
-                        try:
-                            client.stdin.close()
-                        except OSError:
-                            pass
-                        try:
-                            client.wait(timeout=30)
-                        except subprocess.TimeoutExpired:
-                            pass
-                        kill(client)
-                return self.with_proxy(c, srv.port, f"memory-r{r + 1}", body)
+                n = self.mem_conns(c)
+                return self.with_proxy(c, srv.port, f"memory-r{r + 1}",
+                                       lambda port, pgid: self._idle_memory(port, pgid, n))
 
             # direct has no proxy process whose memory could be measured.
-            self.interleaved("memory", [c for c in self.contenders if c.has_process], one)
+            self.interleaved("memory", [c for c in self.plain_contenders if c.has_process], one)
+        finally:
+            srv.stop()
+
+    def mem_conns(self, c: Contender) -> int:
+        """Idle connections for memory/tls-memory: the profile's N, capped by fds (a proxy
+        holds 2 per relayed connection; headroom for listeners/logs), by HAProxy's maxconn,
+        and for socat (one forked process per connection)."""
+        n = min(self.prof["mem_conns"], max(10, (self.fd_hard - 300) // 2))
+        if c.name == "socat":
+            n = min(n, self.prof["socat_mem_conns"])
+        if isinstance(c, HAProxy):
+            n = min(n, c.maxconn()[0] - 10)
+        return n
+
+    def _idle_memory(self, port: int, pgid: int, n: int, cert: CertFiles | None = None) -> dict:
+        """Open n idle connections with idleconns (TLS with `cert`), proxy memory before/after."""
+        # Warm up: one relayed round trip, so lazy one-time allocations are in the baseline.
+        probe = None
+        if cert is not None:
+            probe = tls_probe(port, cert)
+        else:
+            with socket.create_connection((LOOP, port), timeout=5) as s:
+                s.sendall(b"w")
+                s.recv(1)
+        time.sleep(0.5)
+        before = memory_kib(pgid)
+        cmd = [self.tool("idleconns"), "--target", f"{LOOP}:{port}", "--count", str(n), "--hold-secs", "300"]
+        if cert is not None:
+            cmd += ["--tls", "--ca", cert.ca, "--sni", TLS_SNI]
+        client = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                       log_path=os.path.join(self.tmp, "idleconns.log"))
+        try:
+            lines = read_until_ready(client, timeout=120)
+            j = json.loads(lines[0])
+            time.sleep(1.0)  # let the proxy settle (buffers freed, threads idle)
+            after = memory_kib(pgid)
+            opened = j["opened"]
+            out = {"conns": n, "opened": opened, "failed": j["failed"],
+                   "open_s": j["elapsed_s"], "before": before, "after": after,
+                   "first_error": j.get("first_error")}
+            if probe is not None:
+                out["probe"] = probe
+            if opened:
+                out["rss_kib_per_conn"] = (after["rss_kib"] - before["rss_kib"]) / opened
+                out["pss_kib_per_conn"] = (after["pss_kib"] - before["pss_kib"]) / opened
+            return out
+        finally:
+            try:
+                client.stdin.close()
+            except OSError:
+                pass
+            try:
+                client.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill(client)
+
+    # -- tls-handshake, tls-resume, tls-bulk, tls-memory --------------------------------
+
+    def _tls_backends(self, mode: str, variants: list[str]) -> tuple[Backend, dict[str, Backend]]:
+        """The plain backend (`echo --mode MODE`) every proxy relays to and, when direct-tls
+        runs, a TLS-speaking one per certificate variant for it. On failure nothing is left."""
+        srv = Backend(mode, lambda p: [self.tool("echo"), "--listen", f"{LOOP}:{p}", "--mode", mode], self.tmp)
+        tls_srv: dict[str, Backend] = {}
+        try:
+            if any(not c.has_process for c in self.tls_contenders):
+                for v in variants:
+                    cert = self.certs[v]
+                    tls_srv[v] = Backend(f"{mode}-tls-{v}", lambda p, cert=cert: [
+                        self.tool("echo"), "--listen", f"{LOOP}:{p}", "--mode", mode,
+                        "--tls-cert", cert.cert, "--tls-key", cert.key], self.tmp)
+        except BaseException:
+            for b in tls_srv.values():
+                b.stop()
+            srv.stop()
+            raise
+        return srv, tls_srv
+
+    def _tls_turn(self, c: Contender, srv: Backend, tls_srv: dict[str, Backend], variant: str, tag: str,
+                  body: Callable[[int, int | None], dict], backend: str = "echo") -> dict | None:
+        """One contender turn with certificate `variant`: a TLS probe (Python's ssl: the
+        certificate is the run's, for TLS_SNI, and bytes are relayed), then body."""
+        cert = self.certs[variant]
+        port = tls_srv[variant].port if not c.has_process else srv.port
+
+        def probed(p, pgid):
+            probe = tls_probe(p, cert, backend)
+            out = body(p, pgid)
+            out["probe"] = probe
+            return out
+        return self.with_proxy(c, port, tag, probed, cert=cert)
+
+    def _tlsrate(self, cert: CertFiles, resume: bool) -> Callable[[int, int | None], dict]:
+        secs = self.prof["tls_secs"]
+        workers = self.prof["tls_workers"]
+
+        def body(port, pgid):
+            cmd = [self.tool("tlsrate"), "--target", f"{LOOP}:{port}", "--ca", cert.ca, "--sni", TLS_SNI,
+                   "--duration", str(secs), "--workers", str(workers)]
+            if resume:
+                cmd.append("--resume")
+            cpu0 = cpu_times(pgid) if pgid else None
+            res = run_capture(cmd, timeout=secs + 60)
+            cpu1 = cpu_times(pgid) if pgid else None
+            try:
+                j = json.loads(res.stdout.strip().splitlines()[-1])
+            except (json.JSONDecodeError, IndexError):
+                raise RuntimeError(f"tlsrate: no JSON (rc {res.returncode}): {res.stderr.strip()[:300]}") from None
+            done = j["completed"]
+            if not done:
+                raise RuntimeError(f"tlsrate: no connection completed ({j['errors']} errors; "
+                                   f"first: {j.get('first_error')})")
+            out = {"rate_per_s": j["rate_per_s"], "completed": done, "errors": j["errors"],
+                   "full": j["handshakes"]["full"] + j["handshakes"]["full_hrr"],
+                   "hrr": j["handshakes"]["full_hrr"], "resumed": j["handshakes"]["resumed"],
+                   "resumed_fraction": j["resumed_fraction"],
+                   "p50_ms": j["latency_us"]["p50"] / 1000, "p99_ms": j["latency_us"]["p99"] / 1000,
+                   "hs_p50_ms": j["handshake_us"]["p50"] / 1000, "hs_p99_ms": j["handshake_us"]["p99"] / 1000,
+                   "negotiated": j.get("negotiated"), "first_error": j.get("first_error")}
+            if pgid:
+                out["cpu_s"] = sum(cpu1) - sum(cpu0)
+                out["cpu_us_per_hs"] = out["cpu_s"] * 1e6 / done
+                out["sys_us_per_hs"] = (cpu1[1] - cpu0[1]) * 1e6 / done
+            return out
+        return body
+
+    def tls_handshake(self) -> None:
+        """Full TLS 1.3 handshakes (no resumption) per second and proxy CPU per handshake,
+        with the ECDSA P-256 and the RSA-2048 certificate (one proxy start each per turn)."""
+        variants = [v for v, _l, _k in CERT_VARIANTS]
+        srv, tls_srv = self._tls_backends("echo", variants)
+        try:
+            def one(c: Contender, r: int):
+                out = {}
+                for v in variants:
+                    res = self._tls_turn(c, srv, tls_srv, v, f"tls-handshake-{v}-r{r + 1}",
+                                         self._tlsrate(self.certs[v], resume=False))
+                    if res is not None:
+                        out[v] = res
+                return out or None
+
+            self.interleaved("tls-handshake", self.tls_contenders, one)
+        finally:
+            for b in tls_srv.values():
+                b.stop()
+            srv.stop()
+
+    def tls_resume(self) -> None:
+        """Resumed TLS 1.3 handshakes (tickets; ECDSA certificate: a resumption signs
+        nothing, so the certificate type hardly matters) per second, CPU per handshake and
+        the fraction really resumed."""
+        srv, tls_srv = self._tls_backends("echo", ["ecdsa"])
+        try:
+            def one(c: Contender, r: int):
+                return self._tls_turn(c, srv, tls_srv, "ecdsa", f"tls-resume-r{r + 1}",
+                                      self._tlsrate(self.certs["ecdsa"], resume=True))
+
+            self.interleaved("tls-resume", self.tls_contenders, one)
+        finally:
+            for b in tls_srv.values():
+                b.stop()
+            srv.stop()
+
+    def tls_bulk(self) -> None:
+        """tlsbulk uploads (plaintext over TLS, 1 and 8 streams, T seconds) through each
+        contender to a sink backend (`echo --mode sink`): Gbit/s of plaintext delivered, and
+        proxy CPU s/GB. Mirrors bulk's iperf3 upload (client to server, one direction)."""
+        secs = self.prof["tls_bulk_secs"]
+        cert = self.certs["ecdsa"]
+        srv, tls_srv = self._tls_backends("sink", ["ecdsa"])
+        try:
+            def body(port, pgid):
+                out = {}
+                for streams in (1, 8):
+                    cpu0 = cpu_times(pgid) if pgid else None
+                    res = run_capture([self.tool("tlsbulk"), "--target", f"{LOOP}:{port}", "--ca", cert.ca,
+                                       "--sni", TLS_SNI, "--streams", str(streams), "--duration", str(secs)],
+                                      timeout=secs + 60)
+                    cpu1 = cpu_times(pgid) if pgid else None
+                    try:
+                        j = json.loads(res.stdout.strip().splitlines()[-1])
+                    except (json.JSONDecodeError, IndexError):
+                        raise RuntimeError(f"tlsbulk -P {streams}: no JSON (rc {res.returncode}): "
+                                           f"{res.stderr.strip()[:300]}") from None
+                    if j["errors"]:
+                        raise RuntimeError(f"tlsbulk {streams} stream(s): {j['errors']} failed: {j.get('first_error')}")
+                    gb = j["bytes"] / 1e9
+                    out[f"p{streams}_gbps"] = j["gbps"]
+                    out[f"p{streams}_bytes"] = j["bytes"]
+                    out["negotiated"] = j.get("negotiated")
+                    if pgid and gb > 0:
+                        cpu = sum(cpu1) - sum(cpu0)
+                        out[f"p{streams}_cpu_s"] = cpu
+                        out[f"p{streams}_cpu_s_per_gb"] = cpu / gb
+                        out[f"p{streams}_sys_s_per_gb"] = (cpu1[1] - cpu0[1]) / gb
+                    time.sleep(0.3)
+                return out
+
+            def one(c: Contender, r: int):
+                return self._tls_turn(c, srv, tls_srv, "ecdsa", f"tls-bulk-r{r + 1}", body, backend="sink")
+
+            self.interleaved("tls-bulk", self.tls_contenders, one)
+        finally:
+            for b in tls_srv.values():
+                b.stop()
+            srv.stop()
+
+    def tls_memory(self) -> None:
+        """memory with TLS terminated: idleconns --tls holds N connections (each a full
+        handshake and a 1-byte echo inside TLS) through the proxy: KiB per connection."""
+        cert = self.certs["ecdsa"]
+        srv = Backend("echo", lambda p: [self.tool("echo"), "--listen", f"{LOOP}:{p}"], self.tmp)
+        try:
+            def one(c: Contender, r: int):
+                n = self.mem_conns(c)
+                return self.with_proxy(c, srv.port, f"tls-memory-r{r + 1}",
+                                       lambda port, pgid: self._idle_memory(port, pgid, n, cert), cert=cert)
+
+            # direct-tls has no proxy process whose memory could be measured.
+            self.interleaved("tls-memory", [c for c in self.tls_contenders if c.has_process], one)
         finally:
             srv.stop()
 
@@ -1220,12 +1730,32 @@ def kernel_floor(med: dict, total_key: str, sys_key: str, what: str) -> str:
             + ", ".join(parts) + ".\n")
 
 
-def render(summary: dict, order: list[str]) -> str:
+def negotiated_line(rounds: dict | None, measurement: str, sub: str | None = None) -> str:
+    """One line: what each contender negotiated with the Rust client (version, cipher
+    suite, key exchange group), from the raw rounds (the medians keep numbers only)."""
+    if not rounds or measurement not in rounds:
+        return ""
+    seen: dict[str, set[str]] = {}
+    for name, rs in rounds[measurement].items():
+        for r in rs:
+            m = r.get(sub) if sub else r
+            if isinstance(m, dict) and m.get("negotiated"):
+                seen.setdefault(name, set()).add(m["negotiated"])
+    if not seen:
+        return ""
+    values = {v for vs in seen.values() for v in vs}
+    if len(values) == 1:
+        return f"Negotiated by every contender: {values.pop()}.\n"
+    return "Negotiated: " + "; ".join(f"{n} {', '.join(sorted(v))}" for n, v in seen.items()) + ".\n"
+
+
+def render(summary: dict, order: list[str], rounds: dict | None = None) -> str:
     out = []
     present = set(order)
     hsp = [b for b in ("haproxy-splice",) if b in present]
     hap = [b for b in ("haproxy",) if b in present]
     d = [b for b in ("direct",) if b in present]
+    dt = [b for b in ("direct-tls",) if b in present]
     fb = [b for b in ("ferry-base",) if b in present]  # the ferry build to compare against
     for key, where in (("bulk", ""), ("bulk-mtu", " over veth, MTU 1500")):
         if key not in summary:
@@ -1279,7 +1809,61 @@ def render(summary: dict, order: list[str]) -> str:
         if "socat" in med:
             out.append("socat forks one process per connection: summed RSS counts the pages those "
                        "processes share once per process, so its PSS column is the meaningful one.\n")
-    return "\n".join(out)
+    proxies = [n for n in order if n not in ("direct", "direct-tls")]
+    if "tls-handshake" in summary:
+        med = summary["tls-handshake"]
+        for v, label, _k in CERT_VARIANTS:
+            out.append(md_table(f"TLS full handshakes, {label} certificate: connect + TLS 1.3 handshake + "
+                                f"64 B echo + close (handshakes/s)", order, med,
+                                [("hs/s", lambda m, v=v: m[v]["rate_per_s"], ",.0f", dt + hap + fb),
+                                 ("p99 ms", lambda m, v=v: m[v]["p99_ms"], ".1f", []),
+                                 ("hs p99 ms", lambda m, v=v: m[v]["hs_p99_ms"], ".1f", []),
+                                 ("errors", lambda m, v=v: m[v]["errors"], ".0f", [])]))
+        cols = []
+        for v, label, _k in CERT_VARIANTS:
+            short = label.split()[0].split("-")[0]
+            cols += [(f"{short} µs/hs", lambda m, v=v: m[v]["cpu_us_per_hs"], ".0f", hap + fb),
+                     ("of which kernel", lambda m, v=v: m[v]["sys_us_per_hs"], ".0f", [])]
+        out.append(md_table("Proxy CPU per full TLS handshake (µs/handshake, lower is better)",
+                            proxies, med, cols))
+        out.append(negotiated_line(rounds, "tls-handshake", "ecdsa"))
+    if "tls-resume" in summary:
+        med = summary["tls-resume"]
+        out.append(md_table("TLS resumed handshakes (TLS 1.3 tickets, ECDSA certificate): connect + "
+                            "handshake + 64 B echo + close (handshakes/s)", order, med,
+                            [("hs/s", lambda m: m["rate_per_s"], ",.0f", dt + hap + fb),
+                             ("resumed", lambda m: m["resumed_fraction"], ".3f", []),
+                             ("p99 ms", lambda m: m["p99_ms"], ".1f", []),
+                             ("errors", lambda m: m["errors"], ".0f", [])]))
+        out.append(md_table("Proxy CPU per handshake with resumption (µs/handshake, lower is better)",
+                            proxies, med,
+                            [("µs/hs", lambda m: m["cpu_us_per_hs"], ".0f", hap + fb),
+                             ("of which kernel", lambda m: m["sys_us_per_hs"], ".0f", [])]))
+        low = [n for n in order if n in med and med[n].get("resumed_fraction", 1) < 0.9]
+        if low:
+            out.append("Resumed fraction below 0.9 (these did not resume most handshakes, so their "
+                       "rows are mostly full handshakes): " + ", ".join(low) + ".\n")
+    if "tls-bulk" in summary:
+        med = summary["tls-bulk"]
+        out.append(md_table("TLS bulk upload through termination, 1 stream (Gbit/s of plaintext)", order, med,
+                            [("Gbit/s", lambda m: m["p1_gbps"], ".2f", dt + hap + fb)]))
+        out.append(md_table("TLS bulk upload through termination, 8 streams (Gbit/s of plaintext)", order, med,
+                            [("Gbit/s", lambda m: m["p8_gbps"], ".2f", dt + hap + fb)]))
+        out.append(md_table("Proxy CPU per GB through TLS termination (CPU s/GB, lower is better)",
+                            proxies, med,
+                            [("1 stream", lambda m: m["p1_cpu_s_per_gb"], ".3f", hap + fb),
+                             ("of which kernel", lambda m: m["p1_sys_s_per_gb"], ".3f", []),
+                             ("8 streams", lambda m: m["p8_cpu_s_per_gb"], ".3f", hap + fb)]))
+        out.append(negotiated_line(rounds, "tls-bulk"))
+    if "tls-memory" in summary:
+        med = summary["tls-memory"]
+        out.append(md_table("Memory per idle TLS-terminated connection (KiB/conn, lower is better)",
+                            proxies, med,
+                            [("RSS KiB/conn", lambda m: m["rss_kib_per_conn"], ".2f", hap),
+                             ("PSS KiB/conn", lambda m: m["pss_kib_per_conn"], ".2f", hap + fb),
+                             ("conns", lambda m: m["opened"], ".0f", []),
+                             ("failed", lambda m: m["failed"], ".0f", [])]))
+    return "\n".join(x for x in out if x)
 
 
 # --------------------------------------------------------------------------------------
@@ -1325,6 +1909,7 @@ def tool_versions() -> dict:
         "redis-benchmark": first(["redis-benchmark", "--version"]),
         "rustc": first(["rustc", "--version"]),
         "iproute2": first(["ip", "-V"]),
+        "openssl": first(["openssl", "version"]),
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
@@ -1332,7 +1917,7 @@ def tool_versions() -> dict:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="ferry benchmark harness (loopback; bulk-mtu over veth "
-                                             "between private network namespaces)")
+                                             "between private network namespaces; tls-* terminate TLS)")
     ap.add_argument("--quick", action="store_true", help="short smoke run (~2 s per measurement, 1 round)")
     ap.add_argument("--rounds", type=int, help="rounds per measurement (default 3, quick 1)")
     ap.add_argument("--only", default=",".join(ALL_MEASUREMENTS),
@@ -1340,7 +1925,8 @@ def parse_args(argv=None):
     ap.add_argument("--contenders",
                     help="comma-separated contenders: " + ",".join(ALL_CONTENDERS)
                     + " (default: all; ferry-base only with --ferry-baseline, which also adds it "
-                    "to an explicit list, right after ferry)")
+                    "to an explicit list, right after ferry). Each measurement runs those that apply: "
+                    "direct, haproxy-splice and socat plain only; direct-tls, stunnel and hitch tls-* only")
     ap.add_argument("--ferry-baseline", metavar="PATH",
                     help="another ferry binary (e.g. a build from before a change), measured as contender "
                     "ferry-base in the same run, started exactly like ferry")
@@ -1352,6 +1938,9 @@ def parse_args(argv=None):
     ap.add_argument("--bulk-secs", type=int, help="iperf3 duration per stream count")
     ap.add_argument("--connrate-secs", type=float, help="connrate duration")
     ap.add_argument("--redis-requests", type=int, help="redis-benchmark -n")
+    ap.add_argument("--tls-secs", type=float, help="tlsrate duration (tls-handshake, tls-resume)")
+    ap.add_argument("--tls-workers", type=int, help="tlsrate concurrent workers (default 64)")
+    ap.add_argument("--tls-bulk-secs", type=float, help="tlsbulk duration per stream count")
     a = ap.parse_args(argv)
     a.only = [m.strip() for m in a.only.split(",") if m.strip()]
     if a.contenders is None:
@@ -1384,7 +1973,8 @@ def main(argv=None) -> int:
     prof = dict(PROFILES["quick" if args.quick else "full"])
     if args.rounds:
         prof["rounds"] = args.rounds
-    for key in ("mem_conns", "bulk_secs", "connrate_secs", "redis_requests"):
+    for key in ("mem_conns", "bulk_secs", "connrate_secs", "redis_requests", "tls_secs", "tls_workers",
+                "tls_bulk_secs"):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
 
@@ -1404,7 +1994,8 @@ def main(argv=None) -> int:
 
     # Required external tools per measurement.
     needs = {"bulk": ["iperf3"], "bulk-mtu": ["iperf3", "ip", "sysctl"],
-             "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": []}
+             "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": [],
+             **{m: ["openssl"] for m in TLS_MEASUREMENTS}}
     measurements = []
     skipped_measurements = {}
     for m in args.only:
@@ -1424,18 +2015,29 @@ def main(argv=None) -> int:
             log(f"WARNING: load average {load_before[0]}: something else is using the CPUs; numbers will be noisy")
 
         ferry_err, tools_err = build(args)
-        if tools_err and any(m in measurements for m in ("connrate", "memory")):
+        if tools_err and any(m in measurements for m in TOOLS_NEEDED):
             log(tools_err)
-            for m in ("connrate", "memory"):
+            for m in TOOLS_NEEDED:
                 if m in measurements:
                     measurements.remove(m)
                     skipped_measurements[m] = "bench tools failed to build"
-        for t in ("echo", "connrate", "idleconns"):
-            if not os.access(os.path.join(TOOLS_BIN, t), os.X_OK):
-                for m in ("connrate", "memory"):
+        for m, tools in TOOLS_NEEDED.items():
+            for t in tools:
+                if m in measurements and not os.access(os.path.join(TOOLS_BIN, t), os.X_OK):
+                    measurements.remove(m)
+                    skipped_measurements[m] = f"{TOOLS_BIN}/{t} missing"
+                    log(f"SKIP measurement {m}: {skipped_measurements[m]}")
+
+        certs: dict[str, CertFiles] = {}
+        if any(m in measurements for m in TLS_MEASUREMENTS):
+            try:
+                certs = make_certs(tmp)
+                log("certificates: " + ", ".join(f"{c.label} CA + leaf for {TLS_SNI}" for c in certs.values()))
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                for m in TLS_MEASUREMENTS:
                     if m in measurements:
                         measurements.remove(m)
-                        skipped_measurements[m] = f"{TOOLS_BIN}/{t} missing"
+                        skipped_measurements[m] = f"could not make certificates: {e}"
                         log(f"SKIP measurement {m}: {skipped_measurements[m]}")
 
         all_c: dict[str, Contender] = {
@@ -1447,12 +2049,23 @@ def main(argv=None) -> int:
             "haproxy-splice": HAProxy(tmp, fd_hard, splice=True),
             "nginx": Nginx(tmp, fd_hard),
             "socat": Socat(tmp, fd_hard),
+            "direct-tls": DirectTls(tmp, fd_hard),
+            "stunnel": Stunnel(tmp, fd_hard),
+            "hitch": Hitch(tmp, fd_hard),
         }
+        any_plain = any(m not in TLS_MEASUREMENTS for m in measurements)
+        any_tls = any(m in TLS_MEASUREMENTS for m in measurements)
         contenders: list[Contender] = []
         skipped: dict[str, str] = {}
         versions: dict[str, str] = {}
+        tls_libs: dict[str, str] = {}
         for name in args.contenders:
             c = all_c[name]
+            if not ((c.plain and any_plain) or (c.tls and any_tls)):
+                # e.g. stunnel with only plain measurements: nothing to run it in
+                hint = " (the TLS measurements' no-proxy path is contender direct-tls)" if name == "direct" else ""
+                log(f"contender {name}: none of the selected measurements applies to it{hint}")
+                continue
             why = c.available()
             if why:
                 skipped[name] = why
@@ -1462,6 +2075,10 @@ def main(argv=None) -> int:
                 v = c.version()
                 if v:
                     versions[name] = v
+                if c.tls and any_tls:
+                    lib = c.tls_library()
+                    if lib:
+                        tls_libs[name] = lib
         versions.update({k: v for k, v in tool_versions().items() if v})
         if args.ferry_baseline and os.path.exists(FERRY_BIN) and os.path.samefile(args.ferry_baseline, FERRY_BIN):
             log("WARNING: --ferry-baseline is target/release/ferry itself: ferry-base measures the same binary")
@@ -1478,12 +2095,14 @@ def main(argv=None) -> int:
             "contenders": [c.name for c in contenders],
             "skipped_contenders": skipped,
             "versions": versions,
+            "tls_libraries": tls_libs,
+            "tls_certificates": {v: c.info() for v, c in certs.items()},
             "rounds": {},
             "median": {},
             "errors": [],
             "complete": False,
         }
-        bench = Bench(args, prof, tmp, contenders)
+        bench = Bench(args, prof, tmp, contenders, certs)
         try:
             for m in list(measurements):
                 t0 = time.monotonic()
@@ -1518,7 +2137,7 @@ def main(argv=None) -> int:
               f"nproc {result['machine']['nproc']}, medians)\n")
         print("`÷ X` columns are this contender's value divided by X's (for throughput higher is "
               "better, for CPU, memory and latency lower is better).\n")
-        print(render(result["median"], order))
+        print(render(result["median"], order, result["rounds"]))
         if skipped:
             print("Skipped contenders:")
             for k, v in skipped.items():

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install the benchmark's Debian packages (idempotent). Run as root (or with sudo).
-#   haproxy, nginx + stream module, redis (redis-server, redis-benchmark), iperf3, socat
+#   haproxy, nginx + stream module, redis (redis-server, redis-benchmark), iperf3, socat,
+#   openssl (certificates for the TLS measurements), stunnel4 and hitch (TLS terminators)
 set -euo pipefail
 
-PKGS=(haproxy nginx libnginx-mod-stream redis-server redis-tools iperf3 socat iproute2)
+PKGS=(haproxy nginx libnginx-mod-stream redis-server redis-tools iperf3 socat iproute2 openssl)
+# TLS terminators measured by the tls-* measurements: the harness skips them if absent,
+# so a failed install of these is a warning, not an error.
+OPTIONAL_PKGS=(stunnel4 hitch)
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -38,7 +42,31 @@ else
     timeout 1800 $SUDO "${APT[@]}" install -y --no-install-recommends "${missing[@]}"
 fi
 
-for b in haproxy nginx redis-server redis-benchmark iperf3 socat; do
+opt_missing=()
+for p in "${OPTIONAL_PKGS[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        opt_missing+=("$p")
+    fi
+done
+if [ "${#opt_missing[@]}" -gt 0 ]; then
+    echo "setup.sh: installing (optional): ${opt_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    APT=(apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
+    if [ "${#missing[@]}" -eq 0 ]; then timeout 900 $SUDO "${APT[@]}" update || true; fi
+    # Keep package installs from starting the services (stunnel4, hitch ship units).
+    opt_policy_added=0
+    if [ ! -e /usr/sbin/policy-rc.d ] && [ -z "$SUDO" ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        opt_policy_added=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    timeout 1800 $SUDO "${APT[@]}" install -y --no-install-recommends "${opt_missing[@]}" \
+        || echo "setup.sh: WARNING: could not install ${opt_missing[*]}; the harness skips those contenders" >&2
+    if [ "$opt_policy_added" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+for b in haproxy nginx redis-server redis-benchmark iperf3 socat openssl; do
     if ! command -v "$b" >/dev/null 2>&1; then
         echo "setup.sh: $b still missing after install" >&2
         exit 1
@@ -47,4 +75,7 @@ done
 ls /usr/lib/nginx/modules/ngx_stream_module.so >/dev/null 2>&1 \
     || dpkg -L libnginx-mod-stream | grep -q 'ngx_stream_module.so' \
     || { echo "setup.sh: nginx stream module not found" >&2; exit 1; }
+for b in stunnel4 hitch; do
+    command -v "$b" >/dev/null 2>&1 || echo "setup.sh: WARNING: $b missing (its tls contender is skipped)" >&2
+done
 echo "setup.sh: ok"

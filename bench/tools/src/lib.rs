@@ -6,6 +6,52 @@ use std::os::fd::AsRawFd;
 
 use tokio::net::{TcpSocket, TcpStream};
 
+pub mod tls;
+
+/// The upload protocol of `tlsbulk` and `echo --mode sink`: frames of a 4-byte
+/// big-endian length followed by that many bytes. A zero-length frame ends the upload:
+/// the sink answers with the payload bytes it received on the connection so far, as an
+/// 8-byte big-endian integer (the client's proof that everything arrived, and its clock
+/// stop). The frame headers cost the sink a few instructions per frame, no scan of the data.
+#[derive(Default)]
+pub struct SinkParser {
+    remaining: u64,
+    hdr: [u8; 4],
+    hdr_len: usize,
+    /// Payload bytes received so far.
+    pub payload: u64,
+}
+
+impl SinkParser {
+    /// Consume `data`; returns how many end frames it held (each wants a reply).
+    pub fn feed(&mut self, mut data: &[u8]) -> usize {
+        let mut ends = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= take as u64;
+                self.payload += take as u64;
+                data = &data[take..];
+                continue;
+            }
+            let take = (4 - self.hdr_len).min(data.len());
+            self.hdr[self.hdr_len..self.hdr_len + take].copy_from_slice(&data[..take]);
+            self.hdr_len += take;
+            data = &data[take..];
+            if self.hdr_len == 4 {
+                self.hdr_len = 0;
+                let len = u32::from_be_bytes(self.hdr) as u64;
+                if len == 0 {
+                    ends += 1;
+                } else {
+                    self.remaining = len;
+                }
+            }
+        }
+        ends
+    }
+}
+
 /// Raise the soft RLIMIT_NOFILE to the hard limit. Returns the new soft limit.
 pub fn raise_nofile() -> io::Result<u64> {
     let mut lim = libc::rlimit {
