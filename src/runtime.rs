@@ -863,7 +863,7 @@ fn warn_expiry(listener: &str, t: &ServerTls) {
         if left <= 0 {
             tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate has expired");
         } else if left < EXPIRY_WARNING {
-            tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate expires in {} day(s)", left / 86400);
+            tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate expires in {}", crate::tls::certs::time_left(&c.info));
         }
     }
 }

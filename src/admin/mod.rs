@@ -301,7 +301,8 @@ pub fn status(shared: &Shared) -> Value {
                             "names": c.info.names,
                             "not_before": rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.info.not_before.max(0) as u64)),
                             "not_after": rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.info.not_after.max(0) as u64)),
-                            "expires_in_days": crate::tls::certs::seconds_left(&c.info) / 86400,
+                            // Whole days, rounded down: -1 once expired.
+                            "expires_in_days": crate::tls::certs::seconds_left(&c.info).div_euclid(86400),
                         })).collect::<Vec<_>>(),
                     }),
                 ),

@@ -940,6 +940,8 @@ fn ca_file(
 
 /// `tls` of a `mode = "tls"` listener.
 fn listen_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<TlsListen> {
+    // Given but failed to load (already reported), or not given at all.
+    let top_given = t.get("cert").is_some() || t.get("key").is_some();
     let top = cert_files(cx, &t, base);
     let mut certs = Vec::new();
     let mut certs_ok = true;
@@ -1042,6 +1044,7 @@ fn listen_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<TlsListen>
     }
     let default_cert = match top {
         Some(c) => c,
+        None if top_given => return None,
         None if !certs.is_empty() => certs[0].1.clone(),
         None => {
             cx.err(

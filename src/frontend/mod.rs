@@ -71,24 +71,25 @@ pub async fn handshake(
         client_permit,
         sni: None,
         sock: Some(sock),
+        tls_started: false,
     };
     let started = Instant::now();
     let r = tokio::time::timeout(l.handshake_timeout, run(l, &mut state)).await;
     let refusal = match r {
         Ok(Ok(a)) => return Ok(a),
         Ok(Err(refusal)) => refusal,
-        Err(_) => {
-            if matches!(l.front, FrontEnd::Tls(_)) {
-                l.stats
-                    .tls_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            Refusal::handshake(format!(
-                "handshake not complete within {:?}",
-                l.handshake_timeout
-            ))
-        }
+        Err(_) => Refusal::handshake(format!(
+            "handshake not complete within {:?}",
+            l.handshake_timeout
+        )),
     };
+    // On a TLS listener, every failure from the ClientHello on is a failed TLS handshake
+    // (a PROXY header or admission failure before it is not).
+    if state.tls_started && refusal.stage == Stage::Handshake {
+        l.stats
+            .tls_failed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::debug!(listener = %l.name, client = %state.peer, took = ?started.elapsed(), "front-end handshake failed: {}", refusal.reason.as_deref().unwrap_or(refusal.outcome.as_str()));
     // A socket still here was not handed to a TLS session (which closes its own): reset
     // it, as every refused connection is.
@@ -110,6 +111,8 @@ struct State {
     sni: Option<Box<str>>,
     /// The client socket until a stream owns it.
     sock: Option<Sock>,
+    /// A TLS listener has started reading the ClientHello.
+    tls_started: bool,
 }
 
 async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
@@ -176,6 +179,7 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
             })
         }
         FrontEnd::Tls(tls) => {
+            st.tls_started = true;
             let started = Instant::now();
             let mut bytes = Vec::new();
             let h = hello::read(sock, &mut bytes).await?.ok_or_else(|| {
@@ -186,12 +190,7 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 .sock
                 .take()
                 .ok_or_else(|| Refusal::handshake("no socket"))?;
-            let fail = |reason: String| {
-                l.stats
-                    .tls_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Refusal::handshake(reason)
-            };
+            let fail = Refusal::handshake;
             let mut t = Box::new(
                 TlsStream::server(sock, tls.config.clone(), bytes).map_err(|e| fail(e.0))?,
             );

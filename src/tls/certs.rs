@@ -176,6 +176,16 @@ pub fn covers(ck: &CertKey, name: &str) -> bool {
     ee.verify_is_valid_for_subject_name(&server_name).is_ok()
 }
 
+/// How long until `not_after`, as an operator reads it: "5 day(s)", "12 hour(s)".
+pub fn time_left(info: &CertInfo) -> String {
+    let left = seconds_left(info);
+    if left >= 2 * 86400 {
+        format!("{} day(s)", left / 86400)
+    } else {
+        format!("{} hour(s)", left.max(0) / 3600)
+    }
+}
+
 /// Seconds from now until `not_after` (negative once expired).
 pub fn seconds_left(info: &CertInfo) -> i64 {
     let now = std::time::SystemTime::now()

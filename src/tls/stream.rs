@@ -398,6 +398,12 @@ impl TlsStream {
             let done = match ev {
                 Event::Writable => !self.conn.common().is_handshaking(),
                 Event::NeedInput => false,
+                // The peer finished the handshake and closed its side in the same flight
+                // (data in between is in the stash): a complete session, already at EOF.
+                Event::PeerClosed | Event::Closed if !self.conn.common().is_handshaking() => {
+                    self.peer_closed = true;
+                    true
+                }
                 Event::PeerClosed | Event::Closed => {
                     return Err(TlsError("closed by the peer during the handshake".into()));
                 }

@@ -121,7 +121,6 @@ pub struct ClientOpts<'a> {
     pub config: Option<Arc<rustls::ClientConfig>>,
 }
 
-
 /// A rustls client config for `o` (ring provider), reusable to resume sessions.
 pub fn client_config(o: &ClientOpts<'_>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
@@ -181,7 +180,10 @@ pub fn self_signed(names: &[&str]) -> Leaf {
     let mut params =
         CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, names.first().copied().unwrap_or("self-signed"));
+    dn.push(
+        DnType::CommonName,
+        names.first().copied().unwrap_or("self-signed"),
+    );
     params.distinguished_name = dn;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate().unwrap();
@@ -210,4 +212,136 @@ pub fn client_hello(sni: Option<&str>, alpn: &[&str]) -> Vec<u8> {
         conn.write_tls(&mut out).unwrap();
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// Additions for tests/tls.rs: clients that see which certificate a server picked, clients
+// limited to some protocol versions, and a handshake on a socket the caller connected.
+
+/// A server-certificate verifier that accepts any certificate (the handshake's signatures
+/// are still checked): for a test that looks at which certificate it was served.
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A rustls client config for `o` with only `versions` enabled and, with `any_server`, a
+/// verifier that accepts any server certificate (`o.roots` is then unused).
+pub fn client_config_with(
+    o: &ClientOpts<'_>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    any_server: bool,
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap();
+    let b = if any_server {
+        b.dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for pem in o.roots {
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+        }
+        b.with_root_certificates(roots)
+    };
+    let mut cfg = match o.client_cert {
+        Some(l) => b
+            .with_client_auth_cert(vec![l.cert_der()], l.key_der())
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = o.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// A rustls client config for `o` (TLS 1.2 and 1.3) that accepts any server certificate.
+pub fn client_config_any_server(o: &ClientOpts<'_>) -> Arc<rustls::ClientConfig> {
+    client_config_with(o, &[&rustls::version::TLS13, &rustls::version::TLS12], true)
+}
+
+/// Completes a TLS handshake on `sock`, already connected (so the caller knows its local
+/// address even when the handshake fails). Every wait is bounded by `timeout`.
+pub fn tls_handshake(
+    sock: TcpStream,
+    o: &ClientOpts<'_>,
+    timeout: Duration,
+) -> Result<Tls, String> {
+    let cfg = o.config.clone().unwrap_or_else(|| client_config(o));
+    let name = match o.sni {
+        Some(n) => ServerName::try_from(n.to_string()).unwrap(),
+        None => ServerName::IpAddress(sock.peer_addr().map_err(|e| e.to_string())?.ip().into()),
+    };
+    sock.set_read_timeout(Some(timeout)).unwrap();
+    sock.set_write_timeout(Some(timeout)).unwrap();
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
+    }
+    Ok(s)
+}
+
+impl Ca {
+    /// An intermediate CA named `name`, signed by this one. A server certificate it issues
+    /// verifies against this CA only if the server sends the intermediate too (its PEM,
+    /// [`Ca::pem`], after the leaf in the certificate file).
+    pub fn intermediate(&self, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        Ca {
+            issuer: CertifiedIssuer::signed_by(params, key, &self.issuer).unwrap(),
+        }
+    }
 }
