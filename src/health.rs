@@ -137,6 +137,8 @@ pub async fn check_once(
                 let mut t =
                     TlsStream::client(s, tls.config.clone(), name).map_err(|e| e.to_string())?;
                 t.handshake().await.map_err(|e| e.to_string())?;
+                // Bounded by the check's own timeout around all of this.
+                t.confirm(cfg.timeout).await.map_err(|e| e.to_string())?;
                 if let Some(send) = &cfg.send {
                     t.send(send).await.map_err(|e| format!("send: {e}"))?;
                 }

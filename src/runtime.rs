@@ -73,6 +73,9 @@ struct Live {
 
 struct LiveListener {
     cfg: config::Listener,
+    /// The upstreams its default route and routes name (the config holds indices, which a
+    /// reload may shuffle).
+    targets: Vec<String>,
     /// Its TLS settings (mode tls), with the session-resumption state they carry.
     tls: Option<Arc<ServerTls>>,
     slot: Slot,
@@ -336,6 +339,7 @@ impl Shared {
         }
         LiveListener {
             cfg: lc.clone(),
+            targets: targets(&live.cfg, lc),
             tls,
             slot,
             stats,
@@ -382,7 +386,10 @@ impl Shared {
         let pool_of = |i: usize| live.pools[&live.cfg.upstreams[i].name].pool.clone();
         // Route counts carry over a reload that leaves the routes as they were.
         let keep_hits = prev
-            .filter(|p| p.cfg.routes == lc.routes && p.cfg.upstream == lc.upstream)
+            .filter(|p| {
+                unindexed(&p.cfg).routes == unindexed(lc).routes
+                    && p.targets == targets(&live.cfg, lc)
+            })
             .map(|p| p.slot.load().router.hits());
         let router = Router::new(&lc.routes, lc.upstream.map(pool_of), pool_of, keep_hits);
         let front = match (&lc.mode, tls) {
@@ -636,13 +643,15 @@ impl Shared {
                     p.gate.set_max(lc.max_connections.unwrap_or(usize::MAX));
                     let clients = ctx.clients.clone();
                     p.slot.store(Arc::new(ctx));
-                    if p.cfg != *lc {
+                    let new_targets = targets(&cfg, lc);
+                    if unindexed(&p.cfg) != unindexed(lc) || p.targets != new_targets {
                         changes.push(format!("listener {:?} changed", lc.name));
                     }
                     listeners.insert(
                         lc.name.clone(),
                         LiveListener {
                             cfg: lc.clone(),
+                            targets: new_targets,
                             clients,
                             tls: server_tls,
                             ..p
@@ -833,19 +842,20 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
         let t = match prev {
             Some(t) => t,
             None => {
-                if !spec.verify {
-                    tracing::warn!(upstream = %u.name, "tls.verify = false: the servers' certificates are not checked; anyone on the path can impersonate them");
-                }
-                if let Some(w) = spec
-                    .client_cert
-                    .as_ref()
-                    .and_then(|c| crate::tls::certs::key_file_warning(&c.key))
-                {
-                    tracing::warn!(upstream = %u.name, "{w}");
-                }
                 Arc::new(ClientTls::new(spec).map_err(|e| format!("upstream {:?}: {e}", u.name))?)
             }
         };
+        // At start and at every reload, changed or not.
+        if !spec.verify {
+            tracing::warn!(upstream = %u.name, "tls.verify = false: the servers' certificates are not checked; anyone on the path can impersonate them");
+        }
+        if let Some(w) = spec
+            .client_cert
+            .as_ref()
+            .and_then(|c| crate::tls::certs::key_file_warning(&c.key))
+        {
+            tracing::warn!(upstream = %u.name, "{w}");
+        }
         upstreams.insert(u.name.clone(), t);
     }
     Ok(TlsSet {
@@ -866,4 +876,22 @@ fn warn_expiry(listener: &str, t: &ServerTls) {
             tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate expires in {}", crate::tls::certs::time_left(&c.info));
         }
     }
+}
+
+/// The upstreams a listener's default route and routes go to, by name, in order.
+fn targets(cfg: &Config, lc: &config::Listener) -> Vec<String> {
+    let name = |i: usize| cfg.upstreams[i].name.clone();
+    std::iter::once(lc.upstream.map(name).unwrap_or_default())
+        .chain(lc.routes.iter().map(|r| name(r.upstream)))
+        .collect()
+}
+
+/// A listener's settings without the upstream indices (compared by name, see [`targets`]).
+fn unindexed(lc: &config::Listener) -> config::Listener {
+    let mut l = lc.clone();
+    l.upstream = None;
+    for r in &mut l.routes {
+        r.upstream = 0;
+    }
+    l
 }

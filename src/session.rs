@@ -102,8 +102,20 @@ pub async fn serve(
         client,
         front,
         client_permit,
+        replayed,
     } = set_up;
     let server = upstream.guard.server().clone();
+    // Bytes the front end read (a ClientHello to route on) went to the server in the
+    // connect stage: they count as relayed, like everything after them.
+    if replayed > 0 {
+        l.stats
+            .bytes_up
+            .fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
+        server
+            .stats
+            .bytes_up
+            .fetch_add(replayed, std::sync::atomic::Ordering::Relaxed);
+    }
     let upstream_name = front.upstream.as_deref();
     let connect_time = upstream.connect_time;
     let base = |result| {
@@ -128,7 +140,7 @@ pub async fn serve(
     let mut report = |up: u64, down: u64| {
         let mut rec = base(Outcome::Open);
         rec.event = Some("progress");
-        rec.bytes_up = up;
+        rec.bytes_up = replayed + up;
         rec.bytes_down = down;
         rec.duration_ms = start.elapsed();
         l.access_log.write(&rec);
@@ -153,7 +165,7 @@ pub async fn serve(
     rec.server = Some(server.addr);
     rec.connect_ms = Some(connect_time);
     front.describe(&mut rec);
-    rec.bytes_up = r.bytes_up;
+    rec.bytes_up = replayed + r.bytes_up;
     rec.bytes_down = r.bytes_down;
     rec.reason = r.reason.as_deref();
     rec.duration_ms = start.elapsed();
@@ -201,6 +213,8 @@ struct Connected {
     client: Stream,
     front: Front,
     client_permit: Option<ClientPermit>,
+    /// Bytes read from the client before the relay and sent to the server at connect.
+    replayed: u64,
 }
 
 struct SetUpFailed {
@@ -287,6 +301,7 @@ async fn set_up(
             client: a.stream,
             front,
             client_permit: a.client_permit,
+            replayed: a.replay.len() as u64,
         }),
         Err(refusal) => {
             close(a.stream);

@@ -791,6 +791,20 @@ fn route(
     span: Range<usize>,
     upstream_ref: &dyn Fn(&mut Cx<'_>, &Val<'_>) -> Option<usize>,
 ) -> Option<Route> {
+    // An empty list would never match (and `sni = []` would still make a tcp listener
+    // wait for a ClientHello): refused.
+    for key in ["sni", "alpn", "source", "port"] {
+        if let Some(v) = t.get(key)
+            && matches!(v.get_ref(), DeValue::Array(a) if a.is_empty())
+        {
+            cx.err(
+                v.span(),
+                format!(
+                    "`{key}` is empty: a route's `{key}` needs at least one value (or leave it out)"
+                ),
+            );
+        }
+    }
     let sni = t.get("sni").map(|v| {
         str_list(cx, "sni", v)
             .into_iter()

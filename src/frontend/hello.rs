@@ -20,7 +20,7 @@ pub async fn read(sock: &Sock, buf: &mut Vec<u8>) -> Result<Option<ClientHello>,
             Parsed::Incomplete => {}
         }
         if buf.len() >= client_hello::MAX_LEN {
-            return Err(Refusal::handshake("ClientHello too long"));
+            return Err(Refusal::handshake("bad ClientHello: ClientHello too long"));
         }
         let n = read_some(sock, buf, client_hello::MAX_LEN - buf.len())
             .await

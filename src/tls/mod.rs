@@ -214,12 +214,15 @@ impl ClientTls {
             }
             builder.with_root_certificates(roots)
         };
-        let mut config = match &spec.client_cert {
-            Some(c) => builder
-                .with_client_auth_cert(c.loaded.chain.clone(), c.loaded.key().clone_key())
-                .map_err(|e| format!("{}: {e}", c.key.display()))?,
-            None => builder.with_no_client_auth(),
+        // Always our resolver, with or without a certificate: it tells the session that the
+        // server asked for one (see `stream::TlsStream::confirm`).
+        let resolver = ClientCertResolver {
+            key: spec
+                .client_cert
+                .as_ref()
+                .map(|c| c.loaded.certified.clone()),
         };
+        let mut config = builder.with_client_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = spec.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let sni = match &spec.sni {
             Some(s) => {
@@ -249,6 +252,38 @@ impl ClientTls {
             Err(_) => ServerName::try_from(host.to_string())
                 .unwrap_or_else(|_| ServerName::IpAddress(ip.into())),
         }
+    }
+}
+
+thread_local! {
+    /// Set when a server asks this thread's TLS client for a certificate: a handshake is
+    /// driven synchronously on one thread, so the session reads it right after each step.
+    static CERT_ASKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a server asked for a client certificate since the last call (and forgets it).
+pub(crate) fn take_cert_asked() -> bool {
+    CERT_ASKED.with(|c| c.replace(false))
+}
+
+/// The upstream's client certificate, if any, and a note that the server asked for one.
+#[derive(Debug)]
+struct ClientCertResolver {
+    key: Option<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::client::ResolvesClientCert for ClientCertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        CERT_ASKED.with(|c| c.set(true));
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
     }
 }
 

@@ -120,6 +120,8 @@ pub struct TlsStream {
     closing: bool,
     /// The socket had urgent data (see `relay`): short reads prove nothing.
     urgent: bool,
+    /// Client side: the server asked for our certificate during the handshake.
+    cert_asked: bool,
 }
 
 /// What one `process_tls_records` call came to.
@@ -299,6 +301,7 @@ impl TlsStream {
             peer_closed: false,
             closing: false,
             urgent: false,
+            cert_asked: false,
         }
     }
 
@@ -395,6 +398,9 @@ impl TlsStream {
             self.stash.extend_from_slice(&stash);
             buf.drain(..consumed);
             self.inbox = buf;
+            if matches!(self.conn, Conn::Client(_)) && super::take_cert_asked() {
+                self.cert_asked = true;
+            }
             let done = match ev {
                 Event::Writable => !self.conn.common().is_handshaking(),
                 Event::NeedInput => false,
@@ -462,6 +468,51 @@ impl TlsStream {
     /// Writes all of `outbox`, waiting for room.
     async fn flush_all(&mut self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Client side, after the handshake: in TLS 1.3 a server judges our certificate only
+    /// after our last handshake message, so a handshake that looks complete may still be
+    /// refused with an alert. When the server asked for a certificate, wait (within the
+    /// caller's bound) for what it sends first: a session ticket or data means it took us
+    /// (data stays for the relay), an alert that it did not. No answer in time is taken as
+    /// acceptance (a server that sends no ticket and waits for the client).
+    pub async fn confirm(&mut self, within: std::time::Duration) -> Result<(), TlsError> {
+        let tls13 = self.conn.common().protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        if !(self.cert_asked && tls13) {
+            return Ok(());
+        }
+        let mut got = Vec::new();
+        let wait = std::future::poll_fn(|cx| {
+            loop {
+                let r = self.poll_read(cx, &mut |d| {
+                    got.extend_from_slice(d);
+                    true
+                });
+                match r {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(ReadEnd::Again) => {}
+                    Poll::Ready(ReadEnd::Moved) => return Poll::Ready(Ok(())),
+                    Poll::Ready(ReadEnd::Eof) => {
+                        return Poll::Ready(Err(TlsError(
+                            "the server closed right after the handshake".into(),
+                        )));
+                    }
+                    Poll::Ready(ReadEnd::Failed(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(ReadEnd::Reset) => {
+                        return Poll::Ready(Err(TlsError(
+                            "the server reset the connection after the handshake".into(),
+                        )));
+                    }
+                }
+            }
+        });
+        let r = tokio::time::timeout(within, wait).await.unwrap_or(Ok(()));
+        if !got.is_empty() {
+            // Data the server sent first belongs before anything read later.
+            got.extend_from_slice(&self.stash);
+            self.stash = got;
+        }
+        r
     }
 
     /// What the handshake settled. Call after [`TlsStream::handshake`].

@@ -108,14 +108,24 @@ pub async fn connect(
                 // The server took bytes of the client's: no retry.
                 return Err(fail(Some(server.addr), Outcome::ServerReset, Some(reason)));
             }
-            Err(Opening::Connect(e)) => {
+            Err(e @ (Opening::Connect(_) | Opening::TlsTimeout)) => {
                 pool.connect_failed(&server);
                 let failure = match e {
-                    ConnectError::Timeout => (
+                    Opening::Connect(ConnectError::Timeout) => (
                         Outcome::ConnectTimeout,
                         format!("no connection within {:?}", pool.connect_timeout),
                     ),
-                    ConnectError::Failed(e) => (Outcome::ConnectFailed, e.to_string()),
+                    Opening::TlsTimeout => (
+                        Outcome::ConnectTimeout,
+                        format!(
+                            "TLS handshake not complete within {:?}",
+                            pool.connect_timeout
+                        ),
+                    ),
+                    Opening::Connect(ConnectError::Failed(e)) => {
+                        (Outcome::ConnectFailed, e.to_string())
+                    }
+                    Opening::Sent(r) => (Outcome::ServerReset, r),
                 };
                 tracing::debug!(upstream = %pool.name, server = %server.addr, "connect failed: {}", failure.1);
                 last_failure = Some(failure);
@@ -135,6 +145,8 @@ enum Opening {
     Connect(ConnectError),
     /// After the client's bytes went out.
     Sent(String),
+    /// The TCP connection was made, the TLS handshake did not finish in time.
+    TlsTimeout,
 }
 
 impl From<ConnectError> for Opening {
@@ -181,11 +193,15 @@ async fn open(
     let name = tls.server_name(&server.configured, server.addr.ip());
     let mut t =
         Box::new(TlsStream::client(sock, tls.config.clone(), name).map_err(|e| failed(e.0))?);
+    let started = Instant::now();
     match tokio::time::timeout(pool.connect_timeout, t.handshake()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(failed(e.0)),
-        Err(_) => return Err(Opening::Connect(ConnectError::Timeout)),
+        Err(_) => return Err(Opening::TlsTimeout),
     }
+    // A TLS 1.3 server that asked for our certificate may still refuse it.
+    let left = pool.connect_timeout.saturating_sub(started.elapsed());
+    t.confirm(left).await.map_err(|e| failed(e.0))?;
     if !client.replay.is_empty() {
         t.write_plain(client.replay)
             .map_err(|e| Opening::Sent(e.0))?;
