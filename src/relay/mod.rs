@@ -81,6 +81,9 @@ const READS_PER_POLL: usize = 16;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
+    /// The plaintext of the TLS records one read brings, written on in one go (one
+    /// `send` for several 16 KiB records).
+    static BATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(2 * CHUNK));
 }
 
 /// How a relay ended.
@@ -118,13 +121,6 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn has_output(&self) -> bool {
-        match self {
-            Stream::Plain(_) => false,
-            Stream::Tls(t) => t.has_output(),
-        }
-    }
-
     /// Closes with a reset (a peer's reset passed on).
     fn reset(self) {
         match self {
@@ -553,19 +549,28 @@ impl Half {
                     }
                 }
                 Stream::Tls(tls) => {
-                    let mut fail = None;
-                    let mut deliver = |plain: &[u8]| {
-                        self.count(plain.len(), meter);
-                        if let Err(f) = self.deliver(plain, to) {
-                            fail = Some(f);
-                            return false;
+                    // One read's records (at most one `recv`, 64 KiB and a partial record),
+                    // gathered and written on together.
+                    let r = BATCH.with_borrow_mut(|batch| {
+                        batch.clear();
+                        let r = tls.poll_read(cx, &mut |plain: &[u8]| {
+                            batch.extend_from_slice(plain);
+                            true
+                        });
+                        if !batch.is_empty() {
+                            self.count(batch.len(), meter);
+                            self.deliver(batch, to)?;
                         }
-                        matches!(self.pending, Pending::None) && !to.has_output()
+                        if batch.capacity() > 4 * CHUNK {
+                            // Grown by a large stash: do not keep that.
+                            *batch = Vec::with_capacity(2 * CHUNK);
+                        }
+                        Ok(r)
+                    });
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(f) => return Poll::Ready(Err(f)),
                     };
-                    let r = tls.poll_read(cx, &mut deliver);
-                    if let Some(f) = fail {
-                        return Poll::Ready(Err(f));
-                    }
                     match ready!(r) {
                         ReadEnd::Moved => Step::Moved,
                         ReadEnd::Eof => Step::Eof,
