@@ -5,50 +5,6 @@ mod common;
 
 use common::*;
 
-/// Runs `ferry check --config` on `text`; returns the exit code, the config's path and
-/// the error lines (those starting with the path).
-fn check(text: &str) -> (Option<i32>, String, Vec<String>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_file(dir.path(), "ferry.toml", text);
-    let path = path.display().to_string();
-    let out = run_ferry(&["check", "--config", &path]);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let errors = stderr
-        .lines()
-        .filter(|l| l.starts_with(&format!("{path}:")))
-        .map(str::to_string)
-        .collect();
-    (out.status.code(), path, errors, stderr)
-}
-
-/// Asserts that `text` fails the check with exactly `expected` (`line:col: message`
-/// each, without the file name), in this order.
-#[track_caller]
-fn assert_errors(text: &str, expected: &[&str]) {
-    let (code, path, errors, stderr) = check(text);
-    assert_eq!(code, Some(1), "exit code; stderr:\n{stderr}");
-    assert_eq!(
-        errors.len(),
-        expected.len(),
-        "number of errors; stderr:\n{stderr}"
-    );
-    for (got, want) in errors.iter().zip(expected) {
-        // A trailing `…` stands for a list that grows with every feature (the keys a table
-        // accepts): the text up to it must match exactly.
-        match want.strip_suffix('…') {
-            Some(prefix) => assert!(
-                got.starts_with(&format!("{path}:{prefix}")),
-                "expected {path}:{want}\n     got {got}\nstderr:\n{stderr}"
-            ),
-            None => assert_eq!(*got, format!("{path}:{want}"), "stderr:\n{stderr}"),
-        }
-    }
-    assert!(
-        stderr.contains(&format!("ferry: {} error(s) in {path}", expected.len())),
-        "no error count; stderr:\n{stderr}"
-    );
-}
-
 const GOOD: &str = r#"[global]
 max_connections = 1000
 drain_timeout = "5s"
@@ -104,7 +60,7 @@ fn good_config() {
 
 #[test]
 fn unknown_key() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -119,7 +75,7 @@ servers = ["127.0.0.1:9000"]
             "5:1: unknown key `colour` in [[listener]]; expected one of: name, listen, mode, upstream, idle_timeout, max_connections, reuse_port…",
         ],
     );
-    assert_errors(
+    assert_check_errors(
         r#"[global]
 max_conections = 10
 
@@ -140,7 +96,7 @@ servers = ["127.0.0.1:9000"]
 
 #[test]
 fn bad_address() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:99999"
@@ -167,7 +123,7 @@ servers = ["127.0.0.1:9000", "127.0.0.300:9001", "::1:9002", "nohost"]
 
 #[test]
 fn bad_duration() {
-    assert_errors(
+    assert_check_errors(
         r#"[global]
 drain_timeout = "10"
 
@@ -192,7 +148,7 @@ connect_timeout = 5
 
 #[test]
 fn listener_names_missing_upstream() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -208,7 +164,7 @@ servers = ["127.0.0.1:9000"]
 
 #[test]
 fn duplicate_names() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -236,7 +192,7 @@ servers = ["127.0.0.1:9001"]
 
 #[test]
 fn empty_server_list() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -252,7 +208,7 @@ servers = []
 
 #[test]
 fn two_listeners_on_one_address() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "a"
 listen = ["127.0.0.1:8080", "127.0.0.1:0"]
@@ -274,7 +230,7 @@ servers = ["127.0.0.1:9000"]
 
 #[test]
 fn toml_syntax_error() {
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web
 listen = "127.0.0.1:8080"
@@ -287,7 +243,7 @@ listen = "127.0.0.1:8080"
 fn not_supported_yet() {
     // SPEC keys this build does not implement yet get their own message, not "unknown key".
     // (Update this test as they land.)
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -310,7 +266,7 @@ servers = ["127.0.0.1:9000"]
 fn error_in_upstream_does_not_cascade() {
     // The upstream "pool" is defined; only its `balance` is wrong. The listener naming it
     // must not also get "which is not defined".
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -331,7 +287,7 @@ balance = "fastest"
 fn listener_with_error_still_counts_for_duplicates() {
     // The first listener "web" has an error; the second one with the same name is still a
     // duplicate, and `check` reports every error at once.
-    assert_errors(
+    assert_check_errors(
         r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
@@ -356,7 +312,7 @@ servers = ["127.0.0.1:9000"]
 
 #[test]
 fn many_errors_in_one_run() {
-    assert_errors(
+    assert_check_errors(
         r#"[global]
 workers = -1
 drain_timeout = "soon"
@@ -392,7 +348,7 @@ connect_timeout = "3 fortnights"
 
 #[test]
 fn no_listener() {
-    assert_errors(
+    assert_check_errors(
         "[[upstream]]\nname = \"pool\"\nservers = [\"127.0.0.1:9000\"]\n",
         &["1:1: the config has no [[listener]]: there is nothing to serve"],
     );
@@ -407,7 +363,7 @@ fn check_without_config_exits_1() {
 
 #[test]
 fn pipe_size_out_of_range() {
-    assert_errors(
+    assert_check_errors(
         r#"[global]
 pipe_size = "1KiB"
 

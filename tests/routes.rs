@@ -1425,36 +1425,6 @@ upstream = "h"
 // ---------------------------------------------------------------------------------------
 // 9. Config errors.
 
-/// Runs `ferry check --config` on `text`; returns the exit code, the config's path, the
-/// error lines (those starting with the path) and all of stderr.
-fn check(text: &str) -> (Option<i32>, String, Vec<String>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_file(dir.path(), "ferry.toml", text);
-    let path = path.display().to_string();
-    let out = run_ferry(&["check", "--config", &path]);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let errors = stderr
-        .lines()
-        .filter(|l| l.starts_with(&format!("{path}:")))
-        .map(str::to_string)
-        .collect();
-    (out.status.code(), path, errors, stderr)
-}
-
-/// Asserts that `text` fails the check with exactly `expected` (`line:col: message` each,
-/// without the file name), in this order.
-#[track_caller]
-fn assert_errors(text: &str, expected: &[&str]) {
-    let (code, path, errors, stderr) = check(text);
-    assert_eq!(code, Some(1), "exit code; stderr:\n{stderr}");
-    let want: Vec<String> = expected.iter().map(|e| format!("{path}:{e}")).collect();
-    assert_eq!(errors, want, "stderr:\n{stderr}");
-    assert!(
-        stderr.contains(&format!("ferry: {} error(s) in {path}", expected.len())),
-        "no error count; stderr:\n{stderr}"
-    );
-}
-
 const POOL: &str = r#"
 [[upstream]]
 name = "pool"
@@ -1463,7 +1433,7 @@ servers = ["127.0.0.1:9000"]
 
 #[test]
 fn route_without_a_matcher() {
-    assert_errors(
+    assert_check_errors(
         &format!(
             r#"[[listener]]
 name = "web"
@@ -1482,7 +1452,7 @@ upstream = "pool"
 
 #[test]
 fn route_names_an_undefined_upstream() {
-    assert_errors(
+    assert_check_errors(
         &format!(
             r#"[[listener]]
 name = "web"
@@ -1500,7 +1470,7 @@ upstream = "nope"
 
 #[test]
 fn bad_sni_patterns() {
-    assert_errors(
+    assert_check_errors(
         &format!(
             r#"[[listener]]
 name = "web"
@@ -1525,7 +1495,7 @@ upstream = "pool"
 
 #[test]
 fn bad_ports_sources_and_alpn() {
-    assert_errors(
+    assert_check_errors(
         &format!(
             r#"[[listener]]
 name = "web"
@@ -1557,7 +1527,7 @@ upstream = "pool"
 
 #[test]
 fn listener_with_neither_upstream_nor_routes() {
-    assert_errors(
+    assert_check_errors(
         &format!(
             r#"[[listener]]
 name = "web"
@@ -1572,7 +1542,7 @@ listen = "127.0.0.1:8080"
 
 #[test]
 fn route_keys_are_checked() {
-    assert_errors(
+    assert_check_errors(
         &format!(
             r#"[[listener]]
 name = "web"
@@ -1601,8 +1571,15 @@ sni = "a.test"
 /// and `servers = []` are refused; so must these be, each at its value.
 #[test]
 fn empty_matcher_lists_are_errors() {
-    let (code, path, errors, stderr) = check(&format!(
-        r#"[[listener]]
+    let Checked {
+        code,
+        errors,
+        stderr,
+        ..
+    } = check_config_in(
+        None,
+        &format!(
+            r#"[[listener]]
 name = "web"
 listen = "127.0.0.1:8080"
 upstream = "pool"
@@ -1617,7 +1594,8 @@ alpn = []
 source = []
 upstream = "pool"
 {POOL}"#
-    ));
+        ),
+    );
     assert_eq!(
         code,
         Some(1),
@@ -1630,9 +1608,9 @@ upstream = "pool"
         ("13:10", "source"),
     ] {
         assert!(
-            errors.iter().any(
-                |e| e.starts_with(&format!("{path}:{at}: ")) && e.contains(&format!("`{key}`"))
-            ),
+            errors
+                .iter()
+                .any(|e| e.starts_with(&format!("{at}: ")) && e.contains(&format!("`{key}`"))),
             "no error for the empty `{key}` at {at}:\n{stderr}"
         );
     }
@@ -1653,6 +1631,11 @@ port = [8443, 9443]
 upstream = "pool"
 {POOL}"#
     );
-    let (code, _, errors, stderr) = check(&text);
+    let Checked {
+        code,
+        errors,
+        stderr,
+        ..
+    } = check_config_in(None, &text);
     assert_eq!(code, Some(0), "{errors:?}\n{stderr}");
 }

@@ -1522,19 +1522,17 @@ async fn reload_swaps_certificate() {
 /// the `expected` errors (`line:col: message`, `@DIR@` standing for `dir`). Returns what
 /// differs, so that one run shows every case.
 fn check_errors(what: &str, dir: &Path, text: &str, expected: &[&str]) -> Option<String> {
-    let path = write_file(dir, "ferry.toml", text).display().to_string();
-    let out = run_ferry(&["check", "--config", &path]);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let errors: Vec<String> = stderr
-        .lines()
-        .filter(|l| l.starts_with(&format!("{path}:")))
-        .map(|l| l[path.len() + 1..].replace(&dir.display().to_string(), "@DIR@"))
+    let c = check_config_in(Some(dir), text);
+    let errors: Vec<String> = c
+        .errors
+        .iter()
+        .map(|l| l.replace(&dir.display().to_string(), "@DIR@"))
         .collect();
-    let ok = out.status.code() == Some(1) && errors == expected;
+    let ok = c.code == Some(1) && errors == expected;
     (!ok).then(|| {
         format!(
             "{what}: exit {:?}\n  expected: {expected:#?}\n  got: {errors:#?}\n--- config ---\n{text}",
-            out.status.code()
+            c.code
         )
     })
 }

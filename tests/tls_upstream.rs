@@ -1379,15 +1379,13 @@ tls = {{ ca = "{}", verify = false, sni = "not a name", cert = "client.pem", col
 "#,
         path_str(&ca)
     );
-    let path = write_file(dir.path(), "ferry.toml", &text);
-    let out = run_ferry(&["check", "--config", path_str(&path)]);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let errors: Vec<String> = stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{}:", path.display())))
-        .map(str::to_string)
-        .collect();
+    let Checked {
+        code,
+        errors,
+        stderr,
+        ..
+    } = check_config_in(Some(dir.path()), &text);
+    assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(
         errors,
         [

@@ -343,6 +343,68 @@ pub fn record_for(records: &[Value], client: SocketAddr) -> &Value {
         .unwrap_or_else(|| panic!("no record for client {c} in {records:#?}"))
 }
 
+/// What `ferry check --config` said about a config.
+pub struct Checked {
+    pub code: Option<i32>,
+    /// The config file's path, as errors name it.
+    pub path: String,
+    /// The error lines, without the path: `line:col: message`.
+    pub errors: Vec<String>,
+    pub stderr: String,
+}
+
+/// Runs `ferry check --config` on `text`, written to `dir/ferry.toml` (relative paths in
+/// it are relative to `dir`), or to a temporary folder.
+pub fn check_config_in(dir: Option<&Path>, text: &str) -> Checked {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = write_file(dir.unwrap_or(tmp.path()), "ferry.toml", text)
+        .display()
+        .to_string();
+    let out = run_ferry(&["check", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let prefix = format!("{path}:");
+    let errors = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_string)
+        .collect();
+    Checked {
+        code: out.status.code(),
+        path,
+        errors,
+        stderr,
+    }
+}
+
+/// Asserts that `text` fails `ferry check` (exit 1) with exactly `expected` (`line:col:
+/// message` each, without the file name), in this order, and says how many. A trailing
+/// `…` stands for a list that grows with every feature (the keys a table accepts): the
+/// text up to it must match exactly.
+#[track_caller]
+pub fn assert_check_errors(text: &str, expected: &[&str]) {
+    let c = check_config_in(None, text);
+    let stderr = &c.stderr;
+    assert_eq!(c.code, Some(1), "exit code; stderr:\n{stderr}");
+    assert_eq!(
+        c.errors.len(),
+        expected.len(),
+        "number of errors; stderr:\n{stderr}"
+    );
+    for (got, want) in c.errors.iter().zip(expected) {
+        match want.strip_suffix('…') {
+            Some(prefix) => assert!(
+                got.starts_with(prefix),
+                "expected {want}\n     got {got}\nstderr:\n{stderr}"
+            ),
+            None => assert_eq!(got, want, "stderr:\n{stderr}"),
+        }
+    }
+    assert!(
+        stderr.contains(&format!("ferry: {} error(s) in {}", expected.len(), c.path)),
+        "no error count; stderr:\n{stderr}"
+    );
+}
+
 /// Runs ferry with `args` to completion (at most `WAIT`), capturing its output.
 pub fn run_ferry(args: &[&str]) -> Output {
     let mut child = Command::new(ferry_bin())
