@@ -1027,6 +1027,68 @@ async fn alpn_agreed_or_refused() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 4b. Cipher suites: ferry's order (AES-128-GCM first) for most clients; ChaCha20-Poly1305
+//     for a client that lists it first (a device without AES instructions).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cipher_suite_choice() {
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path();
+    let ca = Ca::new("ferry test CA");
+    let ca_path = ca.write(d, "ca").display().to_string();
+    ca.server(&["localhost"]).write(d, "site");
+    let echo = echo_server().await;
+    let ferry = Ferry::start(&tls_config("", &inline_tls(d, "site"), echo), 1).await;
+    let addr = ferry.addr("web");
+    let cases: [(&[&str], &str); 5] = [
+        // OpenSSL's own order puts AES-256-GCM first: ferry's order wins.
+        (&["-tls1_3"], "TLS_AES_128_GCM_SHA256"),
+        (
+            &[
+                "-tls1_3",
+                "-ciphersuites",
+                "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            ],
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        // Only what the client offers: its choice stands.
+        (
+            &["-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"],
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (&["-tls1_2"], "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        (
+            &[
+                "-tls1_2",
+                "-cipher",
+                "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+            ],
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+    ];
+    for (args, want) in cases {
+        let ca_s = ca_path.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (out, _) = blocking("openssl s_client", move || {
+            let mut all = vec![
+                "-servername",
+                "localhost",
+                "-CAfile",
+                &ca_s,
+                "-verify_return_error",
+            ];
+            all.extend(args.iter().map(String::as_str));
+            s_client_echo(addr, &all, "cipher")
+        })
+        .await;
+        assert!(
+            out.contains(&format!("Cipher is {want}")),
+            "expected {want}:\n{out}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // 5. min_version: "1.3" refuses a TLS 1.2 client; the default accepts it.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,7 +192,8 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 .ok_or_else(|| Refusal::handshake("no socket"))?;
             let fail = Refusal::handshake;
             let mut t = Box::new(
-                TlsStream::server(sock, tls.config.clone(), bytes).map_err(|e| fail(e.0))?,
+                TlsStream::server(sock, tls.config_for(h.prefers_chacha), bytes)
+                    .map_err(|e| fail(e.0))?,
             );
             // On failure the session is dropped here: the alert rustls queued has been
             // written, and the socket closes with a FIN so that the client can read it.

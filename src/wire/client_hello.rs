@@ -68,6 +68,9 @@ pub struct ClientHello {
     pub alpn: Vec<Vec<u8>>,
     /// The highest version offered (0x0304 when supported_versions lists TLS 1.3, else legacy_version).
     pub version: u16,
+    /// The client's favourite cipher suite (its first, GREASE aside) is a
+    /// ChaCha20-Poly1305 one: typically a device without AES instructions.
+    pub prefers_chacha: bool,
     /// Bytes of the buffer the hello occupies (from the first record header to the end of the record holding its last byte).
     pub len: usize,
 }
@@ -186,6 +189,7 @@ fn parse_tls(buf: &[u8]) -> Result<ClientHello, Stop> {
         }),
         alpn: found.alpn.map(alpn_names).unwrap_or_default(),
         version: found.version,
+        prefers_chacha: found.prefers_chacha,
         len,
     })
 }
@@ -241,6 +245,15 @@ struct Found<'a> {
     /// The ALPN protocol_name_list, validated.
     alpn: Option<&'a [u8]>,
     version: u16,
+    prefers_chacha: bool,
+}
+
+/// TLS_CHACHA20_POLY1305_SHA256, and the TLS 1.2 ECDHE-RSA and ECDHE-ECDSA ChaCha suites.
+const CHACHA_SUITES: [u16; 3] = [0x1303, 0xcca8, 0xcca9];
+
+/// A GREASE value (RFC 8701): 0x0a0a, 0x1a1a, … 0xfafa.
+fn is_grease(v: u16) -> bool {
+    v & 0x0f0f == 0x0a0a && v >> 8 == v & 0xff
 }
 
 /// Walks the ClientHello body (after the handshake header).
@@ -254,9 +267,16 @@ fn walk(mut r: Reader<'_>) -> Result<Found<'_>, Stop> {
     if session_id.remaining() > 32 {
         return Err(Stop::Invalid("session_id longer than 32 bytes"));
     }
-    let suites = r.vec16("cipher_suites overflow the ClientHello")?;
+    let mut suites = r.vec16("cipher_suites overflow the ClientHello")?;
     if suites.remaining() < 2 || suites.remaining() % 2 != 0 {
         return Err(Stop::Invalid("bad cipher_suites length"));
+    }
+    let mut first_suite = None;
+    while first_suite.is_none() && !suites.at_end() {
+        let s = suites.u16("truncated cipher_suites")?;
+        if !is_grease(s) {
+            first_suite = Some(s);
+        }
     }
     let compression = r.vec8("compression_methods overflow the ClientHello")?;
     if compression.remaining() == 0 {
@@ -266,6 +286,7 @@ fn walk(mut r: Reader<'_>) -> Result<Found<'_>, Stop> {
         sni: None,
         alpn: None,
         version: legacy_version,
+        prefers_chacha: first_suite.is_some_and(|s| CHACHA_SUITES.contains(&s)),
     };
     if !r.at_end() {
         let mut extensions = r.vec16("extensions overflow the ClientHello")?;
@@ -546,6 +567,7 @@ mod tests {
                 sni: self.sni.map(str::to_owned),
                 alpn: self.alpn.iter().map(|a| a.to_vec()).collect(),
                 version: self.version,
+                prefers_chacha: false,
                 len,
             })
         }
@@ -826,11 +848,34 @@ mod tests {
             sni: Some("example.com".into()),
             alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             version: 0x0304,
+            prefers_chacha: false,
             len: h.len(),
         });
         assert_eq!(parse(&h), want);
         for i in 0..h.len() {
             assert_eq!(parse(&h[..i]), Parsed::Incomplete);
+        }
+    }
+
+    #[test]
+    fn chacha_preference_is_the_first_suite_grease_aside() {
+        for (suites, want) in [
+            (vec![0x1303, 0x1301], true),
+            (vec![0x2a2a, 0xcca9, 0x1301], true),
+            (vec![0xcca8], true),
+            (vec![0x1301, 0x1303], false),
+            (vec![0x3a3a, 0x1302, 0x1303], false),
+            (vec![0x0a0a], false),
+        ] {
+            let h = Spec {
+                suites: suites.clone(),
+                ..Spec::typical()
+            }
+            .bytes();
+            match parse(&h) {
+                Parsed::Complete(c) => assert_eq!(c.prefers_chacha, want, "{suites:x?}"),
+                other => panic!("{suites:x?}: {other:?}"),
+            }
         }
     }
 
@@ -847,6 +892,7 @@ mod tests {
             sni: None,
             alpn: vec![],
             version: 0x0301,
+            prefers_chacha: false,
             len: h.len(),
         });
         assert_eq!(parse(&h), want);
