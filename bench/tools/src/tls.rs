@@ -15,9 +15,15 @@ use rustls::{ClientConfig, ClientConnection, ConnectionCommon, RootCertStore, Se
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The crypto provider of every tool: ring, as in ferry.
+/// The crypto provider of every tool: ring, as in ferry, with AES-128-GCM listed first, as
+/// browsers list it: every contender that takes the client's order (OpenSSL's default) and
+/// ferry (which prefers it) then negotiate the same suite, so the comparison is of the
+/// proxies, not of their cipher suites.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| !s.suite().as_str().unwrap_or("").contains("AES_128"));
+    Arc::new(p)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
