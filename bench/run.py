@@ -876,10 +876,15 @@ class HAProxy(Contender):
         return self._start(listen, backend, tag, listen_host, backend_host, netns)
 
     def start_tls(self, listen, backend, tag, cert):
-        # `crt` takes the certificate and its key in one PEM file. Everything else is
-        # HAProxy's default: TLS 1.2-1.3, session cache (tune.ssl.cachesize 20000) and
-        # TLS tickets on.
-        return self._start(listen, backend, tag, bind_opts=f" ssl crt {cert.combined}")
+        # `crt` takes the certificate and its key in one PEM file. HAProxy chooses the
+        # cipher suite itself (server preference) from OpenSSL's list, AES-256-GCM first:
+        # `ciphersuites` puts AES-128-GCM first so that it negotiates what the client asks
+        # for first and the other contenders agree on (see tools/src/tls.rs). Everything
+        # else is HAProxy's default: TLS 1.2-1.3, session cache (tune.ssl.cachesize 20000)
+        # and TLS tickets on.
+        suites = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+        return self._start(listen, backend, tag,
+                           bind_opts=f" ssl crt {cert.combined} ciphersuites {suites}")
 
     def _start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None, bind_opts=""):
         maxconn, maxpipes = self.maxconn()
