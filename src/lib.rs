@@ -5,13 +5,16 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod destinations;
 pub mod frontend;
 pub mod health;
 pub mod listener;
 pub mod net;
+pub mod nft;
 pub mod observe;
 pub mod policy;
 pub mod relay;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyAccept;
+use crate::frontend::{Forwarding, Transparent};
 use crate::observe::{AccessLog, ListenerStats, Outcome, Record};
 use crate::policy::{Acl, ClientPermit, ClientTable, clients::Refusal};
 use crate::route::Router;
@@ -23,6 +24,27 @@ pub enum FrontEnd {
     Tcp,
     /// TLS terminated with these settings.
     Tls(Arc<ServerTls>),
+    /// A SOCKS5 server; `udp`: UDP ASSOCIATE allowed.
+    Socks5 { forward: Arc<Forwarding>, udp: bool },
+    /// An HTTP proxy (CONNECT and absolute-form requests).
+    HttpConnect {
+        forward: Arc<Forwarding>,
+        sni_must_match: bool,
+    },
+    /// Redirected connections, to their original destination (or the default upstream).
+    Transparent(Arc<Transparent>),
+}
+
+impl FrontEnd {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            FrontEnd::Tcp => "tcp",
+            FrontEnd::Tls(_) => "tls",
+            FrontEnd::Socks5 { .. } => "socks5",
+            FrontEnd::HttpConnect { .. } => "http-connect",
+            FrontEnd::Transparent(_) => "transparent",
+        }
+    }
 }
 
 /// A count of open connections with a ceiling.
@@ -108,6 +130,17 @@ pub const REFUSED_LOG_PER_SEC: u64 = 100;
 const STOP_SHARDS: usize = 16;
 
 impl ListenerCtx {
+    /// SO_MARK for this listener's outbound sockets (a forward listener's `mark`).
+    pub fn mark(&self) -> Option<u32> {
+        match &self.front {
+            FrontEnd::Transparent(t) => t.dial.mark,
+            FrontEnd::Socks5 { forward, .. } | FrontEnd::HttpConnect { forward, .. } => {
+                forward.dial.mark
+            }
+            FrontEnd::Tcp | FrontEnd::Tls(_) => None,
+        }
+    }
+
     /// The drain signal for a new connection: one of the shards, at random.
     pub fn stop_token(&self) -> &CancellationToken {
         &self.stops[fastrand::usize(..self.stops.len())]
@@ -255,6 +288,7 @@ pub struct Bound {
 pub fn bind(
     addrs: &[SocketAddr],
     reuse_port: bool,
+    transparent: bool,
     workers: usize,
     own: &[SocketAddr],
 ) -> io::Result<Vec<Bound>> {
@@ -264,12 +298,12 @@ pub fn bind(
             crate::net::check_free(*addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         }
-        let first = crate::net::bind_listener(*addr, reuse_port)
+        let first = crate::net::bind_listener(*addr, reuse_port, transparent)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let actual = first.local_addr()?;
         for worker in 1..workers.max(1) {
             let socket = if reuse_port {
-                crate::net::bind_listener(actual, true)?
+                crate::net::bind_listener(actual, true, transparent)?
             } else {
                 first.try_clone()?
             };

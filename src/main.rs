@@ -48,6 +48,8 @@ enum Command {
     Check,
     /// Start echo servers on loopback and a proxy in front of them, and say how to try it.
     Demo,
+    /// Print the nftables rules the config's transparent listeners need (`nft -f` loads them).
+    NftRules,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check) => check(cli.config),
         Some(Command::Demo) => demo(),
+        Some(Command::NftRules) => nft_rules(cli.config),
         Some(Command::Run {
             listen,
             upstream,
@@ -129,6 +132,27 @@ fn check(path: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(code) => code,
+    }
+}
+
+fn nft_rules(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("ferry nft-rules: --config FILE is required");
+        return ExitCode::from(1);
+    };
+    let cfg = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match ferry::nft::rules(&cfg) {
+        Ok(r) => {
+            print!("{r}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry nft-rules: {}: {e}", path.display());
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -21,7 +21,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Users;
 use crate::config::{self, Config, ListenerMode};
+use crate::frontend::{Forwarding, Transparent};
 use crate::listener::{self, Bound, FrontEnd, Gate, ListenerCtx, Slot};
 use crate::observe::{AccessLog, ListenerStats};
 use crate::policy::{Acl, ClientLimits, ClientTable};
@@ -29,6 +31,7 @@ use crate::relay::Engine;
 use crate::route::Router;
 use crate::tls::{ClientTls, ServerTls};
 use crate::upstream::Pool;
+use crate::upstream::dial::OwnAddrs;
 use crate::workers::Workers;
 
 /// How long connections cut by the drain timeout get to write their log records.
@@ -61,6 +64,9 @@ pub struct Shared {
     background: CancellationToken,
     /// The data-plane threads: accept loops and connections run there.
     workers: Arc<Workers>,
+    /// Every address ferry listens on (listeners and admin): never a forward destination.
+    own: Arc<ArcSwap<OwnAddrs>>,
+    admin_addr: Option<SocketAddr>,
 }
 
 /// The parts of the running proxy that only reload and drain change.
@@ -160,7 +166,12 @@ fn open_log(cfg: &Config) -> io::Result<Arc<AccessLog>> {
 }
 
 fn bind_all(lc: &config::Listener, workers: usize, own: &[SocketAddr]) -> io::Result<Vec<Bound>> {
-    listener::bind(&lc.listen, lc.reuse_port, workers, own)
+    listener::bind(&lc.listen, lc.reuse_port, tproxy(lc), workers, own)
+}
+
+/// A TPROXY listener: its sockets are bound with IP_TRANSPARENT.
+fn tproxy(lc: &config::Listener) -> bool {
+    matches!(&lc.mode, ListenerMode::Transparent(t) if t.interception == config::Interception::Tproxy)
 }
 
 impl Proxy {
@@ -201,6 +212,14 @@ impl Proxy {
             Some(a) => Some((crate::admin::bind(a.listen).await?, a.token.clone())),
             None => None,
         };
+        let admin_addr = admin.as_ref().and_then(|(s, _)| s.local_addr().ok());
+        let own = OwnAddrs::new(
+            sockets
+                .iter()
+                .flatten()
+                .filter_map(|b| b.socket.local_addr().ok())
+                .chain(admin_addr),
+        );
 
         let shared = Arc::new(Shared {
             started: SystemTime::now(),
@@ -222,6 +241,8 @@ impl Proxy {
             conn_stop: CancellationToken::new(),
             background,
             workers,
+            own: Arc::new(ArcSwap::from_pointee(own)),
+            admin_addr,
         });
 
         let mut bound = Vec::new();
@@ -392,8 +413,30 @@ impl Shared {
             })
             .map(|p| p.slot.load().router.hits());
         let router = Router::new(&lc.routes, lc.upstream.map(pool_of), pool_of, keep_hits);
+        let forwarding = |f: &config::Forward| {
+            Arc::new(Forwarding {
+                destinations: f.destinations.clone(),
+                users: Users::new(&f.users),
+                dial: f.dial,
+                own: self.own.clone(),
+            })
+        };
         let front = match (&lc.mode, tls) {
             (ListenerMode::Tls(_), Some(t)) => FrontEnd::Tls(t),
+            (ListenerMode::Socks5(m), _) => FrontEnd::Socks5 {
+                forward: forwarding(&m.forward),
+                udp: m.udp,
+            },
+            (ListenerMode::HttpConnect(m), _) => FrontEnd::HttpConnect {
+                forward: forwarding(&m.forward),
+                sni_must_match: m.sni_must_match,
+            },
+            (ListenerMode::Transparent(m), _) => FrontEnd::Transparent(Arc::new(Transparent {
+                interception: m.interception,
+                destinations: m.destinations.clone(),
+                dial: m.dial,
+                own: self.own.clone(),
+            })),
             _ => FrontEnd::Tcp,
         };
         ListenerCtx::new(
@@ -419,6 +462,12 @@ impl Shared {
 
     /// Publishes the current listeners and pools for the admin API.
     fn publish(&self, live: &Live) {
+        self.own.store(Arc::new(OwnAddrs::new(
+            live.listeners
+                .values()
+                .flat_map(|l| l.addrs.iter().copied())
+                .chain(self.admin_addr),
+        )));
         let listeners = live
             .cfg
             .listeners
@@ -495,10 +544,11 @@ impl Shared {
         // Bind what is new first: if any address cannot be bound, nothing changes.
         let mut new_sockets: HashMap<String, Vec<Bound>> = HashMap::new();
         for lc in &cfg.listeners {
-            let keep = live
-                .listeners
-                .get(&lc.name)
-                .is_some_and(|l| l.cfg.listen == lc.listen && l.cfg.reuse_port == lc.reuse_port);
+            let keep = live.listeners.get(&lc.name).is_some_and(|l| {
+                l.cfg.listen == lc.listen
+                    && l.cfg.reuse_port == lc.reuse_port
+                    && tproxy(&l.cfg) == tproxy(lc)
+            });
             if keep {
                 continue;
             }

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
 
 use tokio::time::Instant;
@@ -89,7 +90,20 @@ pub fn serve(
 
         let (client, server_end, ledger) =
             match Box::pin(set_up(&l, sock, peer, &mut client_permit)).await {
-                Ok(c) => (c.client, c.server, c.ledger),
+                Ok(Next::Relay(c)) => (c.client, c.server, c.ledger),
+                Ok(Next::Udp(u)) => {
+                    drop((permit, client_permit, on));
+                    let mut rec = Record::new(ts, &l.name, u.front.peer, u.outcome);
+                    u.front.describe(&mut rec);
+                    rec.bytes_up = u.counts.bytes_up;
+                    rec.bytes_down = u.counts.bytes_down;
+                    rec.datagrams_up = Some(u.counts.datagrams_up);
+                    rec.datagrams_down = Some(u.counts.datagrams_down);
+                    let note = format!("UDP ASSOCIATE; {} datagram(s) dropped", u.counts.dropped);
+                    rec.reason = Some(&note);
+                    rec.duration_ms = start.elapsed();
+                    return finish(&l, rec);
+                }
                 Err(SetUpFailed {
                     peer,
                     refusal,
@@ -107,12 +121,19 @@ pub fn serve(
                     return l.refuse(&rec);
                 }
             };
-        let server = ledger.guard.server();
-        // Bytes the front end read (a ClientHello to route on) went to the server in the
-        // connect stage: they count as relayed, like everything after them.
+        // A destination a forward-proxy client named is no pool's server: its bytes count
+        // for the listener only (and in these, which nothing reads).
+        let unpooled = [AtomicU64::new(0), AtomicU64::new(0)];
+        let (server_up, server_down) = match &ledger.guard {
+            Some(g) => (&g.server().stats.bytes_up, &g.server().stats.bytes_down),
+            None => (&unpooled[0], &unpooled[1]),
+        };
+        // Bytes the front end read (a ClientHello to route on, what a proxy client sent
+        // after its request) went to the server in the connect stage: they count as
+        // relayed, like everything after them.
         if ledger.replayed > 0 {
-            for c in [&l.stats.bytes_up, &server.stats.bytes_up] {
-                c.fetch_add(ledger.replayed, std::sync::atomic::Ordering::Relaxed);
+            for c in [&l.stats.bytes_up, server_up] {
+                c.fetch_add(ledger.replayed, Relaxed);
             }
         }
         if l.access_log.on_connect {
@@ -123,8 +144,8 @@ pub fn serve(
         }
 
         let meters = relay::Meters {
-            up: [&l.stats.bytes_up, &server.stats.bytes_up],
-            down: [&l.stats.bytes_down, &server.stats.bytes_down],
+            up: [&l.stats.bytes_up, server_up],
+            down: [&l.stats.bytes_down, server_down],
         };
         let mut report = |up: u64, down: u64| {
             let mut rec = ledger.record(&l, ts, Outcome::Open);
@@ -151,10 +172,10 @@ pub fn serve(
         let Ledger {
             front,
             guard,
+            server: server_addr,
             connect_time,
             replayed,
         } = ledger;
-        let server_addr = guard.server().addr;
         drop((guard, client_permit, permit, on));
         let mut rec = Record::new(ts, &l.name, front.peer, end_outcome(r.end));
         rec.server = Some(server_addr);
@@ -188,27 +209,25 @@ struct Front {
     pool: Option<Arc<Pool>>,
 }
 
+#[derive(Default)]
 struct Detail {
     sni: Option<Box<str>>,
     /// The first ALPN protocol offered (mode tcp), when routes looked at it.
     alpn_offered: Option<Box<str>>,
     tls: Option<TlsInfo>,
+    /// Forward-proxy modes: the user and the destination asked for.
+    user: Option<Box<str>>,
+    destination: Option<Box<str>>,
 }
 
 impl Front {
-    fn new(
-        peer: SocketAddr,
-        sni: Option<Box<str>>,
-        alpn_offered: Option<Box<str>>,
-        tls: Option<TlsInfo>,
-    ) -> Front {
-        let detail = (sni.is_some() || alpn_offered.is_some() || tls.is_some()).then(|| {
-            Box::new(Detail {
-                sni,
-                alpn_offered,
-                tls,
-            })
-        });
+    fn new(peer: SocketAddr, d: Detail) -> Front {
+        let detail = (d.sni.is_some()
+            || d.alpn_offered.is_some()
+            || d.tls.is_some()
+            || d.user.is_some()
+            || d.destination.is_some())
+        .then(|| Box::new(d));
         Front {
             peer,
             detail,
@@ -220,6 +239,8 @@ impl Front {
         rec.upstream = self.pool.as_deref().map(|p| p.name.as_str());
         let Some(d) = &self.detail else { return };
         rec.sni = d.sni.as_deref();
+        rec.user = d.user.as_deref();
+        rec.destination = d.destination.as_deref();
         rec.alpn = d.alpn_offered.as_deref();
         if let Some(t) = &d.tls {
             rec.alpn = t.alpn.as_deref();
@@ -241,7 +262,10 @@ impl Front {
 /// What a relayed connection's record needs at its end, and its claim on the server.
 struct Ledger {
     front: Front,
-    guard: ServerGuard,
+    /// The claim on a pool's server (none for a destination a client named).
+    guard: Option<ServerGuard>,
+    /// The address connected to.
+    server: SocketAddr,
     connect_time: std::time::Duration,
     /// Bytes read from the client before the relay and sent to the server at connect.
     replayed: u64,
@@ -251,7 +275,7 @@ impl Ledger {
     /// A record with what is known once the server connection is up.
     fn record<'a>(&'a self, l: &'a ListenerCtx, ts: SystemTime, result: Outcome) -> Record<'a> {
         let mut rec = Record::new(ts, &l.name, self.front.peer, result);
-        rec.server = Some(self.guard.server().addr);
+        rec.server = Some(self.server);
         rec.connect_ms = Some(self.connect_time);
         self.front.describe(&mut rec);
         rec
@@ -263,6 +287,19 @@ struct Connected {
     client: Stream,
     server: Stream,
     ledger: Ledger,
+}
+
+/// What the set-up hands on: a connection to relay, or a SOCKS5 UDP association that has
+/// already run its course (it runs within the set-up, whose state is only its own).
+enum Next {
+    Relay(Connected),
+    Udp(UdpDone),
+}
+
+struct UdpDone {
+    front: Front,
+    outcome: Outcome,
+    counts: crate::relay::socks_udp::Counts,
 }
 
 struct SetUpFailed {
@@ -278,23 +315,54 @@ async fn set_up(
     sock: Sock,
     peer: SocketAddr,
     client_permit: &mut Option<ClientPermit>,
-) -> Result<Connected, SetUpFailed> {
-    let a: Accepted = frontend::handshake(l, sock, peer, client_permit.take())
+) -> Result<Next, SetUpFailed> {
+    let mut a: Accepted = frontend::handshake(l, sock, peer, client_permit.take())
         .await
         .map_err(|f: Failed| SetUpFailed {
             peer: f.peer,
-            front: Front::new(f.peer, f.sni, None, None),
+            front: Front::new(
+                f.peer,
+                Detail {
+                    sni: f.sni,
+                    user: f.user,
+                    destination: f.destination,
+                    ..Detail::default()
+                },
+            ),
             refusal: f.refusal,
         })?;
-    *client_permit = a.client_permit;
+    *client_permit = a.client_permit.take();
+    let request = a.request.take();
     let mut front = Front::new(
         a.peer,
-        a.sni,
-        a.alpn_offered
-            .first()
-            .map(|p| String::from_utf8_lossy(p).into()),
-        a.tls,
+        Detail {
+            sni: a.sni.take(),
+            alpn_offered: a
+                .alpn_offered
+                .first()
+                .map(|p| String::from_utf8_lossy(p).into()),
+            tls: a.tls.take(),
+            user: a.user.take(),
+            // (A UDP association's target is only where the client will send from.)
+            destination: request
+                .as_ref()
+                .filter(|r| !r.associate)
+                .map(|r| r.target.to_string().into()),
+        },
     );
+    if let Some(req) = request {
+        // Transparent mode with an upstream goes on to it, once the original destination
+        // passed its checks; every other forward request goes where it asked.
+        if let Err(e) = forward::check_transparent(l, &req) {
+            return Err(forward::refuse(l, a, &req, front, e).await);
+        }
+        if req.associate {
+            return forward::associate(l, a, req, front).await;
+        }
+        if l.router.default().is_none() {
+            return forward::connect(l, a, req, front).await.map(Next::Relay);
+        }
+    }
 
     let client_sock = match &a.stream {
         Stream::Plain(s) => s,
@@ -336,18 +404,20 @@ async fn set_up(
         destination: a.destination,
         sock: client_sock,
         replay: &a.replay,
+        mark: l.mark(),
     };
     match connect::connect(&pool, client, l.stop_token()).await {
-        Ok(up) => Ok(Connected {
+        Ok(up) => Ok(Next::Relay(Connected {
             client: a.stream,
             server: up.stream,
             ledger: Ledger {
                 front,
-                guard: up.guard,
+                server: up.guard.server().addr,
+                guard: Some(up.guard),
                 connect_time: up.connect_time,
                 replayed: a.replay.len() as u64,
             },
-        }),
+        })),
         Err(refusal) => {
             close(a.stream);
             Err(SetUpFailed {
@@ -356,6 +426,298 @@ async fn set_up(
                 front,
             })
         }
+    }
+}
+
+/// The forward-proxy modes' connect stage: to the destination the client asked for.
+mod forward {
+    use super::*;
+    use crate::frontend::Request;
+    use crate::frontend::forward::Reply;
+    use crate::listener::FrontEnd;
+    use crate::upstream::dial::{self, DialError, Host, Policy};
+
+    /// Transparent mode: a connection to ferry itself (not redirected, or looping back) is
+    /// refused, and with an upstream, `destinations` (if given) filters original
+    /// destinations.
+    pub(super) fn check_transparent(l: &ListenerCtx, req: &Request) -> Result<(), DialError> {
+        let FrontEnd::Transparent(t) = &l.front else {
+            return Ok(());
+        };
+        let Host::Ip(ip) = req.target.host else {
+            return Ok(());
+        };
+        let dst = SocketAddr::new(ip, req.target.port);
+        if t.own.load().contains(dst) {
+            return Err(DialError::Denied(format!(
+                "the original destination {dst} is ferry's own listening address (a connection made to it directly, or a redirect loop)"
+            )));
+        }
+        if l.router.default().is_some()
+            && let Some(d) = &t.destinations
+            && !d.allows_addr(dst)
+        {
+            return Err(DialError::Denied(format!(
+                "the original destination {dst} is not allowed by `destinations`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Answers the client that its request failed, closes it and makes the refusal.
+    pub(super) async fn refuse(
+        l: &ListenerCtx,
+        a: Accepted,
+        req: &Request,
+        front: Front,
+        e: DialError,
+    ) -> SetUpFailed {
+        let client = plain(&a.stream);
+        if let Some(c) = client {
+            let _ = tokio::time::timeout(l.handshake_timeout, req.reply.failed(c, &e)).await;
+        }
+        // After an answer, a FIN (so that the client reads it); otherwise a reset.
+        match (req.reply, a.stream) {
+            (Reply::None, s) => close(s),
+            (_, s) => drop(s),
+        }
+        let (stage, outcome) = match e {
+            DialError::Denied(_) => (Stage::Route, Outcome::Denied),
+            DialError::Timeout(_) => (Stage::Connect, Outcome::ConnectTimeout),
+            _ => (Stage::Connect, Outcome::ConnectFailed),
+        };
+        SetUpFailed {
+            peer: a.peer,
+            refusal: Refusal {
+                stage,
+                outcome,
+                reason: Some(e.reason().to_string()),
+                server: None,
+            },
+            front,
+        }
+    }
+
+    fn plain(s: &Stream) -> Option<&Sock> {
+        match s {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(t) => Some(t.sock()),
+        }
+    }
+
+    /// SOCKS5 UDP ASSOCIATE: binds the relay socket, answers with its address, and relays
+    /// datagrams until the control connection closes.
+    pub(super) async fn associate(
+        l: &ListenerCtx,
+        a: Accepted,
+        req: Request,
+        front: Front,
+    ) -> Result<Next, SetUpFailed> {
+        use crate::relay::socks_udp::{Association, End};
+        let FrontEnd::Socks5 { forward, .. } = &l.front else {
+            let e = DialError::Denied("UDP ASSOCIATE on a listener that is not SOCKS5".into());
+            return Err(refuse(l, a, &req, front, e).await);
+        };
+        let Some(control) = plain(&a.stream) else {
+            let e = DialError::Failed("no control connection".into());
+            return Err(refuse(l, a, &req, front, e).await);
+        };
+        let hint = match req.target.host {
+            Host::Ip(ip) => SocketAddr::new(ip, req.target.port),
+            Host::Name(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
+        let local = control
+            .get_ref()
+            .local_addr()
+            .map(|a| crate::destinations::canonical(a.ip()));
+        let bound = match local {
+            Ok(ip) => Association::bind(ip, a.peer, hint).await,
+            Err(e) => Err(e),
+        };
+        let assoc = match bound.and_then(|s| s.bound().map(|b| (s, b))) {
+            Ok(x) => x,
+            Err(e) => {
+                let e = DialError::Failed(format!("cannot bind the UDP relay socket: {e}"));
+                return Err(refuse(l, a, &req, front, e).await);
+            }
+        };
+        let (assoc, bound) = assoc;
+        let answered =
+            tokio::time::timeout(l.handshake_timeout, req.reply.succeeded(control, bound)).await;
+        if !matches!(answered, Ok(Ok(()))) {
+            close(a.stream);
+            return Ok(Next::Udp(UdpDone {
+                front,
+                outcome: Outcome::ClientReset,
+                counts: Default::default(),
+            }));
+        }
+        let own = forward.own.load_full();
+        let policy = forward.policy(req.user, &own);
+        let (end, counts) = assoc
+            .run(
+                control,
+                &policy,
+                &forward.dial,
+                l.idle_timeout,
+                l.stop_token(),
+            )
+            .await;
+        for (c, n) in [
+            (&l.stats.bytes_up, counts.bytes_up),
+            (&l.stats.bytes_down, counts.bytes_down),
+        ] {
+            c.fetch_add(n, Relaxed);
+        }
+        let outcome = match end {
+            End::Done => Outcome::Ok,
+            End::IdleTimeout => Outcome::IdleTimeout,
+            End::ClientReset => Outcome::ClientReset,
+            End::Drained => Outcome::Drained,
+        };
+        if outcome == Outcome::Ok {
+            drop(a.stream);
+        } else {
+            close(a.stream);
+        }
+        Ok(Next::Udp(UdpDone {
+            front,
+            outcome,
+            counts,
+        }))
+    }
+
+    /// Dials the destination, answers the client, sends what it sent ahead.
+    pub(super) async fn connect(
+        l: &ListenerCtx,
+        mut a: Accepted,
+        req: Request,
+        front: Front,
+    ) -> Result<Connected, SetUpFailed> {
+        let t0 = tokio::time::Instant::now();
+        let (dial_cfg, own, sni_must_match) = match &l.front {
+            FrontEnd::Socks5 { forward, .. } => (forward.dial, forward.own.load_full(), false),
+            FrontEnd::HttpConnect {
+                forward,
+                sni_must_match,
+            } => (forward.dial, forward.own.load_full(), *sni_must_match),
+            FrontEnd::Transparent(t) => (t.dial, t.own.load_full(), false),
+            _ => {
+                let e = DialError::Denied("not a forward-proxy listener".into());
+                return Err(refuse(l, a, &req, front, e).await);
+            }
+        };
+        let empty = crate::destinations::Destinations::default();
+        let policy = match &l.front {
+            FrontEnd::Socks5 { forward, .. } | FrontEnd::HttpConnect { forward, .. } => {
+                forward.policy(req.user, &own)
+            }
+            FrontEnd::Transparent(t) => Policy {
+                listener: t.destinations.as_ref().unwrap_or(&empty),
+                user: None,
+                own: &own,
+            },
+            _ => Policy {
+                listener: &empty,
+                user: None,
+                own: &own,
+            },
+        };
+        let dialled = tokio::select! {
+            r = dial::dial(&req.target, &policy, &dial_cfg) => r,
+            () = l.stop_token().cancelled() => Err(DialError::Failed("ferry is shutting down".into())),
+        };
+        let d = match dialled {
+            Ok(d) => d,
+            Err(e) => return Err(refuse(l, a, &req, front, e).await),
+        };
+        let connect_time = t0.elapsed();
+        let server_addr = d.addr;
+        let failed =
+            |front: Front, peer: SocketAddr, outcome: Outcome, reason: String| SetUpFailed {
+                peer,
+                refusal: Refusal {
+                    stage: Stage::Connect,
+                    outcome,
+                    reason: Some(reason),
+                    server: Some(server_addr),
+                },
+                front,
+            };
+        let Some(client) = plain(&a.stream) else {
+            close(a.stream);
+            return Err(failed(
+                front,
+                a.peer,
+                Outcome::ProtocolError,
+                "no client socket".into(),
+            ));
+        };
+        let bound = d.sock.get_ref().local_addr().unwrap_or(server_addr);
+        let answered =
+            tokio::time::timeout(l.handshake_timeout, req.reply.succeeded(client, bound)).await;
+        if !matches!(answered, Ok(Ok(()))) {
+            close(a.stream);
+            return Err(failed(
+                front,
+                a.peer,
+                Outcome::ClientReset,
+                "the client went away before the answer".into(),
+            ));
+        }
+        // HTTP CONNECT with `sni_must_match`: the TLS ClientHello that opens the tunnel must
+        // name the host the client asked for.
+        if sni_must_match && req.reply == Reply::HttpTunnel {
+            let r = tokio::time::timeout(
+                l.handshake_timeout,
+                crate::frontend::read_hello(client, &mut a.replay),
+            )
+            .await;
+            let verdict = match r {
+                Err(_) => Err(format!(
+                    "no ClientHello in the tunnel within {:?}",
+                    l.handshake_timeout
+                )),
+                Ok(Err(refusal)) => Err(refusal.reason.unwrap_or_default()),
+                Ok(Ok(None)) => Err(
+                    "the tunnel does not start with a TLS ClientHello (`sni_must_match`)".into(),
+                ),
+                Ok(Ok(Some(sni))) => match (&req.target.host, sni) {
+                    (_, None) => Ok(()),
+                    (Host::Name(n), Some(s)) if **n == *s => Ok(()),
+                    (_, Some(s)) => Err(format!(
+                        "the TLS SNI {s:?} differs from the CONNECT host {} (`sni_must_match`)",
+                        req.target
+                    )),
+                },
+            };
+            if let Err(reason) = verdict {
+                close(a.stream);
+                return Err(failed(front, a.peer, Outcome::Denied, reason));
+            }
+        }
+        if !a.replay.is_empty()
+            && let Err(e) = net::write_all(&d.sock, &a.replay).await
+        {
+            close(a.stream);
+            return Err(failed(
+                front,
+                a.peer,
+                Outcome::ServerReset,
+                format!("writing to the server: {e}"),
+            ));
+        }
+        Ok(Connected {
+            client: a.stream,
+            server: Stream::Plain(d.sock),
+            ledger: Ledger {
+                front,
+                guard: None,
+                server: server_addr,
+                connect_time,
+                replayed: a.replay.len() as u64,
+            },
+        })
     }
 }
 

@@ -245,20 +245,16 @@ fn not_supported_yet() {
     // (Update this test as they land.)
     assert_check_errors(
         r#"[[listener]]
-name = "web"
-listen = "127.0.0.1:8080"
-mode = "socks5"
+name = "dns"
+listen = "127.0.0.1:8053"
+protocol = "udp"
 upstream = "pool"
-destinations = ["10.0.0.0/8:443"]
 
 [[upstream]]
 name = "pool"
 servers = ["127.0.0.1:9000"]
 "#,
-        &[
-            r#"4:8: mode "socks5" is not supported yet"#,
-            "6:1: `destinations` in [[listener]] is not supported yet",
-        ],
+        &["4:1: `protocol` in [[listener]] is not supported yet"],
     );
 }
 
@@ -292,7 +288,7 @@ fn listener_with_error_still_counts_for_duplicates() {
 name = "web"
 listen = "127.0.0.1:8080"
 upstream = "pool"
-mode = "socks5"
+mode = "quic"
 
 [[listener]]
 name = "web"
@@ -304,7 +300,7 @@ name = "pool"
 servers = ["127.0.0.1:9000"]
 "#,
         &[
-            r#"5:8: mode "socks5" is not supported yet"#,
+            r#"5:8: `mode` must be one of "tcp", "tls", "socks5", "http-connect", "transparent"; not "quic""#,
             r#"8:8: duplicate listener name "web""#,
         ],
     );
@@ -378,4 +374,119 @@ servers = ["127.0.0.1:9000"]
 "#,
         &["2:13: `pipe_size` must be from 4KiB to 64MiB, not 1024 bytes"],
     );
+}
+
+#[test]
+fn forward_proxy_listeners_are_closed_by_default() {
+    assert_check_errors(
+        r#"[[listener]]
+name = "open"
+listen = "127.0.0.1:1080"
+mode = "socks5"
+
+[[listener]]
+name = "s"
+listen = "127.0.0.1:1081"
+mode = "socks5"
+destinations = ["10.0.0.0/8", "2001:db8::/32:443", "*.ok.example:*", "bad name:80", "10.0.0.0/8:90-80"]
+upstream = "pool"
+sni_must_match = true
+users = [{ name = "a:b", password = "x" }, { name = "bob", password_hash = "nope" }, { name = "carol" }, { name = "dave", password = "p", password_hash = "$2y$05$abcdefghijklmnopqrstuu5Q2Xq4Z5Y5Z5Y5Z5Y5Z5Y5Z5Y5Z5Y5Z" }]
+
+[[listener]]
+name = "h"
+listen = "127.0.0.1:3128"
+mode = "http-connect"
+destinations = []
+udp = true
+transparent = "tproxy"
+
+[[listener]]
+name = "t"
+listen = "127.0.0.1:15001"
+mode = "transparent"
+transparent = "nat"
+mark = 0
+
+[[listener]]
+name = "plain"
+listen = "127.0.0.1:7000"
+upstream = "pool"
+destinations = ["10.0.0.0/8:1"]
+
+[[upstream]]
+name = "pool"
+servers = ["127.0.0.1:9000"]
+"#,
+        &[
+            r#"4:8: listener "open" would be an open proxy: mode "socks5" needs `destinations` (e.g. destinations = ["10.0.0.0/8:443", "*.example.com:443"]); nothing is reachable otherwise"#,
+            r#"10:17: `destinations`: "10.0.0.0/8" has no port: expected CIDR:ports, name:ports or *.domain:ports, e.g. "10.0.0.0/8:443", "db.example.com:5432", "*.internal:*", "[2001:db8::/32]:8000-8100""#,
+            r#"10:31: `destinations`: "2001:db8::/32:443": write IPv6 addresses in brackets, e.g. "[2001:db8::/32]:443""#,
+            r#"10:70: `destinations`: "bad name" is not a host name or a wildcard such as "*.example.com"; expected CIDR:ports, name:ports or *.domain:ports, e.g. "10.0.0.0/8:443", "db.example.com:5432", "*.internal:*", "[2001:db8::/32]:8000-8100""#,
+            r#"10:85: `destinations`: "10.0.0.0/8:90-80": the port range "90-80" is empty"#,
+            r#"11:12: `upstream` does not apply to mode "socks5": its clients name their destinations, which `destinations` restricts"#,
+            r#"12:18: `sni_must_match` applies to mode "http-connect", not to mode "socks5""#,
+            r#"13:19: a user name cannot contain ':' (HTTP Basic authentication splits at it)"#,
+            r#"13:76: `password_hash` is not a bcrypt hash ("$2y$10$…", as `htpasswd -nB user` prints it)"#,
+            r#"13:86: a user needs `password` or `password_hash` (bcrypt, as `htpasswd -B` writes it)"#,
+            r#"13:155: give a user `password` or `password_hash`, not both"#,
+            r#"19:16: `destinations` is empty: nothing would be reachable"#,
+            r#"20:7: `udp` applies to mode "socks5", not to mode "http-connect""#,
+            r#"21:15: `transparent` applies to mode "transparent", not to mode "http-connect""#,
+            r#"26:8: listener "t" would be an open proxy: mode "transparent" needs `destinations` (e.g. destinations = ["10.0.0.0/8:443", "*.example.com:443"]); nothing is reachable otherwise"#,
+            r#"27:15: `transparent` must be "redirect" or "tproxy", not "nat""#,
+            r#"28:8: `mark` must be an integer from 1 to 4294967295"#,
+            r#"34:16: `destinations` applies to mode "socks5" or "http-connect" or "transparent", not to mode "tcp""#,
+        ],
+    );
+}
+
+#[test]
+fn forward_proxy_listeners_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "ferry.toml",
+        r#"[[listener]]
+name = "socks"
+listen = "127.0.0.1:1080"
+mode = "socks5"
+udp = true
+destinations = ["10.0.0.0/8:443", "*.internal:*", "[2001:db8::/32]:8000-8100"]
+users = [{ name = "alice", password = "secret-alice" }, { name = "bob", password_hash = "$2y$05$9gzxxd7/4tWZB3sCbx0zLOvHFkCzqQFzkq0RO6zmz1kJ0W8v2Quz6", destinations = ["10.1.0.0/16:443"] }]
+mark = 0x10
+connect_timeout = "2s"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:3128"
+mode = "http-connect"
+destinations = ["db.example.com:5432"]
+sni_must_match = true
+
+[[listener]]
+name = "tp"
+listen = ["0.0.0.0:15001"]
+mode = "transparent"
+transparent = "tproxy"
+destinations = ["192.168.0.0/16:*"]
+"#,
+    );
+    let out = run_ferry(&["check", "--config", &path.display().to_string()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        r#"listener "socks" (socks5) on 127.0.0.1:1080 -> destinations 10.0.0.0/8:443, *.internal:*, [2001:db8::/32]:8000-8100, for 2 user(s)"#,
+        r#"listener "web" (http-connect) on 127.0.0.1:3128 -> destinations db.example.com:5432"#,
+        r#"listener "tp" (transparent) on 0.0.0.0:15001 -> original destinations allowed by destinations 192.168.0.0/16:*"#,
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+    // Passwords never appear.
+    assert!(!stdout.contains("secret-alice"));
 }

@@ -286,7 +286,6 @@ pub fn status(shared: &Shared) -> Value {
             up += u;
             down += d;
             let (mode, tls) = match &ctx.front {
-                crate::listener::FrontEnd::Tcp => ("tcp", Value::Null),
                 crate::listener::FrontEnd::Tls(t) => (
                     "tls",
                     json!({
@@ -306,6 +305,19 @@ pub fn status(shared: &Shared) -> Value {
                         })).collect::<Vec<_>>(),
                     }),
                 ),
+                other => (other.mode(), Value::Null),
+            };
+            // Where a forward-proxy listener's clients may go (never its users' secrets).
+            let forward = match &ctx.front {
+                crate::listener::FrontEnd::Socks5 { forward, .. }
+                | crate::listener::FrontEnd::HttpConnect { forward, .. } => json!({
+                    "destinations": forward.destinations.rules().iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                    "users": forward.users.len(),
+                }),
+                crate::listener::FrontEnd::Transparent(t) => json!({
+                    "destinations": t.destinations.as_ref().map(|d| d.rules().iter().map(|r| r.to_string()).collect::<Vec<_>>()),
+                }),
+                _ => Value::Null,
             };
             let routes: Vec<Value> = ctx
                 .router
@@ -320,6 +332,7 @@ pub fn status(shared: &Shared) -> Value {
                 "upstream": ctx.router.default().map(|p| p.name.clone()),
                 "routes": routes,
                 "tls": tls,
+                "forward": forward,
                 "connections_active": a,
                 "connections_total": t,
                 "bytes_up": u,

@@ -112,6 +112,14 @@ pub enum ListenerMode {
     Tcp,
     /// TLS terminated by ferry; routes see the negotiated SNI and ALPN.
     Tls(Box<TlsListen>),
+    /// A SOCKS5 server (RFC 1928, RFC 1929): the client names the destination.
+    Socks5(Box<Socks5Listen>),
+    /// An HTTP proxy: `CONNECT host:port` tunnels, and absolute-form plain-HTTP requests
+    /// (one origin per client connection).
+    HttpConnect(Box<HttpConnectListen>),
+    /// Connections a firewall rule redirected here, to their original destination (or to
+    /// the listener's `upstream`).
+    Transparent(Box<TransparentListen>),
 }
 
 impl ListenerMode {
@@ -119,8 +127,107 @@ impl ListenerMode {
         match self {
             ListenerMode::Tcp => "tcp",
             ListenerMode::Tls(_) => "tls",
+            ListenerMode::Socks5(_) => "socks5",
+            ListenerMode::HttpConnect(_) => "http-connect",
+            ListenerMode::Transparent(_) => "transparent",
         }
     }
+}
+
+/// What the forward-proxy modes share: where clients may go, who they are, how ferry
+/// dials.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// Required: nothing is reachable that these do not allow.
+    pub destinations: crate::destinations::Destinations,
+    /// When not empty, every client must authenticate as one of these.
+    pub users: Vec<User>,
+    pub dial: Dial,
+}
+
+/// How ferry connects to destinations a client named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dial {
+    /// For the whole connect: name resolution and every address tried.
+    pub connect_timeout: Duration,
+    /// SO_MARK on the outbound sockets, so firewall rules can tell ferry's own traffic.
+    pub mark: Option<u32>,
+}
+
+impl Default for Dial {
+    fn default() -> Self {
+        Dial {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            mark: None,
+        }
+    }
+}
+
+/// `users = [{ name, password | password_hash, destinations }]`.
+#[derive(Clone, PartialEq)]
+pub struct User {
+    pub name: String,
+    pub secret: Secret,
+    /// Narrows the listener's `destinations` for this user.
+    pub destinations: Option<crate::destinations::Destinations>,
+}
+
+/// A user's password as the config holds it. Never printed.
+#[derive(Clone, PartialEq)]
+pub enum Secret {
+    Password(String),
+    /// bcrypt, as `htpasswd -B` writes it (`$2y$…`).
+    Bcrypt(String),
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.secret {
+            Secret::Password(_) => "password",
+            Secret::Bcrypt(_) => "password_hash",
+        };
+        f.debug_struct("User")
+            .field("name", &self.name)
+            .field("secret", &kind)
+            .field("destinations", &self.destinations)
+            .finish()
+    }
+}
+
+/// `mode = "socks5"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Socks5Listen {
+    pub forward: Forward,
+    /// Allow UDP ASSOCIATE.
+    pub udp: bool,
+}
+
+/// `mode = "http-connect"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConnectListen {
+    pub forward: Forward,
+    /// Refuse a tunnel whose TLS SNI differs from the CONNECT host (domain fronting).
+    pub sni_must_match: bool,
+}
+
+/// `mode = "transparent"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransparentListen {
+    pub interception: Interception,
+    /// Where original destinations may go: required without `upstream`; with it, an
+    /// optional filter on the original destinations.
+    pub destinations: Option<crate::destinations::Destinations>,
+    pub dial: Dial,
+}
+
+/// How connections reach a transparent listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interception {
+    /// nftables/iptables REDIRECT (NAT): the original destination from SO_ORIGINAL_DST.
+    Redirect,
+    /// TPROXY: the listener has IP_TRANSPARENT and the accepted socket's local address is
+    /// the original destination.
+    Tproxy,
 }
 
 /// `tls = { .. }` / `[listener.tls]` of a `mode = "tls"` listener.
@@ -171,6 +278,31 @@ pub enum NamePattern {
 }
 
 impl NamePattern {
+    /// Parses a host name or a one-label wildcard (`*.example.com`), lowercased.
+    pub fn parse(s: &str) -> Result<NamePattern, String> {
+        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        let (wild, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, lower.as_str()),
+        };
+        let ok_label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(ok_label) {
+            return Err(format!(
+                "{s:?} is not a host name or a wildcard such as \"*.example.com\""
+            ));
+        }
+        Ok(if wild {
+            NamePattern::Wildcard(name.to_string())
+        } else {
+            NamePattern::Exact(name.to_string())
+        })
+    }
+
     /// `name` must already be lowercase (SNI as ferry reads it is).
     pub fn matches(&self, name: &str) -> bool {
         match self {
@@ -437,6 +569,8 @@ pub struct TcpOptions {
     pub keepalive: Option<Duration>,
     pub send_buffer: Option<usize>,
     pub recv_buffer: Option<usize>,
+    /// SO_MARK (a forward listener's `mark`, not a key of `tcp`).
+    pub mark: Option<u32>,
 }
 
 impl Default for TcpOptions {
@@ -446,6 +580,7 @@ impl Default for TcpOptions {
             keepalive: None,
             send_buffer: None,
             recv_buffer: None,
+            mark: None,
         }
     }
 }
@@ -524,6 +659,29 @@ impl Config {
             if let Some(u) = l.upstream {
                 to.push(format!("upstream {:?}", self.upstreams[u].name));
             }
+            let forward = match &l.mode {
+                ListenerMode::Socks5(m) => Some(&m.forward),
+                ListenerMode::HttpConnect(m) => Some(&m.forward),
+                _ => None,
+            };
+            if let Some(f) = forward {
+                to.push(format!("destinations {}", f.destinations));
+                if !f.users.is_empty() {
+                    to.push(format!("for {} user(s)", f.users.len()));
+                }
+            }
+            if let ListenerMode::Transparent(t) = &l.mode {
+                let allowed = t
+                    .destinations
+                    .as_ref()
+                    .map(|d| format!(" allowed by destinations {d}"))
+                    .unwrap_or_default();
+                if l.upstream.is_none() {
+                    to.push(format!("original destinations{allowed}"));
+                } else if !allowed.is_empty() {
+                    to.push(format!("for original destinations{allowed}"));
+                }
+            }
             let mode = match l.mode {
                 ListenerMode::Tcp => String::new(),
                 ref m => format!(" ({})", m.as_str()),
@@ -532,7 +690,7 @@ impl Config {
                 "listener {:?}{mode} on {} -> {}\n",
                 l.name,
                 addrs.join(", "),
-                to.join(", then ")
+                to.join(if l.routes.is_empty() { ", " } else { ", then " })
             ));
         }
         for u in &self.upstreams {

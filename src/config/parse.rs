@@ -16,6 +16,7 @@ use toml::de::{DeArray, DeTable, DeValue};
 
 use super::units::{parse_duration, parse_size};
 use super::*;
+use crate::destinations::{self, Destinations};
 
 type Val<'i> = Spanned<DeValue<'i>>;
 
@@ -168,16 +169,7 @@ impl<'a, 'i> Tab<'a, 'i> {
 
     fn bool(&self, cx: &mut Cx<'_>, key: &str) -> Option<bool> {
         let v = self.get(key)?;
-        match v.get_ref() {
-            DeValue::Boolean(b) => Some(*b),
-            other => {
-                cx.err(
-                    v.span(),
-                    format!("`{key}` must be true or false, not {}", type_name(other)),
-                );
-                None
-            }
-        }
+        as_bool(cx, key, v)
     }
 
     /// An integer in `min..=max`.
@@ -261,6 +253,19 @@ fn as_str<'a>(cx: &mut Cx<'_>, key: &str, v: &'a Val<'_>) -> Option<&'a str> {
             cx.err(
                 v.span(),
                 format!("`{key}` must be a string, not {}", type_name(other)),
+            );
+            None
+        }
+    }
+}
+
+fn as_bool(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<bool> {
+    match v.get_ref() {
+        DeValue::Boolean(b) => Some(*b),
+        other => {
+            cx.err(
+                v.span(),
+                format!("`{key}` must be true or false, not {}", type_name(other)),
             );
             None
         }
@@ -397,8 +402,16 @@ const LISTENER_KEYS: &[&str] = &[
     "handshake_timeout",
     "tls",
     "route",
+    "destinations",
+    "users",
+    "udp",
+    "sni_must_match",
+    "transparent",
+    "mark",
+    "connect_timeout",
 ];
-const LISTENER_LATER: &[&str] = &["destinations", "users", "protocol", "tcp"];
+const USER_KEYS: &[&str] = &["name", "password", "password_hash", "destinations"];
+const LISTENER_LATER: &[&str] = &["protocol", "tcp"];
 const LISTEN_TLS_KEYS: &[&str] = &[
     "cert",
     "key",
@@ -659,8 +672,86 @@ fn listener(
     }
 
     let tls_v = t.get("tls");
-    let mode = match t.string(cx, "mode") {
-        None | Some(("tcp", _)) => {
+    let mode_v = t.string(cx, "mode");
+    let mode_name = mode_v.as_ref().map_or("tcp", |m| m.0);
+    let forward_mode = matches!(mode_name, "socks5" | "http-connect" | "transparent");
+    // The forward-proxy keys, each read whatever the mode (so that it is reported where it
+    // does not apply rather than as unknown).
+    let only_for = |cx: &mut Cx<'_>, key: &str, modes: &[&str]| -> Option<&Val<'_>> {
+        let v = t.get(key)?;
+        if modes.contains(&mode_name) {
+            return Some(v);
+        }
+        let list = modes
+            .iter()
+            .map(|m| format!("{m:?}"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        cx.err(
+            v.span(),
+            format!("`{key}` applies to mode {list}, not to mode {mode_name:?}"),
+        );
+        None
+    };
+    const FWD: &[&str] = &["socks5", "http-connect", "transparent"];
+    let destinations_v = only_for(cx, "destinations", FWD);
+    let destinations = destinations_v.and_then(|v| destinations(cx, "destinations", v));
+    let users = only_for(cx, "users", &["socks5", "http-connect"])
+        .map(|v| users(cx, v))
+        .unwrap_or_default();
+    let udp = only_for(cx, "udp", &["socks5"]).and_then(|v| as_bool(cx, "udp", v));
+    let sni_must_match = only_for(cx, "sni_must_match", &["http-connect"])
+        .and_then(|v| as_bool(cx, "sni_must_match", v));
+    let interception = only_for(cx, "transparent", &["transparent"]).and_then(|v| {
+        match as_str(cx, "transparent", v)? {
+            "redirect" => Some(Interception::Redirect),
+            "tproxy" => Some(Interception::Tproxy),
+            other => {
+                cx.err(
+                    v.span(),
+                    format!("`transparent` must be \"redirect\" or \"tproxy\", not {other:?}"),
+                );
+                None
+            }
+        }
+    });
+    let mut dial = Dial::default();
+    if only_for(cx, "mark", FWD).is_some() {
+        dial.mark = t.uint(cx, "mark", 1, u32::MAX as u64).map(|n| n as u32);
+    }
+    if only_for(cx, "connect_timeout", FWD).is_some()
+        && let Some(d) = t.positive_duration(cx, "connect_timeout")
+    {
+        dial.connect_timeout = d;
+    }
+    // A forward listener without `destinations` would be an open proxy.
+    let open_proxy = |cx: &mut Cx<'_>, span: Range<usize>| {
+        cx.err(
+            span,
+            format!(
+                "listener {who:?} would be an open proxy: mode {mode_name:?} needs `destinations` (e.g. destinations = [\"10.0.0.0/8:443\", \"*.example.com:443\"]); nothing is reachable otherwise"
+            ),
+        );
+    };
+    let mode_span = mode_v.map_or(t.span.clone(), |m| m.1);
+    if forward_mode && let Some(v) = tls_v {
+        cx.err(
+            v.span(),
+            format!("`tls` does not apply to mode {mode_name:?}"),
+        );
+    }
+    let forward = |cx: &mut Cx<'_>, destinations: Option<Destinations>| -> Option<Forward> {
+        if destinations_v.is_none() {
+            open_proxy(cx, mode_span.clone());
+        }
+        Some(Forward {
+            destinations: destinations?,
+            users: users.clone(),
+            dial,
+        })
+    };
+    let mode = match mode_name {
+        "tcp" => {
             if let Some(v) = tls_v {
                 cx.err(
                     v.span(),
@@ -669,10 +760,10 @@ fn listener(
             }
             Some(ListenerMode::Tcp)
         }
-        Some(("tls", span)) => match tls_v {
+        "tls" => match tls_v {
             None => {
                 cx.err(
-                    span,
+                    mode_span.clone(),
                     "mode \"tls\" needs `tls` with at least a certificate: tls = { cert = \"…\", key = \"…\" }",
                 );
                 None
@@ -681,13 +772,29 @@ fn listener(
                 .and_then(|tt| listen_tls(cx, tt, base))
                 .map(|t| ListenerMode::Tls(Box::new(t))),
         },
-        Some((m @ ("socks5" | "http-connect" | "transparent"), span)) => {
-            cx.err(span, format!("mode {m:?} is not supported yet"));
-            None
+        "socks5" => forward(cx, destinations.clone()).map(|forward| {
+            ListenerMode::Socks5(Box::new(Socks5Listen {
+                forward,
+                udp: udp.unwrap_or(false),
+            }))
+        }),
+        "http-connect" => forward(cx, destinations.clone()).map(|forward| {
+            ListenerMode::HttpConnect(Box::new(HttpConnectListen {
+                forward,
+                sni_must_match: sni_must_match.unwrap_or(false),
+            }))
+        }),
+        "transparent" => {
+            // Checked below, once `upstream` is known: without it, `destinations` is required.
+            Some(ListenerMode::Transparent(Box::new(TransparentListen {
+                interception: interception.unwrap_or(Interception::Redirect),
+                destinations: destinations.clone(),
+                dial,
+            })))
         }
-        Some((other, span)) => {
+        other => {
             cx.err(
-                span,
+                mode_span.clone(),
                 format!(
                     "`mode` must be one of \"tcp\", \"tls\", \"socks5\", \"http-connect\", \"transparent\"; not {other:?}"
                 ),
@@ -727,13 +834,40 @@ fn listener(
             }
         }
     }
-    if upstream.is_none() && routes.is_empty() && routes_ok {
-        cx.err(
-            t.span.clone(),
-            format!(
-                "listener {who:?} has nowhere to send connections: give it `upstream` (and, if you like, [[listener.route]] entries)"
-            ),
-        );
+    match mode_name {
+        "socks5" | "http-connect" => {
+            for key in ["upstream", "route"] {
+                if let Some(v) = t.get(key) {
+                    cx.err(
+                        v.span(),
+                        format!(
+                            "`{key}` does not apply to mode {mode_name:?}: its clients name their destinations, which `destinations` restricts"
+                        ),
+                    );
+                }
+            }
+        }
+        "transparent" => {
+            if let Some(v) = t.get("route") {
+                cx.err(
+                    v.span(),
+                    "`route` does not apply to mode \"transparent\": connections go to their original destination, or to the listener's `upstream`",
+                );
+            }
+            if upstream.is_none() && destinations_v.is_none() {
+                open_proxy(cx, mode_span.clone());
+            }
+        }
+        _ => {
+            if upstream.is_none() && routes.is_empty() && routes_ok {
+                cx.err(
+                    t.span.clone(),
+                    format!(
+                        "listener {who:?} has nowhere to send connections: give it `upstream` (and, if you like, [[listener.route]] entries)"
+                    ),
+                );
+            }
+        }
     }
     let handshake_timeout = t
         .positive_duration(cx, "handshake_timeout")
@@ -808,7 +942,7 @@ fn route(
     let sni = t.get("sni").map(|v| {
         str_list(cx, "sni", v)
             .into_iter()
-            .filter_map(|(s, span)| match name_pattern(s) {
+            .filter_map(|(s, span)| match NamePattern::parse(s) {
                 Ok(p) => Some(p),
                 Err(e) => {
                     cx.err(span, format!("`sni`: {e}"));
@@ -861,31 +995,6 @@ fn alpn_list(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Vec<String> {
         }
     }
     out
-}
-
-/// A host name or a one-label wildcard (`*.example.com`), for SNI matching.
-fn name_pattern(s: &str) -> Result<NamePattern, String> {
-    let lower = s.trim_end_matches('.').to_ascii_lowercase();
-    let (wild, name) = match lower.strip_prefix("*.") {
-        Some(rest) => (true, rest),
-        None => (false, lower.as_str()),
-    };
-    let ok_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(ok_label) {
-        return Err(format!(
-            "{s:?} is not a host name or a wildcard such as \"*.example.com\""
-        ));
-    }
-    Ok(if wild {
-        NamePattern::Wildcard(name.to_string())
-    } else {
-        NamePattern::Exact(name.to_string())
-    })
 }
 
 /// A path as written in the config: relative to the config file's folder.
@@ -969,7 +1078,7 @@ fn listen_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<TlsListen>
             };
             let name = ct.required(cx, "name").and_then(|v| {
                 let s = as_str(cx, "name", v)?;
-                match name_pattern(s) {
+                match NamePattern::parse(s) {
                     Ok(p) => Some((p, v.span())),
                     Err(e) => {
                         cx.err(v.span(), format!("`name`: {e}"));
@@ -1390,6 +1499,7 @@ fn tcp_options(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> TcpOptions {
         keepalive: t.positive_duration(cx, "keepalive"),
         send_buffer: t.size(cx, "send_buffer"),
         recv_buffer: t.size(cx, "recv_buffer"),
+        mark: None,
     };
     t.finish(cx, TCP_KEYS, &[]);
     o
@@ -1408,6 +1518,122 @@ fn cidr_list(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Vec<ipnet::IpNet> {
                 span,
                 format!("`{key}`: {s:?} is not a network (e.g. \"10.0.0.0/8\") or an IP address"),
             );
+        }
+    }
+    out
+}
+
+/// `destinations = ["10.0.0.0/8:443", "*.internal:*", …]`: `None` if any entry is wrong
+/// (each reported) or the list is empty.
+fn destinations(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<Destinations> {
+    let items = str_list(cx, key, v);
+    if items.is_empty() {
+        if matches!(v.get_ref(), DeValue::Array(_)) {
+            cx.err(
+                v.span(),
+                format!("`{key}` is empty: nothing would be reachable"),
+            );
+        }
+        return None;
+    }
+    let mut rules = Vec::new();
+    let mut ok = true;
+    for (s, span) in items {
+        match destinations::parse_rule(s) {
+            Ok(r) => rules.push(r),
+            Err(e) => {
+                cx.err(span, format!("`{key}`: {e}"));
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| Destinations::new(rules))
+}
+
+/// `users = [{ name = "alice", password = "…" }, { name = "bob", password_hash = "$2y$…" }]`.
+fn users(cx: &mut Cx<'_>, v: &Val<'_>) -> Vec<User> {
+    let Some(items) = table_array(cx, "users", v) else {
+        return Vec::new();
+    };
+    if items.is_empty() {
+        cx.err(
+            v.span(),
+            "`users` is empty: leave it out for no authentication, or list at least one user",
+        );
+    }
+    let mut out: Vec<User> = Vec::new();
+    for item in items.iter() {
+        let Some(u) = as_table(cx, "users", item, "a user") else {
+            continue;
+        };
+        let name = u.required(cx, "name").and_then(|v| {
+            let n = as_str(cx, "name", v)?;
+            let problem = if n.is_empty() || n.len() > 255 {
+                Some("a user name is 1 to 255 bytes (SOCKS5 carries no more)")
+            } else if n.contains(':') {
+                Some("a user name cannot contain ':' (HTTP Basic authentication splits at it)")
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                cx.err(v.span(), p);
+                return None;
+            }
+            if out.iter().any(|o| o.name == n) {
+                cx.err(v.span(), format!("user {n:?} is listed twice"));
+                return None;
+            }
+            Some(n.to_string())
+        });
+        let password = u.get("password");
+        let hash = u.get("password_hash");
+        let secret = match (password, hash) {
+            (Some(_), Some(h)) => {
+                cx.err(
+                    h.span(),
+                    "give a user `password` or `password_hash`, not both",
+                );
+                None
+            }
+            (None, None) => {
+                cx.err(
+                    item.span(),
+                    "a user needs `password` or `password_hash` (bcrypt, as `htpasswd -B` writes it)",
+                );
+                None
+            }
+            (Some(p), None) => as_str(cx, "password", p).and_then(|pw| {
+                if pw.is_empty() || pw.len() > 255 {
+                    cx.err(p.span(), "a password is 1 to 255 bytes (SOCKS5 carries no more)");
+                    return None;
+                }
+                Some(Secret::Password(pw.to_string()))
+            }),
+            (None, Some(h)) => as_str(cx, "password_hash", h).and_then(|hs| {
+                match hs.parse::<bcrypt::HashParts>() {
+                    Ok(_) => Some(Secret::Bcrypt(hs.to_string())),
+                    Err(_) => {
+                        cx.err(
+                            h.span(),
+                            "`password_hash` is not a bcrypt hash (\"$2y$10$…\", as `htpasswd -nB user` prints it)",
+                        );
+                        None
+                    }
+                }
+            }),
+        };
+        let dests = u
+            .get("destinations")
+            .map(|v| destinations(cx, "destinations", v));
+        u.finish(cx, USER_KEYS, &[]);
+        if let (Some(name), Some(secret)) = (name, secret)
+            && dests.as_ref().is_none_or(Option::is_some)
+        {
+            out.push(User {
+                name,
+                secret,
+                destinations: dests.flatten(),
+            });
         }
     }
     out

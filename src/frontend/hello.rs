@@ -36,7 +36,7 @@ pub async fn read(sock: &Sock, buf: &mut Vec<u8>) -> Result<Option<ClientHello>,
 }
 
 /// Appends at most `max` bytes read from `sock` to `buf`; waits for at least one (0: EOF).
-async fn read_some(sock: &Sock, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+pub(super) async fn read_some(sock: &Sock, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
     let want = max.min(4096);
     loop {
         let mut g = sock.readable().await?;

@@ -10,13 +10,24 @@
 //! - mode `tcp`: the PROXY header if configured; then, only if a route matches on SNI or
 //!   ALPN, the TLS ClientHello (a client that is not TLS takes the default route).
 //! - mode `tls`: the PROXY header if configured, the ClientHello, the TLS handshake.
+//! - modes `socks5` and `http-connect`: the PROXY header if configured, then the proxy
+//!   protocol's handshake up to the client's request (`socks5.rs`, `http_proxy.rs`); the
+//!   answer to it comes after the connect (`forward::Reply`).
+//! - mode `transparent`: the PROXY header if configured, and the original destination
+//!   (`transparent.rs`).
 //!
 //! The whole handshake runs within the listener's `handshake_timeout`: a client that
 //! sends half a header or half a ClientHello and stops is closed (`protocol_error`) and
 //! holds nothing after that.
 
+pub mod forward;
 mod hello;
+mod http_proxy;
 mod proxy_header;
+mod socks5;
+mod transparent;
+
+pub use forward::{Forwarding, Request, Transparent};
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -47,6 +58,11 @@ pub struct Accepted {
     pub tls: Option<TlsInfo>,
     /// The client's place under the per-client limits, when checked here.
     pub client_permit: Option<ClientPermit>,
+    /// Forward-proxy modes: where the client asked to go (transparent: the original
+    /// destination).
+    pub request: Option<Request>,
+    /// The name the client authenticated with, for the record.
+    pub user: Option<Box<str>>,
 }
 
 /// What a failed handshake leaves for the record.
@@ -54,6 +70,46 @@ pub struct Failed {
     pub peer: SocketAddr,
     pub refusal: Refusal,
     pub sni: Option<Box<str>>,
+    pub user: Option<Box<str>>,
+    pub destination: Option<Box<str>>,
+}
+
+/// A forward-proxy handshake's exchange with the client so far.
+#[derive(Default)]
+pub(crate) struct Talk {
+    /// Something was written to the client (an answer that must be read, so the socket is
+    /// closed with a FIN, not reset).
+    pub answered: bool,
+    /// The user name the client gave.
+    pub user: Option<Box<str>>,
+    /// The destination it asked for, as it named it.
+    pub destination: Option<Box<str>>,
+}
+
+/// Reads more of a handshake message from `sock` into `buf` (`what` names it in errors);
+/// refuses a message longer than `max`.
+pub(crate) async fn fill(
+    sock: &Sock,
+    buf: &mut Vec<u8>,
+    max: usize,
+    what: &str,
+) -> Result<(), Refusal> {
+    if buf.len() >= max {
+        return Err(Refusal::handshake(format!(
+            "{what} is longer than {max} bytes"
+        )));
+    }
+    let n = hello::read_some(sock, buf, max - buf.len())
+        .await
+        .map_err(|e| Refusal::handshake(format!("reading {what}: {e}")))?;
+    if n == 0 {
+        return Err(Refusal::handshake(if buf.is_empty() {
+            "closed before sending anything".to_string()
+        } else {
+            format!("closed in the middle of {what}")
+        }));
+    }
+    Ok(())
 }
 
 /// Runs the listener's front-end handshake on `sock` within its `handshake_timeout`.
@@ -72,6 +128,7 @@ pub async fn handshake(
         sni: None,
         sock: Some(sock),
         tls_started: false,
+        talk: Talk::default(),
     };
     let started = Instant::now();
     let r = tokio::time::timeout(l.handshake_timeout, run(l, &mut state)).await;
@@ -92,14 +149,18 @@ pub async fn handshake(
     }
     tracing::debug!(listener = %l.name, client = %state.peer, took = ?started.elapsed(), "front-end handshake failed: {}", refusal.reason.as_deref().unwrap_or(refusal.outcome.as_str()));
     // A socket still here was not handed to a TLS session (which closes its own): reset
-    // it, as every refused connection is.
-    if let Some(s) = state.sock.take() {
+    // it, as every refused connection is, unless it was sent an answer to read.
+    if let Some(s) = state.sock.take()
+        && !state.talk.answered
+    {
         net::close_with_reset(s);
     }
     Err(Failed {
         peer: state.peer,
         refusal,
         sni: state.sni,
+        user: state.talk.user,
+        destination: state.talk.destination,
     })
 }
 
@@ -113,6 +174,7 @@ struct State {
     sock: Option<Sock>,
     /// A TLS listener has started reading the ClientHello.
     tls_started: bool,
+    talk: Talk,
 }
 
 async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
@@ -176,7 +238,33 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 alpn_offered,
                 tls: None,
                 client_permit: st.client_permit.take(),
+                request: None,
+                user: None,
             })
+        }
+        FrontEnd::Socks5 { forward, udp } => {
+            let (request, replay) = socks5::handshake(sock, forward, *udp, &mut st.talk).await?;
+            st.forwarded(request, replay)
+        }
+        FrontEnd::HttpConnect { forward, .. } => {
+            let (request, replay) = http_proxy::handshake(sock, forward, &mut st.talk).await?;
+            st.forwarded(request, replay)
+        }
+        FrontEnd::Transparent(t) => {
+            // Behind a PROXY header, its destination is the original one.
+            let dst = match st.destination {
+                Some(d) => d,
+                None => transparent::original_destination(sock, t.interception)?,
+            };
+            let target = crate::upstream::dial::Target::addr(dst);
+            st.talk.destination = Some(target.to_string().into());
+            let request = Request {
+                target,
+                user: None,
+                reply: forward::Reply::None,
+                associate: false,
+            };
+            st.forwarded(request, Vec::new())
         }
         FrontEnd::Tls(tls) => {
             st.tls_started = true;
@@ -216,12 +304,60 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 alpn_offered: Vec::new(),
                 tls: Some(info),
                 client_permit: st.client_permit.take(),
+                request: None,
+                user: None,
             })
         }
     }
 }
 
+/// Reads a TLS ClientHello into `buf` (kept for the server): `Some(sni)` if the client
+/// speaks TLS, `None` if it does not.
+pub async fn read_hello(
+    sock: &Sock,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Option<Box<str>>>, Refusal> {
+    Ok(hello::read(sock, buf).await?.map(|h| h.sni.map(Into::into)))
+}
+
+impl State {
+    /// A forward-proxy handshake's result.
+    fn forwarded(&mut self, request: Request, replay: Vec<u8>) -> Result<Accepted, Refusal> {
+        let sock = self
+            .sock
+            .take()
+            .ok_or_else(|| Refusal::handshake("no socket"))?;
+        Ok(Accepted {
+            peer: self.peer,
+            destination: self.destination,
+            stream: Stream::Plain(sock),
+            replay,
+            sni: None,
+            alpn_offered: Vec::new(),
+            tls: None,
+            client_permit: self.client_permit.take(),
+            request: Some(request),
+            user: self.talk.user.take(),
+        })
+    }
+}
+
 impl Refusal {
+    /// A client the front end refuses: `denied` (authentication, a command not allowed).
+    pub fn denied(reason: impl Into<String>) -> Refusal {
+        Refusal::with(Outcome::Denied, reason)
+    }
+
+    /// A front-end failure with its outcome.
+    pub fn with(outcome: Outcome, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            stage: Stage::Handshake,
+            outcome,
+            reason: Some(reason.into()),
+            server: None,
+        }
+    }
+
     /// A front-end handshake that failed: `protocol_error`.
     pub fn handshake(reason: impl Into<String>) -> Refusal {
         Refusal {

@@ -107,6 +107,9 @@ pub async fn connect(
     if opts.nodelay {
         set(sref.set_tcp_nodelay(true))?;
     }
+    if let Some(m) = opts.mark {
+        set(sref.set_mark(m))?;
+    }
     // An urgent byte from the server is relayed in line, not dropped (see `relay`).
     set(sref.set_out_of_band_inline(true))?;
     match rustix::net::connect(&fd, &addr) {
@@ -157,8 +160,14 @@ pub fn close_with_reset<S: std::os::fd::AsFd>(sock: S) {
 
 /// Binds a listening socket (non-blocking, not yet registered with a runtime: the worker
 /// that accepts on it registers it). With `reuse_port`, several sockets may bind the same
-/// address and the kernel spreads new connections over them.
-pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+/// address and the kernel spreads new connections over them. With `transparent`
+/// (IP_TRANSPARENT, for TPROXY), it accepts connections addressed to any address that
+/// policy routing delivers to it.
+pub fn bind_listener(
+    addr: SocketAddr,
+    reuse_port: bool,
+    transparent: bool,
+) -> io::Result<std::net::TcpListener> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     if addr.is_ipv6() {
@@ -173,6 +182,13 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net:
     socket.set_out_of_band_inline(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
+    }
+    if transparent {
+        if addr.is_ipv4() {
+            socket.set_ip_transparent_v4(true)?;
+        } else {
+            socket.set_ip_transparent_v6(true)?;
+        }
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;

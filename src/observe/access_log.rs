@@ -50,8 +50,20 @@ pub struct Record<'a> {
     /// The subject of the client's certificate (mTLS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_cert: Option<&'a str>,
+    /// The user a forward-proxy client authenticated as (or tried to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<&'a str>,
+    /// What a forward-proxy client asked for (name or address, and port); in transparent
+    /// mode, the original destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<&'a str>,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Datagrams relayed each way (a SOCKS5 UDP association).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_down: Option<u64>,
     /// Time to establish the server connection; absent when none was made.
     #[serde(serialize_with = "millis")]
     pub connect_ms: Option<Duration>,
@@ -105,8 +117,12 @@ impl<'a> Record<'a> {
             tls_version: None,
             tls_cipher: None,
             client_cert: None,
+            user: None,
+            destination: None,
             bytes_up: 0,
             bytes_down: 0,
+            datagrams_up: None,
+            datagrams_down: None,
             connect_ms: None,
             duration_ms: Duration::ZERO,
             result,
@@ -142,8 +158,10 @@ impl<'a> Record<'a> {
                 );
                 // Fields that apply to some connections only, when they do. Free text is
                 // quoted.
-                let extra: [(&str, Option<&str>, bool); 6] = [
+                let extra: [(&str, Option<&str>, bool); 8] = [
                     ("event", self.event, false),
+                    ("user", self.user, true),
+                    ("destination", self.destination, false),
                     ("alpn", self.alpn, false),
                     ("tls_version", self.tls_version, false),
                     ("tls_cipher", self.tls_cipher, false),

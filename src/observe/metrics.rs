@@ -130,7 +130,7 @@ impl Collector for Snapshot {
             .iter()
             .filter_map(|l| match &l.front {
                 crate::listener::FrontEnd::Tls(t) => Some((l, t.clone())),
-                crate::listener::FrontEnd::Tcp => None,
+                _ => None,
             })
             .collect();
         {

@@ -58,6 +58,7 @@ use crate::tls::TlsStream;
 use crate::tls::stream::ReadEnd;
 
 mod pipe;
+pub mod socks_udp;
 
 use pipe::Pipe;
 

@@ -38,6 +38,8 @@ pub struct Client<'a> {
     pub sock: &'a Sock,
     /// Bytes the server must get first.
     pub replay: &'a [u8],
+    /// SO_MARK for the server connection (a transparent listener's `mark`).
+    pub mark: Option<u32>,
 }
 
 /// Claims a server of `pool` and connects to it, retrying on others.
@@ -85,8 +87,12 @@ pub async fn connect(
             }
         };
         let server = guard.server().clone();
+        let tcp = crate::config::TcpOptions {
+            mark: client.mark.or(pool.tcp.mark),
+            ..pool.tcp
+        };
         let attempt = async {
-            let sock = net::connect(server.addr, pool.connect_timeout, &pool.tcp).await?;
+            let sock = net::connect(server.addr, pool.connect_timeout, &tcp).await?;
             open(pool, &server, sock, &client).await
         };
         let connected = tokio::select! {

@@ -7,6 +7,7 @@
 //! `ServerGuard` and never notice.
 
 pub mod connect;
+pub mod dial;
 mod dns;
 mod queue;
 mod sticky;

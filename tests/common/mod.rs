@@ -164,6 +164,26 @@ impl Ferry {
         Ferry::spawn(cmd, dir, config_path, log_path, listening).await
     }
 
+    /// As [`Ferry::start`], with ferry run by a wrapper: `wrapper[0]` with the rest of
+    /// `wrapper` as its first arguments, then the ferry binary, `run --config PATH`. The
+    /// wrapper must end by exec'ing ferry (as `ip netns exec NS` and `unshare` do, or
+    /// `sh -c '… && exec "$0" "$@"'`), so that the process killed on drop is ferry itself.
+    pub async fn start_wrapped(config: &str, listening: usize, wrapper: &[&str]) -> Ferry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_path = dir.path().join("access.log");
+        let config_path = dir.path().join("ferry.toml");
+        let text = config.replace("@LOG@", &log_path.display().to_string());
+        std::fs::write(&config_path, text).expect("write config");
+        let (program, args) = wrapper.split_first().expect("a wrapper program");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .arg(ferry_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path);
+        Ferry::spawn(cmd, dir, config_path, log_path, listening).await
+    }
+
     async fn spawn(
         mut cmd: Command,
         dir: TempDir,

@@ -54,6 +54,9 @@ pub struct Path3 {
     pub proxy_ip: IpAddr,
     /// The server's address.
     pub server_ip: IpAddr,
+    /// The same, IPv6.
+    pub proxy_ip6: IpAddr,
+    pub server_ip6: IpAddr,
     _ns: Namespaces,
 }
 
@@ -91,14 +94,65 @@ impl Path3 {
         );
         ip(&["-n", &c, "route", "add", "10.77.2.0/24", "via", "10.77.1.2"]);
         ip(&["-n", &s, "route", "add", "10.77.1.0/24", "via", "10.77.2.1"]);
+        // IPv6 too, usable at once (no duplicate address detection).
+        for (n, dev, addr) in [
+            (&c, "to-proxy", "fd77:1::1/64"),
+            (&p, "to-client", "fd77:1::2/64"),
+            (&p, "to-server", "fd77:2::1/64"),
+            (&s, "to-proxy", "fd77:2::2/64"),
+        ] {
+            ip(&["-n", n, "addr", "add", addr, "dev", dev, "nodad"]);
+        }
+        ip(&[
+            "-n",
+            &c,
+            "-6",
+            "route",
+            "add",
+            "fd77:2::/64",
+            "via",
+            "fd77:1::2",
+        ]);
+        ip(&[
+            "-n",
+            &s,
+            "-6",
+            "route",
+            "add",
+            "fd77:1::/64",
+            "via",
+            "fd77:2::1",
+        ]);
         Path3 {
             client_ns: c,
             proxy_ns: p,
             server_ns: s,
             proxy_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 1, 2)),
             server_ip: IpAddr::V4(Ipv4Addr::new(10, 77, 2, 2)),
+            proxy_ip6: "fd77:1::2".parse().unwrap(),
+            server_ip6: "fd77:2::2".parse().unwrap(),
             _ns: ns,
         }
+    }
+
+    /// A connection from `ns` to `addr`.
+    pub fn connect_from(&self, ns: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+        let s = in_ns(ns, move || {
+            std::net::TcpStream::connect_timeout(&addr, WAIT)
+                .unwrap_or_else(|e| panic!("connect to {addr} from {ns}: {e}"))
+        });
+        s.set_nonblocking(true).unwrap();
+        tokio::net::TcpStream::from_std(s).unwrap()
+    }
+
+    /// A listening socket in the server's namespace on `addr`.
+    pub fn server_listener_on(&self, addr: SocketAddr) -> tokio::net::TcpListener {
+        let l = in_ns(&self.server_ns, move || {
+            std::net::TcpListener::bind(addr)
+                .unwrap_or_else(|e| panic!("bind {addr} in the server namespace: {e}"))
+        });
+        l.set_nonblocking(true).unwrap();
+        tokio::net::TcpListener::from_std(l).unwrap()
     }
 
     /// Starts ferry inside the proxy's namespace (see [`Ferry::start`]).
@@ -189,3 +243,47 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 
 /// A bound far above what any wait here normally takes.
 pub const SLOW: Duration = Duration::from_secs(30);
+
+/// One network namespace of the test's own, with only loopback (up): for what a host
+/// without routes does (`ip -n NAME route add unreachable …` and the like). Deleted on drop.
+pub struct Netns {
+    pub name: String,
+    _ns: Namespaces,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "ferry-{}-ns{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        let ns = Namespaces(vec![name.clone()]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name, _ns: ns }
+    }
+
+    /// Runs `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Starts ferry inside the namespace (see [`Ferry::start`]).
+    pub async fn start_ferry(&self, config: &str, listening: usize) -> Ferry {
+        Ferry::start_wrapped(config, listening, &["ip", "netns", "exec", &self.name]).await
+    }
+
+    /// A connection made from inside the namespace to `addr`.
+    pub fn connect(&self, addr: SocketAddr) -> tokio::net::TcpStream {
+        let s = in_ns(&self.name, move || {
+            std::net::TcpStream::connect_timeout(&addr, WAIT)
+                .unwrap_or_else(|e| panic!("connect to {addr} in the namespace: {e}"))
+        });
+        s.set_nonblocking(true).unwrap();
+        tokio::net::TcpStream::from_std(s).unwrap()
+    }
+}
