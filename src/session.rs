@@ -354,7 +354,7 @@ async fn set_up(
         // Transparent mode with an upstream goes on to it, once the original destination
         // passed its checks; every other forward request goes where it asked.
         if let Err(e) = forward::check_transparent(l, &req) {
-            return Err(forward::refuse(l, a, &req, front, e).await);
+            return Err(forward::refuse(l, a, &req, front, e, None).await);
         }
         if req.associate {
             return forward::associate(l, a, req, front).await;
@@ -471,6 +471,7 @@ mod forward {
         req: &Request,
         front: Front,
         e: DialError,
+        server: Option<SocketAddr>,
     ) -> SetUpFailed {
         let client = plain(&a.stream);
         if let Some(c) = client {
@@ -492,7 +493,7 @@ mod forward {
                 stage,
                 outcome,
                 reason: Some(e.reason().to_string()),
-                server: None,
+                server,
             },
             front,
         }
@@ -516,11 +517,11 @@ mod forward {
         use crate::relay::socks_udp::{Association, End};
         let FrontEnd::Socks5 { forward, .. } = &l.front else {
             let e = DialError::Denied("UDP ASSOCIATE on a listener that is not SOCKS5".into());
-            return Err(refuse(l, a, &req, front, e).await);
+            return Err(refuse(l, a, &req, front, e, None).await);
         };
         let Some(control) = plain(&a.stream) else {
             let e = DialError::Failed("no control connection".into());
-            return Err(refuse(l, a, &req, front, e).await);
+            return Err(refuse(l, a, &req, front, e, None).await);
         };
         let hint = match req.target.host {
             Host::Ip(ip) => SocketAddr::new(ip, req.target.port),
@@ -538,7 +539,7 @@ mod forward {
             Ok(x) => x,
             Err(e) => {
                 let e = DialError::Failed(format!("cannot bind the UDP relay socket: {e}"));
-                return Err(refuse(l, a, &req, front, e).await);
+                return Err(refuse(l, a, &req, front, e, None).await);
             }
         };
         let (assoc, bound) = assoc;
@@ -604,7 +605,7 @@ mod forward {
             FrontEnd::Transparent(t) => (t.dial, t.own.load_full(), false),
             _ => {
                 let e = DialError::Denied("not a forward-proxy listener".into());
-                return Err(refuse(l, a, &req, front, e).await);
+                return Err(refuse(l, a, &req, front, e, None).await);
             }
         };
         let empty = crate::destinations::Destinations::default();
@@ -625,11 +626,11 @@ mod forward {
         };
         let dialled = tokio::select! {
             r = dial::dial(&req.target, &policy, &dial_cfg) => r,
-            () = l.stop_token().cancelled() => Err(DialError::Failed("ferry is shutting down".into())),
+            () = l.stop_token().cancelled() => Err(DialError::Failed("ferry is shutting down".into()).into()),
         };
         let d = match dialled {
             Ok(d) => d,
-            Err(e) => return Err(refuse(l, a, &req, front, e).await),
+            Err(f) => return Err(refuse(l, a, &req, front, f.error, f.server).await),
         };
         let connect_time = t0.elapsed();
         let server_addr = d.addr;

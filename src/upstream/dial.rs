@@ -176,6 +176,22 @@ impl DialError {
     }
 }
 
+/// A dial that failed, and the address it tried last (none when nothing was dialled).
+#[derive(Debug)]
+pub struct Failure {
+    pub error: DialError,
+    pub server: Option<SocketAddr>,
+}
+
+impl From<DialError> for Failure {
+    fn from(error: DialError) -> Failure {
+        Failure {
+            error,
+            server: None,
+        }
+    }
+}
+
 /// A connected destination.
 pub struct Dialed {
     pub sock: Sock,
@@ -187,7 +203,7 @@ pub struct Dialed {
 const STAGGER: Duration = Duration::from_millis(250);
 
 /// Checks, resolves and connects to `target` within `dial.connect_timeout`.
-pub async fn dial(target: &Target, policy: &Policy<'_>, dial: &Dial) -> Result<Dialed, DialError> {
+pub async fn dial(target: &Target, policy: &Policy<'_>, dial: &Dial) -> Result<Dialed, Failure> {
     let deadline = Instant::now() + dial.connect_timeout;
     let addrs = match &target.host {
         Host::Ip(ip) => {
@@ -195,12 +211,14 @@ pub async fn dial(target: &Target, policy: &Policy<'_>, dial: &Dial) -> Result<D
             if policy.own.contains(a) {
                 return Err(DialError::Denied(format!(
                     "{target} is ferry's own listening address"
-                )));
+                ))
+                .into());
             }
             if !policy.allows(target, a) {
                 return Err(DialError::Denied(format!(
                     "{target} is not allowed by `destinations`"
-                )));
+                ))
+                .into());
             }
             vec![a]
         }
@@ -208,20 +226,24 @@ pub async fn dial(target: &Target, policy: &Policy<'_>, dial: &Dial) -> Result<D
             if !policy.may_allow_name(name, target.port) {
                 return Err(DialError::Denied(format!(
                     "{target} is not allowed by `destinations`"
-                )));
+                ))
+                .into());
             }
             let found = match tokio::time::timeout_at(deadline, resolve(name, target.port)).await {
                 Err(_) => {
                     return Err(DialError::Timeout(format!(
                         "{name} not resolved within {:?}",
                         dial.connect_timeout
-                    )));
+                    ))
+                    .into());
                 }
-                Ok(Err(e)) => return Err(DialError::Resolve(format!("resolving {name}: {e}"))),
+                Ok(Err(e)) => {
+                    return Err(DialError::Resolve(format!("resolving {name}: {e}")).into());
+                }
                 Ok(Ok(found)) => found,
             };
             if found.is_empty() {
-                return Err(DialError::Resolve(format!("{name} has no address")));
+                return Err(DialError::Resolve(format!("{name} has no address")).into());
             }
             let allowed: Vec<SocketAddr> = found
                 .iter()
@@ -236,7 +258,8 @@ pub async fn dial(target: &Target, policy: &Policy<'_>, dial: &Dial) -> Result<D
                     .join(", ");
                 return Err(DialError::Denied(format!(
                     "{target} resolves to {shown}, which `destinations` does not allow"
-                )));
+                ))
+                .into());
             }
             interleave(allowed)
         }
@@ -245,13 +268,18 @@ pub async fn dial(target: &Target, policy: &Policy<'_>, dial: &Dial) -> Result<D
         mark: dial.mark,
         ..TcpOptions::default()
     };
-    race(&addrs, deadline, &tcp).await.map_err(|e| match e {
-        ConnectError::Timeout => DialError::Timeout(format!(
-            "{target}: no connection within {:?}",
-            dial.connect_timeout
-        )),
-        ConnectError::Failed(e) => classify(target, e),
-    })
+    race(&addrs, deadline, &tcp)
+        .await
+        .map_err(|(e, server)| Failure {
+            error: match e {
+                ConnectError::Timeout => DialError::Timeout(format!(
+                    "{target}: no connection within {:?}",
+                    dial.connect_timeout
+                )),
+                ConnectError::Failed(e) => classify(target, e),
+            },
+            server,
+        })
 }
 
 /// Every address of `name`, in the resolver's order (RFC 6724).
@@ -290,10 +318,11 @@ async fn race(
     addrs: &[SocketAddr],
     deadline: Instant,
     tcp: &TcpOptions,
-) -> Result<Dialed, ConnectError> {
+) -> Result<Dialed, (ConnectError, Option<SocketAddr>)> {
     let mut pending: Vec<(SocketAddr, Attempt)> = Vec::new();
     let mut next = 0;
-    let mut last_error: Option<ConnectError> = None;
+    // The error to report, and the address it came from.
+    let mut last_error: Option<(ConnectError, SocketAddr)> = None;
     let mut stagger = Box::pin(tokio::time::sleep_until(Instant::now()));
     let mut overall = Box::pin(tokio::time::sleep_until(deadline));
     let tcp = *tcp;
@@ -313,6 +342,8 @@ async fn race(
                     Box::pin(async move { net::connect(a, left, &tcp).await }),
                 ));
                 stagger.as_mut().reset(Instant::now() + STAGGER);
+                // Round again: the reset timer must be polled to wake this task.
+                continue;
             }
             let mut i = 0;
             let mut failed_one = false;
@@ -328,9 +359,9 @@ async fn race(
                         // A timeout says less than a refusal seen earlier: keep that.
                         if !matches!(
                             (&e, &last_error),
-                            (ConnectError::Timeout, Some(ConnectError::Failed(_)))
+                            (ConnectError::Timeout, Some((ConnectError::Failed(_), _)))
                         ) {
-                            last_error = Some(e);
+                            last_error = Some((e, pending[i].0));
                         }
                         drop(pending.swap_remove(i));
                         failed_one = true;
@@ -339,10 +370,17 @@ async fn race(
                 }
             }
             if pending.is_empty() && next >= addrs.len() {
-                return Poll::Ready(Err(last_error.take().unwrap_or(ConnectError::Timeout)));
+                return Poll::Ready(Err(match last_error.take() {
+                    Some((e, a)) => (e, Some(a)),
+                    None => (ConnectError::Timeout, None),
+                }));
             }
             if overall.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(ConnectError::Timeout));
+                let last = pending
+                    .last()
+                    .map(|p| p.0)
+                    .or(last_error.as_ref().map(|l| l.1));
+                return Poll::Ready(Err((ConnectError::Timeout, last)));
             }
             // A failure frees the way for the next address at once.
             if !(failed_one && next < addrs.len()) {
@@ -410,6 +448,64 @@ mod tests {
         assert!(!own.contains(sa("127.0.0.1:8081")));
     }
 
+    /// A port nothing listens on.
+    fn refused_port() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_makes_way_for_the_next() {
+        let good = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let d = race(
+            &[refused_port(), good_addr],
+            deadline,
+            &TcpOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(d.addr, good_addr);
+        // All refused: the refusal is what is reported, not a timeout.
+        let all_bad = race(
+            &[refused_port(), refused_port()],
+            deadline,
+            &TcpOptions::default(),
+        )
+        .await;
+        assert!(matches!(all_bad, Err((ConnectError::Failed(_), Some(_)))));
+    }
+
+    #[tokio::test]
+    async fn a_silent_address_does_not_hold_up_the_next() {
+        // A listener with a full backlog of 0 drops further SYNs: a connect to it hangs.
+        let silent =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        silent.bind(&sa("127.0.0.1:0").into()).unwrap();
+        silent.listen(0).unwrap();
+        let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            match std::net::TcpStream::connect_timeout(&silent_addr, Duration::from_millis(200)) {
+                Ok(c) => fillers.push(c),
+                Err(_) => break,
+            }
+        }
+        let good = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let good_addr = good.local_addr().unwrap();
+        // Far longer than the stagger: the second attempt starts long before it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let d = tokio::time::timeout(
+            Duration::from_secs(30),
+            race(&[silent_addr, good_addr], deadline, &TcpOptions::default()),
+        )
+        .await
+        .expect("the second address is tried while the first hangs")
+        .unwrap();
+        assert_eq!(d.addr, good_addr);
+    }
+
     #[tokio::test]
     async fn refused_without_contacting_anything() {
         let d = crate::destinations::Destinations::new(vec![parse_rule("10.0.0.0/8:443").unwrap()]);
@@ -426,7 +522,13 @@ mod tests {
             Target::name("example.invalid", 80),
         ] {
             assert!(
-                matches!(dial(&t, &p, &dial_cfg).await, Err(DialError::Denied(_))),
+                matches!(
+                    dial(&t, &p, &dial_cfg).await,
+                    Err(Failure {
+                        error: DialError::Denied(_),
+                        server: None
+                    })
+                ),
                 "{t}"
             );
         }
@@ -439,7 +541,10 @@ mod tests {
         };
         assert!(matches!(
             dial(&Target::addr(sa("10.2.0.1:443")), &p, &dial_cfg).await,
-            Err(DialError::Denied(_))
+            Err(Failure {
+                error: DialError::Denied(_),
+                ..
+            })
         ));
     }
 }
