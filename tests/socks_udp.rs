@@ -121,13 +121,12 @@ destinations = ["127.0.0.0/8:{}"]
     let r = &recs[0];
     assert_eq!(r["datagrams_up"], 10, "{r}");
     assert_eq!(r["datagrams_down"], 10, "{r}");
-    let bytes: u64 = [1u64, 2, 100, 512, 1000, 1200, 1399, 1400, 7, 64].iter().sum();
+    let bytes: u64 = [1u64, 2, 100, 512, 1000, 1200, 1399, 1400, 7, 64]
+        .iter()
+        .sum();
     assert_eq!(r["bytes_up"], bytes, "{r}");
     assert_eq!(r["bytes_down"], bytes, "{r}");
-    assert_eq!(
-        r["reason"], "UDP ASSOCIATE; 3 datagram(s) dropped",
-        "{r}"
-    );
+    assert_eq!(r["reason"], "UDP ASSOCIATE; 3 datagram(s) dropped", "{r}");
     // Only the client's allowed datagrams reached a server.
     assert_eq!(echoed.load(Ordering::SeqCst), 10);
     assert_eq!(forbidden_seen.load(Ordering::SeqCst), 0);
@@ -166,7 +165,10 @@ destinations = ["127.0.0.0/8:*"]
     .await;
     let recs = f.records_with("denied", 1, WAIT).await;
     assert!(
-        recs[0]["reason"].as_str().unwrap().contains("UDP ASSOCIATE is not enabled"),
+        recs[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("UDP ASSOCIATE is not enabled"),
         "{}",
         recs[0]
     );
