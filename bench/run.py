@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """ferry benchmark harness: ferry vs haproxy, nginx (stream), socat and a direct path; for
-TLS termination ferry vs haproxy, nginx, stunnel, hitch and a direct TLS path.
+TLS termination ferry vs haproxy, nginx, stunnel, hitch and a direct TLS path; as a forward
+proxy, ferry's SOCKS5 listener vs dante and microsocks and its HTTP CONNECT listener vs squid
+and tinyproxy, with a direct path.
 
 One command, Python standard library only:
 
     python3 bench/run.py [--quick] [--rounds N]
                          [--only bulk,bulk-mtu,redis,connrate,memory,
-                                 tls-handshake,tls-resume,tls-bulk,tls-memory]
+                                 tls-handshake,tls-resume,tls-bulk,tls-memory,
+                                 socks-rate,socks-bulk,http-rate,http-bulk]
                          [--contenders direct,direct-tls,ferry,...] [--ferry-baseline OLD_FERRY]
                          [--out bench/results/NAME.json]
 
@@ -52,15 +55,27 @@ FERRY_BIN = os.path.join(ROOT, "target", "release", "ferry")
 # "ferry-base" (a second, older ferry binary) runs only with --ferry-baseline PATH.
 # Plain TCP measurements run the contenders that relay plain TCP (direct, ferry, ferry-base,
 # haproxy, haproxy-splice, nginx, socat); the tls-* measurements those that terminate TLS
-# (direct-tls, ferry, ferry-base, haproxy, nginx, stunnel, hitch). See Contender.plain/.tls.
+# (direct-tls, ferry, ferry-base, haproxy, nginx, stunnel, hitch); socks-* direct and the SOCKS5
+# servers (ferry-socks5, dante, microsocks), http-* direct and the HTTP CONNECT proxies
+# (ferry-http, squid, tinyproxy). See Contender.plain/.tls/.forward.
 ALL_CONTENDERS = ["direct", "direct-tls", "ferry", "ferry-base", "haproxy", "haproxy-splice", "nginx",
-                  "socat", "stunnel", "hitch"]
+                  "socat", "stunnel", "hitch", "ferry-socks5", "dante", "microsocks", "ferry-http",
+                  "squid", "tinyproxy"]
 TLS_MEASUREMENTS = ["tls-handshake", "tls-resume", "tls-bulk", "tls-memory"]
-ALL_MEASUREMENTS = ["bulk", "bulk-mtu", "redis", "connrate", "memory"] + TLS_MEASUREMENTS
+# Forward-proxy measurements: new tunnels per second and bulk through tunnels, per protocol.
+FORWARD_MEASUREMENTS = {"socks-rate": "socks5", "socks-bulk": "socks5",
+                        "http-rate": "http", "http-bulk": "http"}
+ALL_MEASUREMENTS = (["bulk", "bulk-mtu", "redis", "connrate", "memory"] + TLS_MEASUREMENTS
+                    + list(FORWARD_MEASUREMENTS))
 # Tools of bench/tools each measurement runs.
 TOOLS_NEEDED = {"connrate": ["echo", "connrate"], "memory": ["echo", "idleconns"],
                 "tls-handshake": ["echo", "tlsrate"], "tls-resume": ["echo", "tlsrate"],
-                "tls-bulk": ["echo", "tlsbulk"], "tls-memory": ["echo", "idleconns"]}
+                "tls-bulk": ["echo", "tlsbulk"], "tls-memory": ["echo", "idleconns"],
+                "socks-rate": ["echo", "connrate"], "socks-bulk": ["echo", "tlsbulk"],
+                "http-rate": ["echo", "connrate"], "http-bulk": ["echo", "tlsbulk"]}
+# Targets for the forward-proxy modes (printed with the ratios, and kept in the JSON): ferry's
+# value divided by the best peer's of the same protocol.
+FORWARD_TARGETS = {"rate": 1.5, "bulk": 1.3}
 TLS_SNI = "bench.test"  # the name in every certificate's subjectAltName, sent and verified
 LOOP = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -70,13 +85,17 @@ PROFILES = {
     # connrate D+1 s, memory ~8 s; tls-handshake 2*(D+1) s, tls-resume D+1 s, tls-bulk
     # 2*T+2 s, tls-memory ~10 s. 6 plain contenders x 3 rounds of the full profile is
     # ~14-16 minutes, 6 TLS contenders x 3 rounds ~12-14 more (~2-3 more each with
-    # ferry-base); quick ~2 + ~2 minutes.
+    # ferry-base); quick ~2 + ~2 minutes. socks-rate/http-rate D+1 s (+~60 s after dante's
+    # socks-rate turn: see Dante.cleanup), socks-bulk/http-bulk 2*T+1 s: 4 contenders each
+    # x 3 rounds ~10 minutes, quick ~2.
     "full": dict(rounds=3, bulk_secs=5, redis_requests=100_000, redis_clients=50,
                  connrate_secs=5, connrate_workers=64, mem_conns=9_700, socat_mem_conns=1_000,
-                 tls_secs=5, tls_workers=64, tls_bulk_secs=5),
+                 tls_secs=5, tls_workers=64, tls_bulk_secs=5,
+                 tunnel_secs=5, tunnel_workers=64, tunnel_bulk_secs=5),
     "quick": dict(rounds=1, bulk_secs=2, redis_requests=20_000, redis_clients=50,
                   connrate_secs=2, connrate_workers=64, mem_conns=1_000, socat_mem_conns=500,
-                  tls_secs=2, tls_workers=64, tls_bulk_secs=2),
+                  tls_secs=2, tls_workers=64, tls_bulk_secs=2,
+                  tunnel_secs=2, tunnel_workers=64, tunnel_bulk_secs=2),
 }
 
 
@@ -380,6 +399,22 @@ def listening_in_proc(pid: int, host: str, port: int) -> bool:
     return False
 
 
+def time_wait_count(host: str) -> int:
+    """TCP sockets in TIME_WAIT (state 06) whose local address is `host` (root namespace)."""
+    want = "%08X:" % struct.unpack("=I", socket.inet_aton(host))[0]
+    n = 0
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split(None, 4)
+                if len(fields) > 3 and fields[3] == "06" and fields[1].startswith(want):
+                    n += 1
+    except OSError:
+        pass
+    return n
+
+
 def is_listening(port: int, host: str = LOOP, pid: int | None = None, netns: str | None = None) -> bool:
     """True when something listens on host:port, never by connecting (a probe connection
     would reach the backend through the proxy).
@@ -671,6 +706,67 @@ def tls_probe(port: int, cert: CertFiles, backend: str = "echo", timeout: float 
                     "peer_cn": cn[0] if cn else None}
 
 
+def tunnel_open(port: int, kind: str | None, dest_port: int, timeout: float = 5.0) -> tuple[socket.socket, str]:
+    """A connection to 127.0.0.1:port and, with `kind` ("socks5" or "http"), a tunnel through
+    that forward proxy to 127.0.0.1:dest_port, opened as bench/tools does (SOCKS5 without
+    authentication; HTTP CONNECT). Returns the socket and the proxy's answer (for the JSON)."""
+    s = socket.create_connection((LOOP, port), timeout=timeout)
+    try:
+        if kind == "socks5":
+            s.sendall(b"\x05\x01\x00")
+            m = _recv_exact(s, 2)
+            if m != b"\x05\x00":
+                raise RuntimeError(f"SOCKS5 probe: method answer {m.hex()}, want 0500")
+            s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(LOOP) + struct.pack(">H", dest_port))
+            head = _recv_exact(s, 4)
+            if len(head) < 4 or head[0] != 5 or head[1] != 0:
+                raise RuntimeError(f"SOCKS5 probe: CONNECT answered {head.hex()}")
+            rest = {1: 6, 4: 18}.get(head[3])
+            if rest is None:
+                rest = _recv_exact(s, 1)[0] + 2
+            bound = _recv_exact(s, rest)
+            answer = f"SOCKS5 reply 00, bound {socket.inet_ntoa(bound[:4])}:{struct.unpack('>H', bound[4:6])[0]}" \
+                if head[3] == 1 else "SOCKS5 reply 00"
+        elif kind == "http":
+            s.sendall(f"CONNECT {LOOP}:{dest_port} HTTP/1.1\r\nHost: {LOOP}:{dest_port}\r\n\r\n".encode())
+            buf = b""
+            while b"\r\n\r\n" not in buf:  # nothing follows the answer before we send
+                chunk = s.recv(4096)
+                if not chunk or len(buf) > 8192:
+                    raise RuntimeError(f"HTTP CONNECT probe: answer cut short: {buf[:200]!r}")
+                buf += chunk
+            head, _, extra = buf.partition(b"\r\n\r\n")
+            lines = head.decode(errors="replace").split("\r\n")
+            parts = lines[0].split()
+            if extra or len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].startswith("2"):
+                raise RuntimeError(f"HTTP CONNECT probe: answered {buf[:200]!r}")
+            answer = " | ".join(lines)
+        else:
+            answer = ""
+        return s, answer
+    except BaseException:
+        s.close()
+        raise
+
+
+def tunnel_probe(port: int, kind: str | None, dest_port: int, backend: str) -> dict:
+    """One tunnel with Python's socket module (independent of the Rust tools) and one round
+    trip to the backend through it (echo: one byte back; sink: an empty upload, answered
+    with a zero count): the contender speaks the protocol, allows the destination and
+    relays. Also the turn's warm-up connection."""
+    s, answer = tunnel_open(port, kind, dest_port)
+    with s:
+        if backend == "sink":
+            s.sendall(b"\0\0\0\0")
+            if _recv_exact(s, 8) != b"\0" * 8:
+                raise RuntimeError("tunnel probe: no answer from the sink through the tunnel")
+        else:
+            s.sendall(b"w")
+            if _recv_exact(s, 1) != b"w":
+                raise RuntimeError("tunnel probe: no echo through the tunnel")
+    return {"answer": answer}
+
+
 def tail(path: str, n: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -688,6 +784,12 @@ class Contender:
     has_process = True
     plain = True   # runs in the plain TCP measurements (bulk, bulk-mtu, redis, connrate, memory)
     tls = False    # runs in the tls-* measurements (terminates TLS: start_tls)
+    # Forward-proxy protocols it serves ("socks5", "http"): runs in those socks-*/http-*
+    # measurements (start_forward). `direct` runs in all of them (no proxy, no handshake).
+    forward: tuple[str, ...] = ()
+    # Seconds to wait after the port listens before the first connection (servers whose
+    # workers start after the listening socket exists: squid's SMP kids).
+    settle = 0.0
 
     def __init__(self, tmp: str, fd_hard: int):
         self.tmp = tmp
@@ -715,6 +817,16 @@ class Contender:
         """The TLS library the contender uses (for the JSON)."""
         return ""
 
+    def start_forward(self, listen: int, tag: str) -> subprocess.Popen | None:
+        """Start the forward proxy (protocol self.forward) on 127.0.0.1:listen, allowing
+        tunnels to any port of 127.0.0.0/8 (and, where the program has such rules, to
+        nothing else), without authentication and without a per-connection log."""
+        raise NotImplementedError
+
+    def cleanup(self, tag: str) -> None:
+        """After the turn's process group is gone: remove what it may leave outside the
+        run's temp dir (squid's shared memory segments and IPC sockets)."""
+
     def log_path(self, tag: str) -> str:
         return os.path.join(self.tmp, f"{self.name}-{tag}.log")
 
@@ -735,9 +847,31 @@ def openssl_runtime() -> str:
     return _first_line(["openssl", "version"]) or "OpenSSL (version unknown)"
 
 
+def dpkg_version(pkg: str) -> str:
+    """The installed Debian package's version ("" if unknown)."""
+    try:
+        r = run_capture(["dpkg-query", "-W", "-f", "${Version}", pkg], timeout=10)
+        return r.stdout.strip() if r.returncode == 0 else ""
+    except (subprocess.TimeoutExpired, OSError):
+        return ""
+
+
+def system_user(*names: str) -> str | None:
+    """The first of these users that exists on this system."""
+    import pwd
+    for u in names:
+        try:
+            pwd.getpwnam(u)
+            return u
+        except KeyError:
+            continue
+    return None
+
+
 class Direct(Contender):
     name = "direct"
     has_process = False
+    forward = ("socks5", "http")
 
     def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
         return None
@@ -766,12 +900,17 @@ class Ferry(Contender):
     tls = True
 
     def __init__(self, tmp, fd_hard, build_error: str | None, mode: str,
-                 binary: str = FERRY_BIN, name: str = "ferry"):
+                 binary: str = FERRY_BIN, name: str = "ferry", forward: str | None = None):
+        """`forward` ("socks5" or "http"): contender ferry-socks5 / ferry-http, a listener in
+        mode "socks5" / "http-connect" (forward measurements only)."""
         super().__init__(tmp, fd_hard)
         self.build_error = build_error
         self.mode = mode
         self.binary = binary
         self.name = name
+        if forward is not None:
+            self.forward = (forward,)
+            self.plain = self.tls = False
 
     def available(self):
         if self.build_error:
@@ -843,6 +982,27 @@ servers = ["{backend}"]
     def start_tls(self, listen, backend, tag, cert):
         # Always a config file (--ferry-mode quick has no TLS flags).
         cfg = self._config(tag, f"{LOOP}:{listen}", f"{LOOP}:{backend}", cert)
+        return spawn([self.binary, "run", "--config", cfg], log_path=self.log_path(tag))
+
+    def start_forward(self, listen, tag):
+        # Always a config file; the same [global] and [log] as the plain relay. No users
+        # (no authentication), no upstream: the destination comes from the client.
+        mode = {"socks5": "socks5", "http": "http-connect"}[self.forward[0]]
+        cfg = os.path.join(self.tmp, f"{self.name}-{tag}.toml")
+        with open(cfg, "w") as f:
+            f.write(f"""[global]
+workers = 2
+
+[log]
+access = "off"
+level = "warn"
+
+[[listener]]
+name = "bench"
+listen = ["{LOOP}:{listen}"]
+mode = "{mode}"
+destinations = ["127.0.0.0/8:*"]
+""")
         return spawn([self.binary, "run", "--config", cfg], log_path=self.log_path(tag))
 
     def tls_library(self):
@@ -1118,6 +1278,238 @@ class Hitch(Contender):
                       *self.user(), cert.combined], log_path=self.log_path(tag))
 
 
+# Forward proxies (socks-*, http-* measurements). Each allows tunnels to 127.0.0.0/8 only
+# (ferry: destinations = ["127.0.0.0/8:*"]), without authentication, logs nothing per
+# connection, and gets what its documentation offers for using two cores.
+
+class Dante(Contender):
+    """dante-server (`danted`, SOCKS5): `-N 1` main server (`--dante-servers`; its man page:
+    more than the CPUs is unlikely to help; on this 2-core machine -N 1 measured as fast as
+    -N 2 or faster, with less CPU per tunnel), which forks its negotiate, request and io
+    child processes; all stay in the process group, so CPU accounting covers them.
+    Foreground (no -D). Dante binds every outgoing socket to its `external` address before connecting
+    (port 0, after trying the client's port), which reserves a port until the connection's
+    TIME_WAIT (60 s) ends, whoever else used the address: so each turn gets an external
+    address of its own (127.1.0.N, unused by anything else), or the TIME_WAIT sockets of the
+    turns before (the other contenders' included) would exhaust its ports. 127.1.0.0/16 is
+    loopback like the rest of 127.0.0.0/8 and used by nothing else in the run.
+    The other way round, a port bound explicitly (on any address) is one the kernel no longer
+    picks for anybody's connect() while the socket or its TIME_WAIT lasts: after a turn that
+    left many of them (socks-rate), cleanup() waits until they are gone (at most ~60 s),
+    so the next contender's turn finds the ephemeral port range as dante found it."""
+    name = "dante"
+    plain = False
+    forward = ("socks5",)
+    _external_n = 0
+    COOLDOWN_ABOVE = 1000  # TIME_WAIT sockets left on the turn's external address
+
+    def __init__(self, tmp, fd_hard, servers: int = 1):
+        super().__init__(tmp, fd_hard)
+        self.servers = servers  # -N
+        self.externals: dict[str, str] = {}  # tag -> external address
+
+    def available(self):
+        return None if shutil.which("danted") else "danted not installed (bench/setup.sh: dante-server)"
+
+    def version(self):
+        v = _first_line(["danted", "-v"], "Dante")
+        m = re.match(r"(Dante v\S+?)\.?\s", v + " ")
+        return (m.group(1) if m else ("dante-server " + dpkg_version("dante-server"))) + f", -N {self.servers}"
+
+    @classmethod
+    def next_external(cls) -> str:
+        cls._external_n += 1
+        n = cls._external_n - 1
+        return f"127.1.{n // 254 % 256}.{1 + n % 254}"
+
+    def start_forward(self, listen, tag):
+        cfg = os.path.join(self.tmp, f"dante-{tag}.conf")
+        unpriv = system_user("nobody") or "nobody"
+        # As root it switches to these users as the docs suggest; otherwise it stays itself.
+        users = f"user.privileged: root\nuser.unprivileged: {unpriv}\n" if os.geteuid() == 0 else ""
+        with open(cfg, "w") as f:
+            f.write(f"""logoutput: {os.path.join(self.tmp, f"dante-{tag}.out")}
+internal: {LOOP} port = {listen}
+external: {self.externals.setdefault(tag, self.next_external())}
+clientmethod: none
+socksmethod: none
+{users}
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: connect
+}}
+""")
+        return spawn(["danted", "-f", cfg, "-N", str(self.servers), "-p", os.path.join(self.tmp, f"dante-{tag}.pid")],
+                     log_path=self.log_path(tag))
+
+    def cleanup(self, tag):
+        addr = self.externals.pop(tag, None)
+        if addr is None:
+            return
+        t0 = time.monotonic()
+        n = time_wait_count(addr)
+        if n < self.COOLDOWN_ABOVE:
+            return
+        log(f"dante: {n} TIME_WAIT sockets hold ports bound on {addr}; waiting for them to expire")
+        while n >= self.COOLDOWN_ABOVE and time.monotonic() - t0 < 70:
+            time.sleep(2)
+            n = time_wait_count(addr)
+        log(f"dante: waited {time.monotonic() - t0:.0f}s ({n} left)")
+
+
+class Microsocks(Contender):
+    """microsocks (SOCKS5): one thread per connection; no settings besides the address (no
+    worker count, no buffer size, no log)."""
+    name = "microsocks"
+    plain = False
+    forward = ("socks5",)
+
+    def available(self):
+        return None if shutil.which("microsocks") else "microsocks not installed (bench/setup.sh)"
+
+    def version(self):
+        v = dpkg_version("microsocks")
+        return f"microsocks {v} (Debian package)" if v else ""
+
+    def start_forward(self, listen, tag):
+        return spawn(["microsocks", "-i", LOOP, "-p", str(listen)], log_path=self.log_path(tag))
+
+
+class Squid(Contender):
+    """squid (HTTP CONNECT): `workers N` (default 2, one per core: SMP mode, a master, a
+    coordinator and N kids, run with --foreground so they stay in the process group; with
+    N = 1 `squid -N`, one process). A minimal config of its own (none of Debian's
+    /etc/squid/squid.conf, whose SSL_ports rule refuses CONNECT to other ports than 443):
+    clients from 127.0.0.0/8 only, CONNECT to 127.0.0.0/8 only, no cache, no access log, no
+    pinger. Each start gets its own service name (-n), which names its shared memory
+    segments and IPC sockets, so it never meets another squid's; they are removed after
+    the turn."""
+    name = "squid"
+    plain = False
+    forward = ("http",)
+    RUN_DIR = "/run/squid"  # Debian's --runstatedir=/run: where SMP kids' IPC sockets live
+    _starts = 0
+
+    def __init__(self, tmp, fd_hard, workers: int = 2):
+        super().__init__(tmp, fd_hard)
+        self.workers = workers
+        self.services: dict[str, str] = {}  # tag -> service name
+        self.settle = 1.0 if workers > 1 else 0.0
+
+    def available(self):
+        if not shutil.which("squid"):
+            return "squid not installed (bench/setup.sh)"
+        if self.workers > 1 and not os.path.isdir(self.RUN_DIR):
+            # The package's unit makes it at boot (RuntimeDirectory); SMP mode needs it.
+            user = system_user("proxy") if os.geteuid() == 0 else None
+            try:
+                os.makedirs(self.RUN_DIR, exist_ok=True)
+                if user:
+                    import pwd
+                    pw = pwd.getpwnam(user)
+                    os.chown(self.RUN_DIR, pw.pw_uid, pw.pw_gid)
+                log(f"squid: created {self.RUN_DIR} (SMP mode keeps its IPC sockets there)")
+            except OSError as e:
+                return f"squid workers {self.workers} needs {self.RUN_DIR}: {e}"
+        return None
+
+    def version(self):
+        v = _first_line(["squid", "-v"], "Version")
+        return f"{v}, workers {self.workers}" if v else ""
+
+    def start_forward(self, listen, tag):
+        Squid._starts += 1
+        service = f"fb{os.getpid()}s{Squid._starts}"
+        self.services[tag] = service
+        d = os.path.join(self.tmp, f"squid-{tag}")
+        os.makedirs(d, exist_ok=True)
+        user = system_user("proxy") if os.geteuid() == 0 else None
+        effective = f"cache_effective_user {user}\n" if user else ""
+        if user:
+            import pwd
+            pw = pwd.getpwnam(user)
+            os.chown(d, pw.pw_uid, pw.pw_gid)  # cache.log is written after dropping to it
+        cfg = os.path.join(d, "squid.conf")
+        with open(cfg, "w") as f:
+            f.write(f"""http_port {LOOP}:{listen}
+acl localnet src 127.0.0.0/8
+acl loopback_dst dst 127.0.0.0/8
+acl CONNECT method CONNECT
+http_access deny CONNECT !loopback_dst
+http_access allow localnet
+http_access deny all
+{effective}workers {self.workers}
+max_filedescriptors {self.fd_hard}
+cache deny all
+cache_mem 0
+access_log none
+cache_store_log none
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+pinger_enable off
+client_db off
+shutdown_lifetime 1 second
+""")
+        # -N: no daemon and no kids (one process); SMP needs the kids: --foreground keeps
+        # the master in the foreground (and everything in its process group).
+        mode = ["-N"] if self.workers == 1 else ["--foreground"]
+        return spawn(["squid", "-n", service, *mode, "-f", cfg], log_path=self.log_path(tag))
+
+    def log_path(self, tag):
+        return os.path.join(self.tmp, f"squid-{tag}.log")
+
+    def cleanup(self, tag):
+        service = self.services.pop(tag, None)
+        if not service:
+            return
+        for d in ("/dev/shm", self.RUN_DIR):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for n in names:
+                if n.startswith(service + "-"):
+                    try:
+                        os.unlink(os.path.join(d, n))
+                    except OSError:
+                        pass
+
+
+class Tinyproxy(Contender):
+    """tinyproxy (HTTP CONNECT): one thread per client, up to MaxClients (there is no worker
+    count). No ConnectPort line: CONNECT to any port (its documented default). Foreground
+    (-d), LogLevel Warning (Info logs every connection)."""
+    name = "tinyproxy"
+    plain = False
+    forward = ("http",)
+
+    def available(self):
+        return None if shutil.which("tinyproxy") else "tinyproxy not installed (bench/setup.sh)"
+
+    def version(self):
+        return _first_line(["tinyproxy", "-v"], "tinyproxy")
+
+    def start_forward(self, listen, tag):
+        cfg = os.path.join(self.tmp, f"tinyproxy-{tag}.conf")
+        max_clients = max(100, min(10_000, self.fd_hard // 2 - 100))
+        with open(cfg, "w") as f:
+            f.write(f"""Port {listen}
+Listen {LOOP}
+Timeout 600
+MaxClients {max_clients}
+Allow 127.0.0.0/8
+LogFile "{os.path.join(self.tmp, f"tinyproxy-{tag}.out")}"
+LogLevel Warning
+PidFile "{os.path.join(self.tmp, f"tinyproxy-{tag}.pid")}"
+DisableViaHeader Yes
+""")
+        return spawn(["tinyproxy", "-d", "-c", cfg], log_path=self.log_path(tag))
+
+
 # --------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------
@@ -1170,17 +1562,20 @@ class Bench:
 
     def with_proxy(self, c: Contender, backend_port: int, tag: str, body: Callable[[int, int | None], dict],
                    listen_host: str = LOOP, backend_host: str = LOOP, netns: str | None = None,
-                   cert: CertFiles | None = None) -> dict | None:
+                   cert: CertFiles | None = None, forward: bool = False) -> dict | None:
         """Start contender `c` on listen_host (inside `netns` when given) in front of
         backend_host:backend_port, run body(port, pgid), stop it. For `direct` the port is
         the backend's: the client connects to backend_host itself. With `cert` the contender
         terminates TLS with it (start_tls; loopback only); for `direct-tls` backend_port must
-        be that of a TLS-speaking backend."""
+        be that of a TLS-speaking backend. With `forward` it is started as a forward proxy
+        (start_forward; loopback only): the client names the backend in its handshake."""
         proc = None
         try:
             if c.has_process:
                 port = free_port(netns)
-                if cert is not None:
+                if forward:
+                    proc = c.start_forward(port, tag)
+                elif cert is not None:
                     proc = c.start_tls(port, backend_port, tag, cert)
                 else:
                     proc = c.start(port, backend_port, tag, listen_host, backend_host, netns)
@@ -1188,6 +1583,8 @@ class Bench:
                     wait_listening(port, proc, host=listen_host, netns=netns)
                 except RuntimeError as e:
                     raise RuntimeError(f"{e}\n{tail(c.log_path(tag))}") from None
+                if c.settle:
+                    time.sleep(c.settle)
                 pgid = proc.pid
             else:
                 port, pgid = backend_port, None
@@ -1203,6 +1600,8 @@ class Bench:
             return None
         finally:
             kill(proc)
+            if proc is not None:
+                c.cleanup(tag)
 
     def interleaved(self, measurement: str, contenders: list[Contender], fn: Callable[[Contender, int], dict | None]) -> None:
         if not contenders:
@@ -1610,6 +2009,112 @@ class Bench:
             srv.stop()
 
 
+    # -- socks-rate, socks-bulk, http-rate, http-bulk ----------------------------------
+
+    def forward_contenders(self, kind: str) -> list[Contender]:
+        """`direct` and the forward proxies of protocol `kind`, in the run's order."""
+        return [c for c in self.contenders if kind in c.forward]
+
+    def socks_rate(self) -> None:
+        self._tunnel_rate("socks-rate", "socks5")
+
+    def socks_bulk(self) -> None:
+        self._tunnel_bulk("socks-bulk", "socks5")
+
+    def http_rate(self) -> None:
+        self._tunnel_rate("http-rate", "http")
+
+    def http_bulk(self) -> None:
+        self._tunnel_bulk("http-bulk", "http")
+
+    def _tunnel_rate(self, measurement: str, kind: str) -> None:
+        """New tunnels per second: connrate --proxy KIND, each worker looping connect →
+        handshake (SOCKS5 greeting + CONNECT, or HTTP CONNECT) → 64 B echo → close, against
+        the echo backend; `direct` is connrate straight to the backend (no handshake). Proxy
+        CPU per tunnel from its process group, as connrate."""
+        secs = self.prof["tunnel_secs"]
+        workers = self.prof["tunnel_workers"]
+        srv = Backend("echo", lambda p: [self.tool("echo"), "--listen", f"{LOOP}:{p}"], self.tmp)
+        try:
+            def one(c: Contender, r: int):
+                def body(port, pgid):
+                    probe = tunnel_probe(port, kind if pgid else None, srv.port, "echo")
+                    cmd = [self.tool("connrate"), "--target", f"{LOOP}:{port}",
+                           "--duration", str(secs), "--workers", str(workers)]
+                    if pgid:
+                        cmd += ["--proxy", kind, "--dest", f"{LOOP}:{srv.port}"]
+                    cpu0 = cpu_times(pgid) if pgid else None
+                    res = run_capture(cmd, timeout=secs + 60)
+                    cpu1 = cpu_times(pgid) if pgid else None
+                    try:
+                        j = json.loads(res.stdout.strip().splitlines()[-1])
+                    except (json.JSONDecodeError, IndexError):
+                        raise RuntimeError(f"connrate: no JSON (rc {res.returncode}): {res.stderr.strip()[:300]}") from None
+                    done = j["completed"]
+                    if not done:
+                        raise RuntimeError(f"connrate: no tunnel completed ({j['errors']} errors; "
+                                           f"first: {j.get('first_error')})")
+                    out = {"rate_per_s": j["rate_per_s"], "completed": done, "errors": j["errors"],
+                           "p50_ms": j["latency_us"]["p50"] / 1000, "p99_ms": j["latency_us"]["p99"] / 1000,
+                           "first_error": j.get("first_error"), "probe": probe}
+                    if pgid:
+                        out["cpu_s"] = sum(cpu1) - sum(cpu0)
+                        out["cpu_us_per_tunnel"] = out["cpu_s"] * 1e6 / done
+                        out["sys_us_per_tunnel"] = (cpu1[1] - cpu0[1]) * 1e6 / done
+                        out["procs"] = len(group_pids(pgid))
+                    return out
+                return self.with_proxy(c, srv.port, f"{measurement}-r{r + 1}", body, forward=True)
+
+            self.interleaved(measurement, self.forward_contenders(kind), one)
+        finally:
+            srv.stop()
+
+    def _tunnel_bulk(self, measurement: str, kind: str) -> None:
+        """Bulk through one and through 8 tunnels: tlsbulk --plain --proxy KIND uploads
+        128 KiB frames for T seconds to the sink backend (`echo --mode sink`), which answers
+        with the byte count; Gbit/s counted at the receiver, proxy CPU s/GB. `direct`
+        uploads to the sink itself."""
+        secs = self.prof["tunnel_bulk_secs"]
+        srv = Backend("sink", lambda p: [self.tool("echo"), "--listen", f"{LOOP}:{p}", "--mode", "sink"],
+                      self.tmp)
+        try:
+            def body(port, pgid):
+                out = {"probe": tunnel_probe(port, kind if pgid else None, srv.port, "sink")}
+                for streams in (1, 8):
+                    cmd = [self.tool("tlsbulk"), "--plain", "--target", f"{LOOP}:{port}",
+                           "--streams", str(streams), "--duration", str(secs)]
+                    if pgid:
+                        cmd += ["--proxy", kind, "--dest", f"{LOOP}:{srv.port}"]
+                    cpu0 = cpu_times(pgid) if pgid else None
+                    res = run_capture(cmd, timeout=secs + 60)
+                    cpu1 = cpu_times(pgid) if pgid else None
+                    try:
+                        j = json.loads(res.stdout.strip().splitlines()[-1])
+                    except (json.JSONDecodeError, IndexError):
+                        raise RuntimeError(f"tlsbulk --plain {streams} stream(s): no JSON (rc {res.returncode}): "
+                                           f"{res.stderr.strip()[:300]}") from None
+                    if j["errors"]:
+                        raise RuntimeError(f"tlsbulk --plain {streams} stream(s): {j['errors']} failed: "
+                                           f"{j.get('first_error')}")
+                    gb = j["bytes"] / 1e9
+                    out[f"p{streams}_gbps"] = j["gbps"]
+                    out[f"p{streams}_bytes"] = j["bytes"]
+                    if pgid and gb > 0:
+                        cpu = sum(cpu1) - sum(cpu0)
+                        out[f"p{streams}_cpu_s"] = cpu
+                        out[f"p{streams}_cpu_s_per_gb"] = cpu / gb
+                        out[f"p{streams}_sys_s_per_gb"] = (cpu1[1] - cpu0[1]) / gb
+                    time.sleep(0.3)
+                return out
+
+            def one(c: Contender, r: int):
+                return self.with_proxy(c, srv.port, f"{measurement}-r{r + 1}", body, forward=True)
+
+            self.interleaved(measurement, self.forward_contenders(kind), one)
+        finally:
+            srv.stop()
+
+
 def read_until_ready(p: subprocess.Popen, timeout: float) -> list[str]:
     """Read p.stdout lines until 'READY' (bounded); returns the lines before it."""
     deadline = time.monotonic() + timeout
@@ -1685,8 +2190,30 @@ def fmt(v, spec: str) -> str:
     return format(v, spec)
 
 
+class BestOf:
+    """A `÷` column of md_table whose divisor is, per column, the best value among `names`
+    (highest, or lowest with higher_better=False): "÷ best peer"."""
+
+    def __init__(self, label: str, names: list[str], higher_better: bool = True):
+        self.label = label
+        self.names = names
+        self.higher_better = higher_better
+
+    def __str__(self):
+        return self.label
+
+    def pick(self, get, g) -> tuple[str | None, float | None]:
+        vals = [(get(n, g), n) for n in self.names]
+        vals = [(v, n) for v, n in vals if v]
+        if not vals:
+            return None, None
+        v, n = (max if self.higher_better else min)(vals)
+        return n, v
+
+
 def md_table(title: str, names: list[str], med: dict, cols: list[tuple]) -> str:
-    """cols: (header, getter(median_dict) -> value|None, format spec, [baseline names])."""
+    """cols: (header, getter(median_dict) -> value|None, format spec, [baseline names or
+    BestOf])."""
     headers = ["contender"]
     for h, _g, _f, bases in cols:
         headers.append(h)
@@ -1711,10 +2238,105 @@ def md_table(title: str, names: list[str], med: dict, cols: list[tuple]) -> str:
             v = get(name, g)
             cells.append(fmt(v, f))
             for b in bases:
-                bv = get(b, g)
+                bv = b.pick(get, g)[1] if isinstance(b, BestOf) else get(b, g)
                 cells.append(f"{v / bv:.2f}" if v is not None and bv else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+FORWARD_LABELS = {"socks5": "SOCKS5", "http": "HTTP CONNECT"}
+
+
+def forward_ferry(kind: str) -> str:
+    return {"socks5": "ferry-socks5", "http": "ferry-http"}[kind]
+
+
+def forward_peers(med: dict, kind: str) -> list[str]:
+    """The other programs serving protocol `kind` that have results (not direct, not ferry)."""
+    return [n for n in med if n not in ("direct", forward_ferry(kind))]
+
+
+def forward_targets(summary: dict) -> dict:
+    """ferry's SOCKS5 / HTTP CONNECT figures against the best peer of the same protocol (each
+    metric's best, chosen separately) and against direct, with the targets
+    (FORWARD_TARGETS). Only what was measured."""
+    out: dict = {}
+    rows = [("socks-rate", "rate", "tunnels/s", lambda m: m["rate_per_s"]),
+            ("socks-bulk", "bulk", "Gbit/s, 1 tunnel", lambda m: m["p1_gbps"]),
+            ("socks-bulk", "bulk", "Gbit/s, 8 tunnels", lambda m: m["p8_gbps"]),
+            ("http-rate", "rate", "tunnels/s", lambda m: m["rate_per_s"]),
+            ("http-bulk", "bulk", "Gbit/s, 1 tunnel", lambda m: m["p1_gbps"]),
+            ("http-bulk", "bulk", "Gbit/s, 8 tunnels", lambda m: m["p8_gbps"])]
+    for meas, target_key, what, g in rows:
+        med = summary.get(meas)
+        if not med:
+            continue
+        kind = FORWARD_MEASUREMENTS[meas]
+        ferry = forward_ferry(kind)
+
+        def get(n, g=g, med=med):
+            try:
+                return g(med[n]) if n in med else None
+            except (KeyError, TypeError):
+                return None
+        fv = get(ferry)
+        best, bv = BestOf("best peer", forward_peers(med, kind)).pick(get, g)
+        dv = get("direct")
+        target = FORWARD_TARGETS[target_key]
+        ratio = fv / bv if fv is not None and bv else None
+        out[f"{meas} {what}"] = {
+            "unit": "tunnels/s" if target_key == "rate" else "Gbit/s", "ferry": ferry, "ferry_value": fv, "best_peer": best, "best_peer_value": bv,
+            "ratio_vs_best_peer": ratio, "target": target,
+            "met": (ratio >= target) if ratio is not None else None,
+            "direct_value": dv, "ratio_vs_direct": fv / dv if fv is not None and dv else None}
+    return out
+
+
+def render_forward(summary: dict, order: list[str]) -> list[str]:
+    out = []
+    for kind, rate_m, bulk_m in (("socks5", "socks-rate", "socks-bulk"), ("http", "http-rate", "http-bulk")):
+        label = FORWARD_LABELS[kind]
+        hs = "greeting + CONNECT" if kind == "socks5" else "CONNECT + 200"
+        if rate_m in summary:
+            med = summary[rate_m]
+            d = ["direct"] if "direct" in med else []
+            best = BestOf("best peer", forward_peers(med, kind))
+            low = BestOf("best peer", forward_peers(med, kind), higher_better=False)
+            out.append(md_table(f"New {label} tunnels per second: connect + {hs} + 64 B echo + close "
+                                "(tunnels/s; direct: no proxy, no handshake)", order, med,
+                                [("tunnels/s", lambda m: m["rate_per_s"], ",.0f", d + [best]),
+                                 ("p99 ms", lambda m: m["p99_ms"], ".2f", []),
+                                 ("errors", lambda m: m["errors"], ".0f", [])]))
+            out.append(md_table(f"Proxy CPU per {label} tunnel (µs/tunnel, lower is better)",
+                                [n for n in order if n != "direct"], med,
+                                [("µs/tunnel", lambda m: m["cpu_us_per_tunnel"], ".1f", [low]),
+                                 ("of which kernel", lambda m: m["sys_us_per_tunnel"], ".1f", [])]))
+        if bulk_m in summary:
+            med = summary[bulk_m]
+            d = ["direct"] if "direct" in med else []
+            best = BestOf("best peer", forward_peers(med, kind))
+            low = BestOf("best peer", forward_peers(med, kind), higher_better=False)
+            for n, what in ((1, "one tunnel"), (8, "8 tunnels")):
+                out.append(md_table(f"Bulk upload through {what}, {label} (Gbit/s)", order, med,
+                                    [("Gbit/s", lambda m, n=n: m[f"p{n}_gbps"], ".2f", d + [best])]))
+            out.append(md_table(f"Proxy CPU per GB through {label} tunnels (CPU s/GB, lower is better)",
+                                [n for n in order if n != "direct"], med,
+                                [("1 tunnel", lambda m: m["p1_cpu_s_per_gb"], ".3f", [low]),
+                                 ("of which kernel", lambda m: m["p1_sys_s_per_gb"], ".3f", []),
+                                 ("8 tunnels", lambda m: m["p8_cpu_s_per_gb"], ".3f", [low])]))
+    targets = forward_targets(summary)
+    if targets:
+        lines = ["### Forward-proxy targets (ferry ÷ the best peer of the same protocol)", "",
+                 "| measurement | ferry | best peer | ferry ÷ best peer | target | met | ferry ÷ direct |",
+                 "|---|---:|---|---:|---:|---|---:|"]
+        for what, t in targets.items():
+            spec = ",.0f" if t["unit"] == "tunnels/s" else ".2f"
+            bp = f"{t['best_peer']} {fmt(t['best_peer_value'], spec)}" if t["best_peer"] else "–"
+            met = {True: "yes", False: "NO", None: "–"}[t["met"]]
+            lines.append(f"| {what} | {fmt(t['ferry_value'], spec)} | {bp} | {fmt(t['ratio_vs_best_peer'], '.2f')} "
+                         f"| ≥ {t['target']} | {met} | {fmt(t['ratio_vs_direct'], '.2f')} |")
+        out.append("\n".join(lines) + "\n")
+    return out
 
 
 def kernel_floor(med: dict, total_key: str, sys_key: str, what: str) -> str:
@@ -1868,6 +2490,7 @@ def render(summary: dict, order: list[str], rounds: dict | None = None) -> str:
                              ("PSS KiB/conn", lambda m: m["pss_kib_per_conn"], ".2f", hap + fb),
                              ("conns", lambda m: m["opened"], ".0f", []),
                              ("failed", lambda m: m["failed"], ".0f", [])]))
+    out.extend(render_forward(summary, order))
     return "\n".join(x for x in out if x)
 
 
@@ -1887,7 +2510,7 @@ def build(args) -> tuple[str | None, str | None]:
             tools_err = "bench tools build failed:\n" + "\n".join(r.stderr.strip().splitlines()[-15:])
     except (subprocess.TimeoutExpired, OSError) as e:
         tools_err = f"bench tools build failed: {e}"
-    if "ferry" in args.contenders:
+    if any(c in args.contenders for c in ("ferry", "ferry-socks5", "ferry-http")):
         log("building ferry (cargo build --release)")
         try:
             r = run_capture(["cargo", "build", "--release"], timeout=1800, cwd=ROOT)
@@ -1931,7 +2554,9 @@ def parse_args(argv=None):
                     help="comma-separated contenders: " + ",".join(ALL_CONTENDERS)
                     + " (default: all; ferry-base only with --ferry-baseline, which also adds it "
                     "to an explicit list, right after ferry). Each measurement runs those that apply: "
-                    "direct, haproxy-splice and socat plain only; direct-tls, stunnel and hitch tls-* only")
+                    "direct, haproxy-splice and socat plain only; direct-tls, stunnel and hitch tls-* only; "
+                    "socks-* direct, ferry-socks5, dante, microsocks; http-* direct, ferry-http, squid, "
+                    "tinyproxy")
     ap.add_argument("--ferry-baseline", metavar="PATH",
                     help="another ferry binary (e.g. a build from before a change), measured as contender "
                     "ferry-base in the same run, started exactly like ferry")
@@ -1946,6 +2571,14 @@ def parse_args(argv=None):
     ap.add_argument("--tls-secs", type=float, help="tlsrate duration (tls-handshake, tls-resume)")
     ap.add_argument("--tls-workers", type=int, help="tlsrate concurrent workers (default 64)")
     ap.add_argument("--tls-bulk-secs", type=float, help="tlsbulk duration per stream count")
+    ap.add_argument("--tunnel-secs", type=float, help="socks-rate/http-rate duration (default 5, quick 2)")
+    ap.add_argument("--tunnel-workers", type=int, help="socks-rate/http-rate concurrent workers (default 64)")
+    ap.add_argument("--tunnel-bulk-secs", type=float,
+                    help="socks-bulk/http-bulk duration per tunnel count (default 5, quick 2)")
+    ap.add_argument("--squid-workers", type=int, default=2,
+                    help="squid's `workers` (default 2, one per core; 1 runs `squid -N`, one process)")
+    ap.add_argument("--dante-servers", type=int, default=1,
+                    help="danted -N: main servers, each with its own child processes (default 1)")
     a = ap.parse_args(argv)
     a.only = [m.strip() for m in a.only.split(",") if m.strip()]
     if a.contenders is None:
@@ -1970,6 +2603,10 @@ def parse_args(argv=None):
         ap.error("contender ferry-base needs --ferry-baseline PATH (the ferry binary to compare against)")
     if a.rounds is not None and not 1 <= a.rounds <= 50:
         ap.error("--rounds must be 1..50")
+    if not 1 <= a.squid_workers <= 64:
+        ap.error("--squid-workers must be 1..64")
+    if not 1 <= a.dante_servers <= 64:
+        ap.error("--dante-servers must be 1..64")
     return a
 
 
@@ -1979,7 +2616,7 @@ def main(argv=None) -> int:
     if args.rounds:
         prof["rounds"] = args.rounds
     for key in ("mem_conns", "bulk_secs", "connrate_secs", "redis_requests", "tls_secs", "tls_workers",
-                "tls_bulk_secs"):
+                "tls_bulk_secs", "tunnel_secs", "tunnel_workers", "tunnel_bulk_secs"):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
 
@@ -2000,7 +2637,7 @@ def main(argv=None) -> int:
     # Required external tools per measurement.
     needs = {"bulk": ["iperf3"], "bulk-mtu": ["iperf3", "ip", "sysctl"],
              "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": [],
-             **{m: ["openssl"] for m in TLS_MEASUREMENTS}}
+             **{m: ["openssl"] for m in TLS_MEASUREMENTS}, **{m: [] for m in FORWARD_MEASUREMENTS}}
     measurements = []
     skipped_measurements = {}
     for m in args.only:
@@ -2057,16 +2694,23 @@ def main(argv=None) -> int:
             "direct-tls": DirectTls(tmp, fd_hard),
             "stunnel": Stunnel(tmp, fd_hard),
             "hitch": Hitch(tmp, fd_hard),
+            "ferry-socks5": Ferry(tmp, fd_hard, ferry_err, args.ferry_mode, name="ferry-socks5", forward="socks5"),
+            "dante": Dante(tmp, fd_hard, servers=args.dante_servers),
+            "microsocks": Microsocks(tmp, fd_hard),
+            "ferry-http": Ferry(tmp, fd_hard, ferry_err, args.ferry_mode, name="ferry-http", forward="http"),
+            "squid": Squid(tmp, fd_hard, workers=args.squid_workers),
+            "tinyproxy": Tinyproxy(tmp, fd_hard),
         }
-        any_plain = any(m not in TLS_MEASUREMENTS for m in measurements)
+        any_plain = any(m not in TLS_MEASUREMENTS and m not in FORWARD_MEASUREMENTS for m in measurements)
         any_tls = any(m in TLS_MEASUREMENTS for m in measurements)
+        forward_kinds = {FORWARD_MEASUREMENTS[m] for m in measurements if m in FORWARD_MEASUREMENTS}
         contenders: list[Contender] = []
         skipped: dict[str, str] = {}
         versions: dict[str, str] = {}
         tls_libs: dict[str, str] = {}
         for name in args.contenders:
             c = all_c[name]
-            if not ((c.plain and any_plain) or (c.tls and any_tls)):
+            if not ((c.plain and any_plain) or (c.tls and any_tls) or set(c.forward) & forward_kinds):
                 # e.g. stunnel with only plain measurements: nothing to run it in
                 hint = " (the TLS measurements' no-proxy path is contender direct-tls)" if name == "direct" else ""
                 log(f"contender {name}: none of the selected measurements applies to it{hint}")
@@ -2128,6 +2772,9 @@ def main(argv=None) -> int:
             result["rounds"] = bench.raw
             result["median"] = {m: {c: median_tree(rs) for c, rs in per.items()} for m, per in bench.raw.items()}
             result["errors"] = bench.errors
+            targets = forward_targets(result["median"])
+            if targets:
+                result["forward_targets"] = targets
             if bench.topology:
                 result["veth_topology"] = bench.topology
             result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

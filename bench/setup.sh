@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install the benchmark's Debian packages (idempotent). Run as root (or with sudo).
 #   haproxy, nginx + stream module, redis (redis-server, redis-benchmark), iperf3, socat,
-#   openssl (certificates for the TLS measurements), stunnel4 and hitch (TLS terminators)
+#   openssl (certificates for the TLS measurements), stunnel4 and hitch (TLS terminators),
+#   dante-server and microsocks (SOCKS5), squid and tinyproxy (HTTP CONNECT)
 set -euo pipefail
 
-PKGS=(haproxy nginx libnginx-mod-stream redis-server redis-tools iperf3 socat iproute2 openssl)
+PKGS=(haproxy nginx libnginx-mod-stream redis-server redis-tools iperf3 socat iproute2 openssl
+      dante-server microsocks squid tinyproxy)
 # TLS terminators measured by the tls-* measurements: the harness skips them if absent,
 # so a failed install of these is a warning, not an error.
 OPTIONAL_PKGS=(stunnel4 hitch)
@@ -66,7 +68,7 @@ if [ "${#opt_missing[@]}" -gt 0 ]; then
     if [ "$opt_policy_added" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
-for b in haproxy nginx redis-server redis-benchmark iperf3 socat openssl; do
+for b in haproxy nginx redis-server redis-benchmark iperf3 socat openssl danted microsocks squid tinyproxy; do
     if ! command -v "$b" >/dev/null 2>&1; then
         echo "setup.sh: $b still missing after install" >&2
         exit 1

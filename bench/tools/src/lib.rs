@@ -174,3 +174,137 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
     let idx = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
 }
+
+/// How a client reaches its destination: straight, or through a forward proxy's tunnel.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyKind {
+    /// No proxy: `--target` is the destination itself.
+    None,
+    /// SOCKS5 (RFC 1928), no authentication, CONNECT to an IP address.
+    Socks5,
+    /// HTTP proxy: `CONNECT host:port HTTP/1.1`, a 2xx answer opens the tunnel.
+    Http,
+}
+
+impl ProxyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyKind::None => "none",
+            ProxyKind::Socks5 => "socks5",
+            ProxyKind::Http => "http",
+        }
+    }
+}
+
+/// Longest HTTP proxy answer header accepted (tinyproxy's is ~80 bytes, squid's ~40).
+const MAX_HTTP_REPLY: usize = 8 * 1024;
+
+/// Open a tunnel to `dest` over `s`, a connection to a forward proxy of kind `kind` (a
+/// no-op for `ProxyKind::None`). On success the stream carries `dest`'s bytes, nothing
+/// of the proxy's answer is left unread.
+///
+/// SOCKS5: the greeting offering only "no authentication" (`05 01 00`), waiting for the
+/// method choice (`05 00`), then CONNECT to the IP (`05 01 00 01|04 ADDR PORT`) and its
+/// reply (REP must be 0; BND.ADDR of any type is skipped). Two round trips, as a client
+/// that waits for each answer (curl, browsers) makes them.
+///
+/// HTTP: `CONNECT ip:port HTTP/1.1` with a Host header, then the answer up to the blank
+/// line; the status must be 2xx. The answer is read with small reads that stop at the
+/// blank line: the tunnel's first bytes (none before the client sends) are never consumed.
+pub async fn proxy_handshake(s: &mut TcpStream, kind: ProxyKind, dest: SocketAddr) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    match kind {
+        ProxyKind::None => Ok(()),
+        ProxyKind::Socks5 => {
+            s.write_all(&[5, 1, 0]).await?;
+            let mut m = [0u8; 2];
+            s.read_exact(&mut m).await?;
+            if m != [5, 0] {
+                return Err(io::Error::other(format!(
+                    "socks5: method answer {:02x} {:02x}, want 05 00",
+                    m[0], m[1]
+                )));
+            }
+            let mut req = Vec::with_capacity(22);
+            req.extend_from_slice(&[5, 1, 0]);
+            match dest.ip() {
+                IpAddr::V4(v4) => {
+                    req.push(1);
+                    req.extend_from_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    req.push(4);
+                    req.extend_from_slice(&v6.octets());
+                }
+            }
+            req.extend_from_slice(&dest.port().to_be_bytes());
+            s.write_all(&req).await?;
+            let mut head = [0u8; 4];
+            s.read_exact(&mut head).await?;
+            if head[0] != 5 || head[1] != 0 {
+                return Err(io::Error::other(format!(
+                    "socks5: CONNECT refused: reply {:02x} {:02x}",
+                    head[0], head[1]
+                )));
+            }
+            let rest = match head[3] {
+                1 => 4 + 2,
+                4 => 16 + 2,
+                3 => {
+                    let mut l = [0u8; 1];
+                    s.read_exact(&mut l).await?;
+                    l[0] as usize + 2
+                }
+                t => return Err(io::Error::other(format!("socks5: reply address type {t}"))),
+            };
+            let mut skip = [0u8; 257];
+            s.read_exact(&mut skip[..rest]).await?;
+            Ok(())
+        }
+        ProxyKind::Http => {
+            let req = format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n");
+            s.write_all(req.as_bytes()).await?;
+            // Read the answer without reading past its end: peek what is there, then
+            // consume exactly up to the blank line.
+            let mut got: Vec<u8> = Vec::with_capacity(128);
+            let mut buf = [0u8; 512];
+            let mut matched = 0; // how much of "\r\n\r\n" the bytes so far end with
+            while matched < 4 {
+                let n = s.peek(&mut buf).await?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "http proxy closed before answering CONNECT",
+                    ));
+                }
+                let mut take = n;
+                for (i, &b) in buf[..n].iter().enumerate() {
+                    matched = if b == b"\r\n\r\n"[matched] {
+                        matched + 1
+                    } else if b == b'\r' {
+                        1
+                    } else {
+                        0
+                    };
+                    if matched == 4 {
+                        take = i + 1;
+                        break;
+                    }
+                }
+                s.read_exact(&mut buf[..take]).await?;
+                got.extend_from_slice(&buf[..take]);
+                if got.len() > MAX_HTTP_REPLY {
+                    return Err(io::Error::other("http proxy: answer header too long"));
+                }
+            }
+            let line = got.split(|&b| b == b'\r').next().unwrap_or(&[]);
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split_whitespace();
+            let (proto, status) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if !proto.starts_with("HTTP/1.") || !status.starts_with('2') || status.len() != 3 {
+                return Err(io::Error::other(format!("http proxy: CONNECT answered {line:?}")));
+            }
+            Ok(())
+        }
+    }
+}

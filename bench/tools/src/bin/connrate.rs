@@ -1,18 +1,29 @@
 //! Short-connection load: connect, write N bytes, read them back, close; repeat.
+//! With `--proxy socks5|http --dest ADDR` each connection first opens a tunnel to ADDR
+//! through the forward proxy at `--target` (new tunnels per second).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ferry_bench_tools::{connect_from, json_str, parse_sources, quantile, raise_nofile};
+use ferry_bench_tools::{
+    connect_from, json_str, parse_sources, proxy_handshake, quantile, raise_nofile, ProxyKind,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser, Debug)]
 #[command(about = "Measure TCP connections/s against an echo server (direct or via a proxy)")]
 struct Args {
-    /// Address to connect to.
+    /// Address to connect to: the echo server, or the forward proxy with --proxy.
     #[arg(long)]
     target: SocketAddr,
+    /// Open a tunnel through the proxy at --target first: SOCKS5 (no auth) CONNECT or
+    /// HTTP CONNECT, to --dest. "none": --target is the echo server.
+    #[arg(long, value_enum, default_value = "none")]
+    proxy: ProxyKind,
+    /// The tunnel's destination (the echo server) with --proxy socks5|http.
+    #[arg(long)]
+    dest: Option<SocketAddr>,
     /// Concurrent workers (each runs connections back to back).
     #[arg(long, default_value_t = 64)]
     workers: usize,
@@ -48,6 +59,9 @@ async fn one(
     back: &mut [u8],
 ) -> std::io::Result<()> {
     let mut s = connect_from(src, args.target, args.zero_linger).await?;
+    if let Some(dest) = args.dest {
+        proxy_handshake(&mut s, args.proxy, dest).await?;
+    }
     s.write_all(payload).await?;
     s.read_exact(back).await?;
     if back != payload {
@@ -117,6 +131,10 @@ async fn main() {
         eprintln!("connrate: need 0 < --duration < 3600 and --workers > 0");
         std::process::exit(2);
     }
+    if (args.proxy == ProxyKind::None) != args.dest.is_none() {
+        eprintln!("connrate: --dest goes with --proxy socks5|http (and only with it)");
+        std::process::exit(2);
+    }
     let args = std::sync::Arc::new(args);
     let sources = std::sync::Arc::new(sources);
     let start = Instant::now();
@@ -144,8 +162,10 @@ async fn main() {
         .map(|e| json_str(&e))
         .unwrap_or_else(|| "null".into());
     println!(
-        "{{\"target\":{},\"workers\":{},\"sources\":{},\"duration_s\":{:.3},\"completed\":{},\"errors\":{},\"rate_per_s\":{:.1},\"latency_us\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"first_error\":{}}}",
+        "{{\"target\":{},\"proxy\":{},\"dest\":{},\"workers\":{},\"sources\":{},\"duration_s\":{:.3},\"completed\":{},\"errors\":{},\"rate_per_s\":{:.1},\"latency_us\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"first_error\":{}}}",
         json_str(&args.target.to_string()),
+        json_str(args.proxy.as_str()),
+        args.dest.map(|d| json_str(&d.to_string())).unwrap_or_else(|| "null".into()),
         args.workers,
         sources.len(),
         elapsed,

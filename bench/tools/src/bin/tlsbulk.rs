@@ -4,6 +4,11 @@
 //! equal the bytes sent. Throughput is plaintext payload bytes over the time from the
 //! start to the last stream's answer (so data still in flight at T is counted only once
 //! it has arrived), like iperf3's receiver-side upload figure.
+//!
+//! `--plain` sends the same frames without TLS (to `echo --mode sink` or a plain TCP
+//! relay in front of it); `--proxy socks5|http --dest ADDR` first opens a tunnel to ADDR
+//! through the forward proxy at `--target` (the bulk measurements through SOCKS5 and
+//! HTTP CONNECT tunnels).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -12,19 +17,30 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ferry_bench_tools::tls::{self, client_config, server_name};
-use ferry_bench_tools::{connect_from, json_str, parse_sources, raise_nofile};
+use ferry_bench_tools::{connect_from, json_str, parse_sources, proxy_handshake, raise_nofile, ProxyKind};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 
 #[derive(Parser, Debug)]
-#[command(about = "TLS bulk upload to a sink (echo --mode sink): Gbit/s of plaintext")]
+#[command(about = "TLS (or --plain) bulk upload to a sink (echo --mode sink): Gbit/s of payload")]
 struct Args {
-    /// Address to connect to.
+    /// Address to connect to: the sink or a relay in front of it, or the forward proxy
+    /// with --proxy.
     #[arg(long)]
     target: SocketAddr,
-    /// CA certificate (PEM) the server's certificate must chain to.
+    /// CA certificate (PEM) the server's certificate must chain to (not with --plain).
+    #[arg(long, required_unless_present = "plain", conflicts_with = "plain")]
+    ca: Option<PathBuf>,
+    /// No TLS: the frames go over the TCP connection (or tunnel) as they are.
     #[arg(long)]
-    ca: PathBuf,
+    plain: bool,
+    /// Open a tunnel through the proxy at --target first: SOCKS5 (no auth) CONNECT or
+    /// HTTP CONNECT, to --dest. "none": --target is the sink (or a relay).
+    #[arg(long, value_enum, default_value = "none")]
+    proxy: ProxyKind,
+    /// The tunnel's destination (the sink) with --proxy socks5|http.
+    #[arg(long)]
+    dest: Option<SocketAddr>,
     /// Server name sent (SNI) and verified.
     #[arg(long, default_value = "bench.test")]
     sni: String,
@@ -49,35 +65,52 @@ struct Args {
 struct StreamResult {
     bytes: u64,
     end: Instant,
-    negotiated: String,
+    negotiated: Option<String>,
 }
 
 async fn stream(
     src: Option<IpAddr>,
     args: Arc<Args>,
-    cfg: Arc<ClientConfig>,
-    name: ServerName<'static>,
+    tls_cfg: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     deadline: Instant,
 ) -> std::io::Result<StreamResult> {
-    let tcp = connect_from(src, args.target, false).await?;
-    let mut s = tls::connect(tcp, &cfg, &name, 16 * 1024).await?;
-    let negotiated = tls::describe(&s.conn);
+    let mut tcp = connect_from(src, args.target, false).await?;
+    if let Some(dest) = args.dest {
+        proxy_handshake(&mut tcp, args.proxy, dest).await?;
+    }
     let mut frame = vec![0u8; 4 + args.frame];
     frame[..4].copy_from_slice(&(args.frame as u32).to_be_bytes());
     for (i, b) in frame[4..].iter_mut().enumerate() {
         *b = (i % 251) as u8;
     }
     let mut sent = 0u64;
-    while Instant::now() < deadline {
-        s.write_all(&frame).await?;
-        sent += args.frame as u64;
-    }
-    s.write_all(&0u32.to_be_bytes()).await?;
     let mut ack = [0u8; 8];
-    s.read_exact(&mut ack).await?;
+    let negotiated;
+    match tls_cfg {
+        Some((cfg, name)) => {
+            let mut s = tls::connect(tcp, &cfg, &name, 16 * 1024).await?;
+            negotiated = Some(tls::describe(&s.conn));
+            while Instant::now() < deadline {
+                s.write_all(&frame).await?;
+                sent += args.frame as u64;
+            }
+            s.write_all(&0u32.to_be_bytes()).await?;
+            s.read_exact(&mut ack).await?;
+            let _ = s.close().await;
+        }
+        None => {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            negotiated = None;
+            while Instant::now() < deadline {
+                tcp.write_all(&frame).await?;
+                sent += args.frame as u64;
+            }
+            tcp.write_all(&0u32.to_be_bytes()).await?;
+            tcp.read_exact(&mut ack).await?;
+        }
+    }
     let end = Instant::now();
     let got = u64::from_be_bytes(ack);
-    let _ = s.close().await;
     if got != sent {
         return Err(std::io::Error::other(format!(
             "sink received {got} bytes, {sent} were sent"
@@ -109,18 +142,28 @@ async fn main() {
         eprintln!("tlsbulk: need 0 < --duration < 3600, --streams > 0, 0 < --frame < 4 GiB");
         std::process::exit(2);
     }
-    let cfg = match client_config(&args.ca, None, args.allow_tls12) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tlsbulk: {e}");
-            std::process::exit(2);
-        }
-    };
-    let name = match server_name(&args.sni) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("tlsbulk: --sni {e}");
-            std::process::exit(2);
+    if (args.proxy == ProxyKind::None) != args.dest.is_none() {
+        eprintln!("tlsbulk: --dest goes with --proxy socks5|http (and only with it)");
+        std::process::exit(2);
+    }
+    let tls_cfg = match &args.ca {
+        None => None,
+        Some(ca) => {
+            let cfg = match client_config(ca, None, args.allow_tls12) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tlsbulk: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let name = match server_name(&args.sni) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("tlsbulk: --sni {e}");
+                    std::process::exit(2);
+                }
+            };
+            Some((cfg, name))
         }
     };
     let args = Arc::new(args);
@@ -134,7 +177,7 @@ async fn main() {
             } else {
                 Some(sources[i % sources.len()])
             };
-            let fut = stream(src, args.clone(), cfg.clone(), name.clone(), deadline);
+            let fut = stream(src, args.clone(), tls_cfg.clone(), deadline);
             tokio::spawn(async move {
                 match tokio::time::timeout(limit, fut).await {
                     Ok(r) => r,
@@ -155,7 +198,9 @@ async fn main() {
                 bytes += r.bytes;
                 per_stream.push(r.bytes);
                 last_end = last_end.max(r.end);
-                negotiated.get_or_insert(r.negotiated);
+                if negotiated.is_none() {
+                    negotiated = r.negotiated;
+                }
             }
             Ok(Err(e)) => {
                 errors += 1;
@@ -170,8 +215,11 @@ async fn main() {
     let elapsed = (last_end - start).as_secs_f64().max(1e-9);
     let opt = |s: Option<String>| s.map(|e| json_str(&e)).unwrap_or_else(|| "null".into());
     println!(
-        "{{\"target\":{},\"streams\":{},\"frame\":{},\"duration_s\":{:.3},\"bytes\":{},\"gbps\":{:.4},\"per_stream_bytes\":[{}],\"errors\":{},\"negotiated\":{},\"first_error\":{}}}",
+        "{{\"target\":{},\"tls\":{},\"proxy\":{},\"dest\":{},\"streams\":{},\"frame\":{},\"duration_s\":{:.3},\"bytes\":{},\"gbps\":{:.4},\"per_stream_bytes\":[{}],\"errors\":{},\"negotiated\":{},\"first_error\":{}}}",
         json_str(&args.target.to_string()),
+        !args.plain,
+        json_str(args.proxy.as_str()),
+        args.dest.map(|d| json_str(&d.to_string())).unwrap_or_else(|| "null".into()),
         args.streams,
         args.frame,
         elapsed,
