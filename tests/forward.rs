@@ -2282,3 +2282,50 @@ fn forward_listener_config_errors() {
         assert!(!c.errors.is_empty(), "{mode} with a route: {}", c.stderr);
     }
 }
+
+/// Durations `ferry check` accepts, however long, never panic the dial or the UDP relay
+/// (the deadline arithmetic saturates): a refused destination is still answered 0x05, and
+/// the worker goes on serving.
+#[tokio::test]
+async fn durations_too_long_to_add_never_panic() {
+    let f = Ferry::start(
+        r#"
+[log]
+access = "@LOG@"
+
+[[listener]]
+name = "socks"
+listen = "127.0.0.1:0"
+mode = "socks5"
+udp = true
+connect_timeout = "300000000000y"
+idle_timeout = "300000000000y"
+handshake_timeout = "300000000000y"
+destinations = ["127.0.0.0/8:*"]
+[global]
+workers = 1
+"#,
+        1,
+    )
+    .await;
+    let refused = refused_addr();
+    for round in 0..2 {
+        let mut c = connect(f.addr("socks")).await;
+        within(WAIT, "SOCKS5 exchange", async {
+            c.write_all(b"\x05\x01\x00").await.unwrap();
+            let mut m = [0u8; 2];
+            c.read_exact(&mut m).await.unwrap();
+            assert_eq!(m, [5, 0]);
+            let mut req = b"\x05\x01\x00\x01\x7f\x00\x00\x01".to_vec();
+            req.extend_from_slice(&refused.port().to_be_bytes());
+            c.write_all(&req).await.unwrap();
+            let mut r = [0u8; 10];
+            c.read_exact(&mut r).await.unwrap();
+            assert_eq!(&r[..2], &[5, 5], "round {round}: 0x05 connection refused");
+        })
+        .await;
+    }
+    let recs = f.records_with("connect_failed", 2, WAIT).await;
+    assert_eq!(recs.len(), 2);
+    assert!(!f.stderr.text().contains("panicked"), "{}", f.stderr.text());
+}

@@ -19,7 +19,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Dial;
@@ -143,7 +142,7 @@ impl Association {
                 Ev::Stop => return (End::Drained, st.c),
             };
             if moved {
-                sleep.as_mut().reset(Instant::now() + idle);
+                sleep.as_mut().reset(crate::upstream::dial::later(idle));
             }
         }
     }
