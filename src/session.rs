@@ -343,11 +343,7 @@ async fn set_up(
                 .map(|p| String::from_utf8_lossy(p).into()),
             tls: a.tls.take(),
             user: a.user.take(),
-            // (A UDP association's target is only where the client will send from.)
-            destination: request
-                .as_ref()
-                .filter(|r| !r.associate)
-                .map(|r| r.target.to_string().into()),
+            destination: a.asked.take(),
         },
     );
     if let Some(req) = request {

@@ -294,7 +294,6 @@ async fn redirected_connections_go_to_the_upstream_when_there_is_one() {
     let pool_addr = pool.local_addr().unwrap();
     drop(pool);
     let mut pool_seen = echo_in_server_ns(&net, &[pool_addr]);
-    let _ = &mut seen;
     let config = format!(
         r#"
 [log]

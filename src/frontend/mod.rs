@@ -63,6 +63,8 @@ pub struct Accepted {
     pub request: Option<Request>,
     /// The name the client authenticated with, for the record.
     pub user: Option<Box<str>>,
+    /// The destination as the client asked for it, for the record.
+    pub asked: Option<Box<str>>,
 }
 
 /// What a failed handshake leaves for the record.
@@ -240,6 +242,7 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 client_permit: st.client_permit.take(),
                 request: None,
                 user: None,
+                asked: None,
             })
         }
         FrontEnd::Socks5 { forward, udp } => {
@@ -306,6 +309,7 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 client_permit: st.client_permit.take(),
                 request: None,
                 user: None,
+                asked: None,
             })
         }
     }
@@ -327,6 +331,9 @@ impl State {
             .sock
             .take()
             .ok_or_else(|| Refusal::handshake("no socket"))?;
+        // A UDP association's target is only where the client will send from: its record
+        // names no destination.
+        let asked = self.talk.destination.take().filter(|_| !request.associate);
         Ok(Accepted {
             peer: self.peer,
             destination: self.destination,
@@ -338,6 +345,7 @@ impl State {
             client_permit: self.client_permit.take(),
             request: Some(request),
             user: self.talk.user.take(),
+            asked,
         })
     }
 }

@@ -498,6 +498,7 @@ mod tests {
     //! | `chromium-sni-test.bin`       | Chromium 156 headless, `https://sni.test:PORT/` mapped to 127.0.0.1: GREASE cipher suite, extensions (0x2a2a, 0xaaaa) and version, ECH GREASE, a 1,263-byte X25519MLKEM768 key share; 1,916 bytes | sni.test | h2, http/1.1 | 0x0304 |
 
     use super::*;
+    use crate::wire::test_rng::Rng;
 
     struct Capture {
         name: &'static str,
@@ -1263,36 +1264,6 @@ mod tests {
     }
 
     // ---- arbitrary bytes ----
-
-    /// xorshift64: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            if n == 0 {
-                0
-            } else {
-                (self.next() % n as u64) as usize
-            }
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next() as u8
-        }
-
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.byte()).collect()
-        }
-    }
 
     /// The properties every answer must have, whatever the input.
     fn check(buf: &[u8], rng: &mut Rng) {

@@ -485,6 +485,7 @@ pub fn response(status: Status) -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::test_rng::Rng;
 
     /// An IP host from text.
     fn ip(s: &str) -> Host<'static> {
@@ -1003,36 +1004,6 @@ mod tests {
     }
 
     // ---- arbitrary bytes ----
-
-    /// xorshift64: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            if n == 0 {
-                0
-            } else {
-                (self.next() % n as u64) as usize
-            }
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next() as u8
-        }
-
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.byte()).collect()
-        }
-    }
 
     /// The properties every answer must have, whatever the input.
     fn check<'a>(buf: &'a [u8], rng: &mut Rng) -> Parsed<'a> {

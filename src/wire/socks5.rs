@@ -378,6 +378,7 @@ mod tests {
     use std::fmt::Debug;
 
     use super::*;
+    use crate::wire::test_rng::Rng;
 
     /// A socket address from text.
     fn addr(s: &str) -> SocketAddr {
@@ -800,36 +801,6 @@ mod tests {
     }
 
     // ---- arbitrary bytes ----
-
-    /// xorshift64: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            if n == 0 {
-                0
-            } else {
-                (self.next() % n as u64) as usize
-            }
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next() as u8
-        }
-
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.byte()).collect()
-        }
-    }
 
     /// The properties every answer of `$parse` must have on `$buf`: a `Complete` message
     /// lies within the input and is the same alone and with `$tail` after it; an `Invalid`
