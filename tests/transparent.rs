@@ -56,15 +56,13 @@ fn load_rules(f: &Ferry, ns: &str) -> String {
     rules
 }
 
-/// An echo server in the server's namespace on `addrs` (same port on each); each accepted
-/// peer address is sent on `seen`.
+/// An echo server on `listeners` (in the server's namespace); each accepted peer address is
+/// sent on the channel returned.
 fn echo_in_server_ns(
-    net: &Path3,
-    addrs: &[SocketAddr],
+    listeners: Vec<tokio::net::TcpListener>,
 ) -> tokio::sync::mpsc::UnboundedReceiver<SocketAddr> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    for a in addrs {
-        let l = net.server_listener_on(*a);
+    for l in listeners {
         let tx = tx.clone();
         tokio::spawn(async move {
             loop {
@@ -82,10 +80,16 @@ fn echo_in_server_ns(
     rx
 }
 
-/// A free port in the server's namespace on both its addresses.
-fn server_port(net: &Path3) -> u16 {
-    let l = net.server_listener_on(SocketAddr::new(net.server_ip, 0));
-    l.local_addr().unwrap().port()
+/// Listeners in the server's namespace on its IPv4 address (a port the kernel picks) and,
+/// with `v6`, on its IPv6 address with the same port; kept bound, never re-bound.
+fn server_listeners(net: &Path3, v6: bool) -> (u16, Vec<tokio::net::TcpListener>) {
+    let l4 = net.server_listener_on(SocketAddr::new(net.server_ip, 0));
+    let port = l4.local_addr().unwrap().port();
+    let mut ls = vec![l4];
+    if v6 {
+        ls.push(net.server_listener_on(SocketAddr::new(net.server_ip6, port)));
+    }
+    (port, ls)
 }
 
 async fn round_trip(s: &mut tokio::net::TcpStream, msg: &[u8]) {
@@ -109,10 +113,10 @@ fn sysctl(ns: &str, kv: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirect_ipv4_and_ipv6_with_the_mark_exception() {
     let net = Path3::new();
-    let port = server_port(&net);
+    let (port, listeners) = server_listeners(&net, true);
     let v4 = SocketAddr::new(net.server_ip, port);
     let v6 = SocketAddr::new(net.server_ip6, port);
-    let mut seen = echo_in_server_ns(&net, &[v4, v6]);
+    let mut seen = echo_in_server_ns(listeners);
     let config = format!(
         r#"
 [log]
@@ -200,10 +204,10 @@ mark = 0x1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tproxy_ipv4_and_ipv6() {
     let net = Path3::new();
-    let port = server_port(&net);
+    let (port, listeners) = server_listeners(&net, true);
     let v4 = SocketAddr::new(net.server_ip, port);
     let v6 = SocketAddr::new(net.server_ip6, port);
-    let mut seen = echo_in_server_ns(&net, &[v4, v6]);
+    let mut seen = echo_in_server_ns(listeners);
     let config = format!(
         r#"
 [log]
@@ -285,15 +289,14 @@ fn net_ip(ns: &str, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirected_connections_go_to_the_upstream_when_there_is_one() {
     let net = Path3::new();
-    let port = server_port(&net);
+    let (port, listeners) = server_listeners(&net, false);
     let v4 = SocketAddr::new(net.server_ip, port);
-    let mut seen = echo_in_server_ns(&net, &[v4]);
-    // The pool is the same server on another port; the original destination's port has
-    // nothing listening, so only the pool can answer.
-    let pool = net.server_listener_on(SocketAddr::new(net.server_ip, 0));
-    let pool_addr = pool.local_addr().unwrap();
-    drop(pool);
-    let mut pool_seen = echo_in_server_ns(&net, &[pool_addr]);
+    let mut seen = echo_in_server_ns(listeners);
+    // The pool is the same host on another port; the original destination must see
+    // nothing.
+    let (pool_port, pool) = server_listeners(&net, false);
+    let pool_addr = SocketAddr::new(net.server_ip, pool_port);
+    let mut pool_seen = echo_in_server_ns(pool);
     let config = format!(
         r#"
 [log]
