@@ -53,7 +53,7 @@ pub async fn run(pool: Arc<Pool>, stop: CancellationToken) {
 
 /// `d` scaled by a random factor in [lo, hi).
 fn jitter(d: Duration, lo: f64, hi: f64) -> Duration {
-    d.mul_f64(lo + fastrand::f64() * (hi - lo))
+    Duration::try_from_secs_f64(d.as_secs_f64() * (lo + fastrand::f64() * (hi - lo))).unwrap_or(d)
 }
 
 async fn check_loop(
@@ -63,7 +63,7 @@ async fn check_loop(
     stop: CancellationToken,
 ) {
     // Start at a random point of the first interval.
-    let mut next = Instant::now() + jitter(cfg.interval, 0.0, 1.0);
+    let mut next = crate::clock::later(jitter(cfg.interval, 0.0, 1.0));
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -78,7 +78,7 @@ async fn check_loop(
         let proxy = pool.proxy_protocol.filter(|_| cfg.send_proxy);
         let result = check_once(&s, &cfg, proxy, pool.tls.as_deref()).await;
         record(&pool, &s, &cfg, result, started.elapsed());
-        next = Instant::now() + jitter(cfg.interval, 0.9, 1.1);
+        next = crate::clock::later(jitter(cfg.interval, 0.9, 1.1));
     }
 }
 

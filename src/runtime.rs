@@ -390,6 +390,7 @@ impl Shared {
             max_connections: p.max_connections,
             rate: p.rate,
             max_tracked: p.max_tracked,
+            ipv6_prefix: p.ipv6_prefix,
         })))
     }
 

@@ -490,3 +490,39 @@ destinations = ["192.168.0.0/16:*"]
     // Passwords never appear.
     assert!(!stdout.contains("secret-alice"));
 }
+
+/// Durations and rates are bounded where they are written: a value `check` accepts can
+/// never overflow the arithmetic that uses it at run time.
+#[test]
+fn values_too_large_to_use() {
+    assert_check_errors(
+        r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+idle_timeout = "300000000000y"
+handshake_timeout = "3651d"
+per_client = { rate = "1/d", ipv6_prefix = 0 }
+
+[[listener]]
+name = "slow"
+listen = "127.0.0.1:8081"
+upstream = "pool"
+per_client = { rate = "0.5/h", burst = 10000000 }
+
+[[upstream]]
+name = "pool"
+servers = ["127.0.0.1:9000"]
+connect_timeout = "99999999999999999999999s"
+health = { interval = "3650d" }
+"#,
+        &[
+            r#"5:16: `idle_timeout`: duration "300000000000y" is longer than the longest allowed, "3650d" (ten years)"#,
+            r#"6:21: `handshake_timeout`: duration "3651d" is longer than the longest allowed, "3650d" (ten years)"#,
+            r#"7:23: `rate`: bad rate "1/d": unit "d" must be s, m or h"#,
+            "7:44: `ipv6_prefix` must be an integer from 1 to 128",
+            r#"13:23: `rate`: rate "0.5/h" is out of range: from "1/h" to "1000000000/s""#,
+            r#"18:19: `connect_timeout`: bad duration "99999999999999999999999s": number is too large…"#,
+        ],
+    );
+}

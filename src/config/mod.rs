@@ -372,7 +372,7 @@ pub struct Listener {
     pub proxy_protocol: Option<ProxyAccept>,
 }
 
-/// `per_client = { max_connections, rate, burst, max_tracked }`.
+/// `per_client = { max_connections, rate, burst, max_tracked, ipv6_prefix }`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PerClient {
     pub max_connections: Option<u32>,
@@ -380,6 +380,8 @@ pub struct PerClient {
     pub rate: Option<(f64, u32)>,
     /// Client IPs tracked at most; beyond it new clients are refused (`limited`).
     pub max_tracked: usize,
+    /// IPv6 clients are counted per network of this many bits (default 64).
+    pub ipv6_prefix: u8,
 }
 
 /// Default `per_client.max_tracked`.

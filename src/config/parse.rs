@@ -1656,7 +1656,14 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         "h" | "hour" => 3600.0,
         u => return Err(format!("bad rate {s:?}: unit {u:?} must be s, m or h")),
     };
-    Ok(n / per)
+    let r = n / per;
+    // From one an hour to a billion a second: the limiter counts in nanoseconds.
+    if !(1.0 / 3600.0..=1e9).contains(&r) {
+        return Err(format!(
+            "rate {s:?} is out of range: from \"1/h\" to \"1000000000/s\""
+        ));
+    }
+    Ok(r)
 }
 
 fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> PerClient {
@@ -1673,16 +1680,24 @@ fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> PerClient {
             }
         });
     let burst = p.uint(cx, "burst", 1, 10_000_000).map(|n| n as u32);
-    if burst.is_some() && rate.is_none() {
+    // (A `rate` given but invalid has its own error.)
+    if burst.is_some() && p.get("rate").is_none() {
         let span = p.get("burst").map(|v| v.span()).unwrap_or(0..0);
         cx.err(span, "`burst` needs a `rate`");
     }
     let max_tracked = p
         .uint(cx, "max_tracked", 1, 100_000_000)
         .map_or(DEFAULT_MAX_TRACKED, |n| n as usize);
+    let ipv6_prefix = p.uint(cx, "ipv6_prefix", 1, 128).map_or(64, |n| n as u8);
     p.finish(
         cx,
-        &["max_connections", "rate", "burst", "max_tracked"],
+        &[
+            "max_connections",
+            "rate",
+            "burst",
+            "max_tracked",
+            "ipv6_prefix",
+        ],
         &[],
     );
     PerClient {
@@ -1690,6 +1705,7 @@ fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> PerClient {
         // Without a burst, one second's worth may arrive at once.
         rate: rate.map(|r| (r, burst.unwrap_or_else(|| r.ceil().max(1.0) as u32))),
         max_tracked,
+        ipv6_prefix,
     }
 }
 

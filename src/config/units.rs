@@ -15,7 +15,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "duration {s:?} has no unit: write e.g. \"{t}s\" or \"{t}ms\""
         ));
     }
-    humantime::parse_duration(t).map_err(|e| format!("bad duration {s:?}: {e}"))
+    let d = humantime::parse_duration(t).map_err(|e| format!("bad duration {s:?}: {e}"))?;
+    if d > crate::clock::MAX_DURATION {
+        return Err(format!(
+            "duration {s:?} is longer than the longest allowed, \"3650d\" (ten years)"
+        ));
+    }
+    Ok(d)
 }
 
 /// Parses a size such as `"64KiB"`, `"1MiB"`, `"256KB"` or `"4096"` (bytes).
@@ -65,6 +71,15 @@ mod tests {
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("ten seconds").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("3650d").unwrap(), crate::clock::MAX_DURATION);
+        assert!(
+            parse_duration("3651d")
+                .unwrap_err()
+                .contains("longest allowed")
+        );
+        // humantime's own overflow is an error, not a panic.
+        assert!(parse_duration("300000000000y").is_err());
+        assert!(parse_duration("99999999999999999999999s").is_err());
     }
 
     #[test]

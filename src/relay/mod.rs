@@ -51,6 +51,8 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::time::Instant;
+
+use crate::clock::after;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{self, ReadGuard, Recv, Sock, close_with_reset};
@@ -168,8 +170,10 @@ pub fn relay<'a>(
     progress: Option<Progress<'a>>,
 ) -> Relay<'a> {
     let now = Instant::now();
-    let next_report = progress.as_ref().map(|p| now + p.every);
-    let first = next_report.map_or(now + idle_timeout, |r| r.min(now + idle_timeout));
+    let next_report = progress.as_ref().map(|p| after(now, p.every));
+    let first = next_report.map_or(after(now, idle_timeout), |r| {
+        r.min(after(now, idle_timeout))
+    });
     let engine = match (&client, &server) {
         (Stream::Plain(_), Stream::Plain(_)) => engine,
         _ => Engine::Copy,
@@ -258,7 +262,7 @@ impl Future for Relay<'_> {
                     return Poll::Pending;
                 }
                 let now = Instant::now();
-                let idle_deadline = *this.last + *this.idle_timeout;
+                let idle_deadline = after(*this.last, *this.idle_timeout);
                 if now >= idle_deadline {
                     break End::IdleTimeout;
                 }
@@ -266,7 +270,7 @@ impl Future for Relay<'_> {
                     && now >= *at
                 {
                     (p.report)(this.up.bytes, this.down.bytes);
-                    *at = now + p.every;
+                    *at = after(now, p.every);
                 }
                 let wake = this
                     .next_report

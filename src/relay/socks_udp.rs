@@ -142,7 +142,7 @@ impl Association {
                 Ev::Stop => return (End::Drained, st.c),
             };
             if moved {
-                sleep.as_mut().reset(crate::upstream::dial::later(idle));
+                sleep.as_mut().reset(crate::clock::later(idle));
             }
         }
     }

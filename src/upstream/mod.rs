@@ -502,7 +502,7 @@ impl Pool {
         let Some(mut ticket) = queue.join() else {
             return Err(AcquireError::Full);
         };
-        let deadline = Instant::now() + queue.timeout();
+        let deadline = crate::clock::later(queue.timeout());
         loop {
             if tokio::time::timeout_at(deadline, ticket.wait())
                 .await
