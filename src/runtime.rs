@@ -67,6 +67,9 @@ pub struct Shared {
     /// Every address ferry listens on (listeners and admin): never a forward destination.
     own: Arc<ArcSwap<OwnAddrs>>,
     admin_addr: Option<SocketAddr>,
+    /// The admin server, awaited at the end of a drain.
+    admin_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub admin_stats: Arc<crate::admin::Stats>,
 }
 
 /// The parts of the running proxy that only reload and drain change.
@@ -243,6 +246,8 @@ impl Proxy {
             workers,
             own: Arc::new(ArcSwap::from_pointee(own)),
             admin_addr,
+            admin_task: std::sync::Mutex::new(None),
+            admin_stats: Arc::default(),
         });
 
         let mut bound = Vec::new();
@@ -266,12 +271,13 @@ impl Proxy {
                 tracing::info!("admin listening on http://{a}/");
                 admin_addr = Some(a);
             }
-            tokio::spawn(crate::admin::serve(
+            let task = tokio::spawn(crate::admin::serve(
                 sock,
                 shared.clone(),
                 token,
                 shared.background.clone(),
             ));
+            *shared.admin_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
         Ok(Proxy {
             shared,
@@ -305,6 +311,11 @@ impl Proxy {
 }
 
 impl Shared {
+    /// Where the admin server listens, if there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// The worker threads.
     pub fn workers(&self) -> &Workers {
         &self.workers
@@ -770,6 +781,15 @@ impl Shared {
             }
         }
         self.background.cancel();
+        // The admin server answers the requests it has (it closes after a grace period).
+        let admin = self
+            .admin_task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = admin {
+            let _ = task.await;
+        }
         tracing::info!("drained ({stopped:?})");
         // Every record written before the process exits.
         let log = access_log.clone();

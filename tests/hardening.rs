@@ -3,8 +3,10 @@
 //! costs only the connection (or request) that caused it.
 
 mod common;
+mod ops_support;
 
 use common::*;
+use ops_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every duration at the longest `check` allows and the slowest rate with the largest
@@ -61,4 +63,94 @@ health = {{ interval = "3650d", timeout = "3650d", passive = {{ failures = 1, ej
     let recs = f.records_with("ok", 6, WAIT).await;
     assert_eq!(recs.len(), 6);
     assert!(!f.stderr.text().contains("panicked"), "{}", f.stderr.text());
+}
+
+/// 300 idle connections to the admin server do not keep out a scrape (they used to: 64
+/// held every slot until the 10 s header timeout), the idlest are closed to make room and
+/// counted, and the token's scheme is case-insensitive.
+#[tokio::test]
+async fn admin_answers_through_idle_connections() {
+    let echo = echo_server().await;
+    let f = Ferry::start(
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+token = "s3cret"
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "pool"
+
+[[upstream]]
+name = "pool"
+servers = ["{echo}"]
+"#
+        ),
+        1,
+    )
+    .await;
+    let admin = admin_addr(&f).await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(connect(admin).await);
+    }
+    // A real scraper: curl, as an operator would type it.
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-q", "-sS", "-i", "--noproxy", "*", "--max-time", "10"])
+        .arg(format!("http://{admin}/metrics"));
+    let out = within(
+        2 * WAIT,
+        "curl /metrics",
+        tokio::task::spawn_blocking(move || curl.output()),
+    )
+    .await
+    .unwrap()
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("content-type: text/plain; version=0.0.4"),
+        "{text}"
+    );
+    let evicted = metric(
+        &text,
+        "ferry_admin_connections_closed_total",
+        &[("reason", "evicted")],
+    )
+    .expect("evicted counter");
+    assert!(evicted >= 300.0 - 64.0, "{evicted} evicted\n{text}");
+    let active = metric(&text, "ferry_admin_connections_active", &[]).expect("active gauge");
+    assert!(active <= 64.0, "{text}");
+    // The oldest idle connection was closed by ferry.
+    let mut b = [0u8; 1];
+    let n = within(
+        WAIT,
+        "the oldest idle connection closed",
+        idle[0].read(&mut b),
+    )
+    .await
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    // `bearer`, `BEARER`: the scheme is case-insensitive; a wrong token is still refused.
+    for (auth, status) in [
+        ("bearer s3cret", 200),
+        ("BEARER  s3cret", 200),
+        ("bearer wrong", 401),
+    ] {
+        let r = http(
+            admin,
+            "POST",
+            "/api/reload",
+            &[("Authorization", auth)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, status, "{auth}: {r:?}");
+    }
 }

@@ -122,19 +122,28 @@ fn ensure_prometheus_client() {
     );
 }
 
-/// Parses `text` with prometheus_client's OpenMetrics parser in python3; returns
-/// `{family: {"type": ..., "samples": n}}`. Panics with the parser's error if it fails.
-fn parse_with_prometheus_client(text: &str) -> Value {
-    const SCRIPT: &str = r#"
+/// Parses `text` with prometheus_client's parser in python3, OpenMetrics or the Prometheus
+/// text format; returns `{family: {"type": ..., "samples": n}}`. Panics with the parser's
+/// error if it fails.
+fn parse_with_prometheus_client(text: &str, openmetrics: bool) -> Value {
+    let script = format!(
+        r#"
 import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-fams = {}
+from prometheus_client.{} import text_string_to_metric_families
+fams = {{}}"#,
+        if openmetrics {
+            "openmetrics.parser"
+        } else {
+            "parser"
+        }
+    ) + SCRIPT;
+    const SCRIPT: &str = r#"
 for f in text_string_to_metric_families(sys.stdin.read()):
     fams[f.name] = {"type": f.type, "samples": len(f.samples)}
 print(json.dumps(fams))
 "#;
     let mut child = Command::new("python3")
-        .args(["-c", SCRIPT])
+        .args(["-c", &script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -148,7 +157,7 @@ print(json.dumps(fams))
     let out = child.wait_with_output().expect("python3");
     assert!(
         out.status.success(),
-        "prometheus_client's OpenMetrics parser rejected /metrics: {}\n--- metrics ---\n{text}",
+        "prometheus_client's parser (openmetrics: {openmetrics}) rejected /metrics: {}\n--- metrics ---\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("parser output")
@@ -172,14 +181,38 @@ async fn metrics_pass_the_reference_parser() {
     let (ferry, _, admin) = metrics_ferry().await;
     let addr = ferry.addr("front");
 
+    // A plain request (a browser, curl) gets the Prometheus text format ...
     let r = get(admin, "/metrics").await;
     assert_eq!(r.status, 200);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8"),
         "{r:?}"
     );
-    let fams = parse_with_prometheus_client(&r.body);
+    let fams = parse_with_prometheus_client(&r.body, false);
+    // ... and a scraper that asks for OpenMetrics (as Prometheus does) gets it: the same
+    // families, typed the same.
+    let accept =
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+    let om = http(admin, "GET", "/metrics", &[("Accept", accept)], b"").await;
+    assert_eq!(om.status, 200);
+    assert!(
+        om.header("content-type")
+            .is_some_and(|c| c.starts_with("application/openmetrics-text")),
+        "{om:?}"
+    );
+    assert!(om.body.ends_with("# EOF\n"), "{}", om.body);
+    let om_fams = parse_with_prometheus_client(&om.body, true);
+    for (family, v) in fams.as_object().unwrap() {
+        assert_eq!(
+            om_fams[family]["type"], v["type"],
+            "{family}: {om_fams:#}\n{fams:#}"
+        );
+    }
+    assert_eq!(
+        om_fams.as_object().unwrap().len(),
+        fams.as_object().unwrap().len()
+    );
     for (family, ty) in [
         ("ferry_connections", "counter"),
         ("ferry_connections_active", "gauge"),
@@ -201,7 +234,7 @@ async fn metrics_pass_the_reference_parser() {
     let mut open = connect(addr).await;
     echo_round_trip(&mut open, b"open").await;
     assert_eq!(post(admin, "/api/reload", None).await.status, 200);
-    parse_with_prometheus_client(&metrics(admin).await);
+    parse_with_prometheus_client(&metrics(admin).await, false);
 }
 
 /// Checks histogram `name` for `upstream`: cumulative buckets in rising `le` order, the

@@ -6,7 +6,6 @@
 //! 401 (POST without the configured token), 404 (unknown path or object), 405 (wrong
 //! method, with `Allow`).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,7 +15,6 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,8 +26,9 @@ use crate::upstream::AdminState;
 /// The stats page: one self-contained file, no external assets.
 const STATS_PAGE: &str = include_str!("stats.html");
 
-/// Most concurrent admin connections; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 64;
+mod server;
+
+pub use server::{Resp, Stats};
 
 /// Binds the admin server's socket.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -38,54 +37,23 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot listen on {addr}: {e}")))
 }
 
-/// Serves the admin API on `listener` until `stop`.
+/// Serves the admin API on `listener` until `stop`; returns once its connections have
+/// closed (requests in progress are answered first).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     token: Option<String>,
     stop: CancellationToken,
 ) {
-    let token: Option<Arc<str>> = token.map(Into::into);
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let (stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!("admin accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            return;
-        };
+    let token: Option<Arc<Token>> = token.map(|t| Arc::new(Token::new(&t)));
+    let stats = shared.admin_stats.clone();
+    let handler = move |req: Request<Incoming>| {
         let shared = shared.clone();
         let token = token.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                let token = token.clone();
-                async move { Ok::<_, Infallible>(handle(req, &shared, token.as_deref()).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = stop.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-            drop(permit);
-        });
-    }
+        async move { handle(req, &shared, token.as_deref()).await }
+    };
+    server::serve(listener, handler, stats, stop).await;
 }
-
-type Resp = Response<Full<Bytes>>;
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
@@ -112,17 +80,43 @@ fn method_not_allowed(allow: &'static str) -> Resp {
     r
 }
 
-/// Compares in time independent of where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The admin token, kept as a digest: a given token is compared digest to digest, in
+/// constant time, so neither where it differs nor its length shows in the timing.
+pub struct Token(ring::digest::Digest);
+
+impl Token {
+    pub fn new(token: &str) -> Token {
+        Token(ring::digest::digest(
+            &ring::digest::SHA256,
+            token.as_bytes(),
+        ))
+    }
+
+    fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        let d = ring::digest::digest(&ring::digest::SHA256, given);
+        bool::from(d.as_ref().ct_eq(self.0.as_ref()))
+    }
 }
 
-fn authorized(req: &Request<Incoming>, token: Option<&str>) -> bool {
+/// The credentials of `Authorization: Bearer TOKEN`; the scheme is case-insensitive and
+/// may be followed by more than one space (RFC 7235).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let split = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(split);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let start = rest.iter().position(|&b| b != b' ')?;
+    Some(rest[start..].trim_ascii_end())
+}
+
+fn authorized(req: &Request<Incoming>, token: Option<&Token>) -> bool {
     let Some(token) = token else { return true };
     req.headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|given| same(given, token.as_bytes()))
+        .and_then(|v| bearer(v.as_bytes()))
+        .is_some_and(|given| token.matches(given))
 }
 
 /// Decodes `%XX` escapes of a path segment (`[::1]:80` arrives as `%5B%3A%3A1%5D%3A80`).
@@ -143,7 +137,7 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&str>) -> Resp {
+async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&Token>) -> Resp {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -153,11 +147,16 @@ async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&str
         }
         ([""], _) => method_not_allowed("GET"),
         (["metrics"], &Method::GET) => {
+            let format = metrics::Format::negotiate(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
             let dropped = shared.access_log_dropped().await;
             respond(
                 StatusCode::OK,
-                metrics::CONTENT_TYPE,
-                metrics::render(shared, dropped),
+                format.content_type(),
+                metrics::render(shared, dropped, format),
             )
         }
         (["metrics"], _) => method_not_allowed("GET"),
@@ -405,8 +404,21 @@ mod tests {
 
     #[test]
     fn token_compare() {
-        assert!(same(b"secret", b"secret"));
-        assert!(!same(b"secret", b"secreT"));
-        assert!(!same(b"secret", b"secret2"));
+        let t = Token::new("secret");
+        assert!(t.matches(b"secret"));
+        assert!(!t.matches(b"secreT"));
+        assert!(!t.matches(b"secret2"));
+        assert!(!t.matches(b""));
+    }
+
+    #[test]
+    fn bearer_scheme() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"BEARER   abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"Bearerabc"), None);
     }
 }

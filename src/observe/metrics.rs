@@ -16,11 +16,97 @@ use super::Outcome;
 use crate::runtime::Shared;
 use crate::upstream::ServerState;
 
-/// The Content-Type of [`render`]'s output.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The two text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4: what a browser, `curl` and every
+    /// Prometheus-compatible scraper read.
+    Prometheus,
+    /// OpenMetrics 1.0, for scrapers that ask for it.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when `accept` (a request's `Accept`) lists it, else Prometheus text.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let wants_om = accept.is_some_and(|a| {
+            a.split(',').any(|item| {
+                let mut parts = item.split(';');
+                let media = parts.next().unwrap_or("").trim();
+                // `q=0` means "not this one".
+                let refused = parts.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .and_then(|q| q.trim().parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        });
+        if wants_om {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// The metrics, in `format`.
+pub fn render(shared: &Arc<Shared>, access_log_dropped: u64, format: Format) -> String {
+    let om = render_openmetrics(shared, access_log_dropped);
+    match format {
+        Format::OpenMetrics => om,
+        Format::Prometheus => openmetrics_to_prometheus(&om),
+    }
+}
+
+/// Rewrites OpenMetrics text (as `prometheus_client` writes it) as Prometheus text 0.0.4:
+/// a counter's family takes its samples' `_total` name, `# UNIT` and `# EOF` go, and the
+/// rest (gauges, histograms, labels, escapes) is the same in both.
+fn openmetrics_to_prometheus(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut counters: Vec<&str> = Vec::new();
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.push(name);
+        }
+    }
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        if let Some((kind, rest)) = meta {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            if counters.contains(&name) && !name.ends_with("_total") {
+                out.push_str(kind);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(tail);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
 
 /// The metrics, in the OpenMetrics text format.
-pub fn render(shared: &Arc<Shared>, access_log_dropped: u64) -> String {
+fn render_openmetrics(shared: &Arc<Shared>, access_log_dropped: u64) -> String {
     let mut registry = Registry::with_prefix("ferry");
     registry.register_collector(Box::new(Snapshot {
         shared: shared.clone(),
@@ -332,6 +418,77 @@ impl Collector for Snapshot {
             )?;
             counter(self.access_log_dropped).encode(m)?;
         }
+        if self.shared.admin_addr().is_some() {
+            let stats = &self.shared.admin_stats;
+            let m = enc.encode_descriptor(
+                "admin_connections_active",
+                "Connections open to the admin server",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(stats.open.load(Relaxed) as i64).encode(m)?;
+            let mut m = enc.encode_descriptor(
+                "admin_connections_closed",
+                "Admin connections closed by ferry, by reason (evicted: the idlest, to make room; timeout: no request head in time, idle or slow; failed: bad request, or response not read; refused: every connection busy)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in stats.closed() {
+                counter(n).encode(m.encode_family(&[("reason", reason)])?)?;
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        use Format::*;
+        assert_eq!(Format::negotiate(None), Prometheus);
+        assert_eq!(Format::negotiate(Some("*/*")), Prometheus);
+        assert_eq!(
+            Format::negotiate(Some("text/html,application/xhtml+xml")),
+            Prometheus
+        );
+        // What Prometheus itself sends.
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1"
+            )),
+            OpenMetrics
+        );
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text")),
+            OpenMetrics
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0")),
+            Prometheus
+        );
+    }
+
+    #[test]
+    fn prometheus_text_from_openmetrics() {
+        let om = "# HELP ferry_connections Connections ended.\n\
+                  # TYPE ferry_connections counter\n\
+                  ferry_connections_total{listener=\"a\"} 3\n\
+                  # HELP ferry_up Up.\n\
+                  # TYPE ferry_up gauge\n\
+                  # UNIT ferry_up seconds\n\
+                  ferry_up 1\n\
+                  # EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(om),
+            "# HELP ferry_connections_total Connections ended.\n\
+             # TYPE ferry_connections_total counter\n\
+             ferry_connections_total{listener=\"a\"} 3\n\
+             # HELP ferry_up Up.\n\
+             # TYPE ferry_up gauge\n\
+             ferry_up 1\n"
+        );
     }
 }
