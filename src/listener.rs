@@ -115,6 +115,8 @@ pub struct ListenerCtx {
     pub acl: Acl,
     pub clients: Option<Arc<ClientTable>>,
     pub proxy: Option<ProxyAccept>,
+    /// The client sockets' buffer caps.
+    pub buffers: crate::config::SocketBuffers,
     /// Refused connections logged individually this second, and those only counted.
     refused_second: AtomicU64,
     refused_logged: AtomicU64,
@@ -162,6 +164,7 @@ impl ListenerCtx {
         acl: Acl,
         clients: Option<Arc<ClientTable>>,
         proxy: Option<ProxyAccept>,
+        buffers: crate::config::SocketBuffers,
     ) -> ListenerCtx {
         ListenerCtx {
             name,
@@ -178,6 +181,7 @@ impl ListenerCtx {
             acl,
             clients,
             proxy,
+            buffers,
             refused_second: AtomicU64::new(0),
             refused_logged: AtomicU64::new(0),
             refused_unlogged: AtomicU64::new(0),

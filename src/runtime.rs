@@ -469,6 +469,7 @@ impl Shared {
             },
             clients,
             lc.proxy_protocol.clone(),
+            lc.buffers,
         )
     }
 

@@ -76,6 +76,10 @@ pub fn serve(
         let l = permit.ctx();
         let ts = SystemTime::now();
         let start = Instant::now();
+        // Bounded by default: what a client that never reads can make the kernel hold.
+        if let Err(e) = net::set_buffers(&client, l.buffers) {
+            tracing::debug!(listener = %l.name, client = %peer, "socket buffers: {e}");
+        }
         // Registered here, with the reactor of the worker that serves it.
         let sock: Sock = match net::register(client) {
             Ok(c) => c,

@@ -154,3 +154,267 @@ servers = ["{echo}"]
         assert_eq!(r.status, status, "{auth}: {r:?}");
     }
 }
+
+/// Bytes each slow-reader test connection carries.
+const PUSH: u64 = 6 << 20;
+/// Connections in the slow-reader tests.
+const SLOW: usize = 200;
+/// What one connection may hold in flight, end to end, with ferry's default buffer caps:
+/// the test's own small buffers at either end, ferry's two socket buffers (256 KiB each,
+/// doubled by the kernel for its bookkeeping) and the pipe between them, with room to spare.
+const IN_FLIGHT_BOUND: u64 = 2 << 20;
+
+/// Waits until `total` has stopped growing (a stall: every connection blocked), for at
+/// most 30 s. Returns its value then.
+async fn stalled(total: &std::sync::atomic::AtomicU64) -> u64 {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut last = u64::MAX;
+    let mut still = 0;
+    for _ in 0..300 {
+        let now = total.load(SeqCst);
+        if now == last {
+            still += 1;
+            if still == 5 {
+                return now;
+            }
+        } else {
+            still = 0;
+            last = now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!(
+        "the transfer never stalled: {} bytes and counting",
+        total.load(SeqCst)
+    );
+}
+
+/// The `rb` (receive) and `tb` (send) buffer limits of ferry's established sockets matching
+/// the `ss` filter `filter`, as `ss -m` reports them.
+fn socket_buffers(filter: &str) -> Vec<(u64, u64)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established"])
+        .args(filter.split(' '))
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |s: &str, key: &str| -> Option<u64> {
+        let i = s.find(key)? + key.len();
+        s[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    text.split("skmem:(")
+        .skip(1)
+        .filter_map(|s| Some((field(s, ",rb")?, field(s, ",tb")?)))
+        .collect()
+}
+
+/// A listener whose accepted sockets have small send and receive buffers: the test's end
+/// holds little, so what piles up is ferry's.
+fn small_buffer_listener() -> tokio::net::TcpListener {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_send_buffer_size(64 << 10).unwrap();
+    s.set_recv_buffer_size(64 << 10).unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    s.listen(1024).unwrap()
+}
+
+async fn small_buffer_connect(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_send_buffer_size(64 << 10).unwrap();
+    s.set_recv_buffer_size(64 << 10).unwrap();
+    within(WAIT, "connect", s.connect(addr)).await.unwrap()
+}
+
+fn slow_config(server: std::net::SocketAddr, echo: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[log]
+access = "@LOG@"
+
+[[listener]]
+name = "bulk"
+listen = "127.0.0.1:0"
+upstream = "bulk"
+
+[[listener]]
+name = "echo"
+listen = "127.0.0.1:0"
+upstream = "echo"
+
+[[upstream]]
+name = "bulk"
+servers = ["{server}"]
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#
+    )
+}
+
+/// 200 clients that never read while their servers push: ferry takes in only what its
+/// capped socket buffers hold (it used to take ~9 MiB a connection into autotuned kernel
+/// buffers, 1.8 GB for 200), the servers are held back, an unrelated client is served, and
+/// once the clients read, every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_pin_bounded_memory() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    let written = Arc::new(AtomicU64::new(0));
+    let listener = small_buffer_listener();
+    let server = listener.local_addr().unwrap();
+    {
+        let written = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let written = written.clone();
+                tokio::spawn(async move {
+                    let block = vec![0x5au8; 64 << 10];
+                    let mut left = PUSH;
+                    while left > 0 {
+                        let k = left.min(block.len() as u64) as usize;
+                        if s.write_all(&block[..k]).await.is_err() {
+                            return;
+                        }
+                        written.fetch_add(k as u64, SeqCst);
+                        left -= k as u64;
+                    }
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+    }
+    let echo = echo_server().await;
+    let f = Ferry::start(&slow_config(server, echo), 2).await;
+    let rss_before = f.rss_kib();
+    let mut clients = Vec::new();
+    for _ in 0..SLOW {
+        clients.push(small_buffer_connect(f.addr("bulk")).await);
+    }
+    let held = stalled(&written).await;
+    assert!(
+        held <= SLOW as u64 * IN_FLIGHT_BOUND,
+        "{} MiB taken from the servers for {SLOW} clients that read nothing",
+        held >> 20
+    );
+    let port = f.addr("bulk").port();
+    let bufs = socket_buffers(&format!("sport = :{port}"));
+    assert_eq!(bufs.len(), SLOW, "ferry's client sockets");
+    for (rb, tb) in &bufs {
+        assert!(*rb <= 512 << 10 && *tb <= 512 << 10, "rb {rb} tb {tb}");
+    }
+    let bufs = socket_buffers(&format!("dport = :{}", server.port()));
+    assert_eq!(bufs.len(), SLOW, "ferry's server sockets");
+    for (rb, tb) in &bufs {
+        assert!(*rb <= 512 << 10 && *tb <= 512 << 10, "rb {rb} tb {tb}");
+    }
+    // ferry's own memory: flat.
+    let grown = f.rss_kib().saturating_sub(rss_before);
+    assert!(grown < 64 << 10, "ferry grew by {grown} KiB");
+    // Another client on another listener is served meanwhile.
+    let mut other = connect(f.addr("echo")).await;
+    echo_round_trip(&mut other, b"still here").await;
+    // The clients read: every byte arrives.
+    let reads = clients
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { read_count(&mut c).await.unwrap() }));
+    for r in reads {
+        let n = within(4 * WAIT, "client reads everything", r)
+            .await
+            .unwrap();
+        assert_eq!(n, PUSH);
+    }
+    assert_eq!(written.load(SeqCst), SLOW as u64 * PUSH);
+}
+
+/// The reverse: 200 clients push to servers that do not read. ferry holds back the
+/// clients with bounded buffers, and once the servers read, every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_that_never_read_pin_bounded_memory() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    let received = Arc::new(AtomicU64::new(0));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let listener = small_buffer_listener();
+    let server = listener.local_addr().unwrap();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let received = received.clone();
+        let go = go.clone();
+        tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            while accepted.len() < SLOW {
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
+                accepted.push(s);
+            }
+            go.notified().await;
+            for mut s in accepted {
+                let received = received.clone();
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    let n = read_count(&mut s).await.unwrap_or(0);
+                    received.fetch_add(n, SeqCst);
+                    let _ = done.send(n);
+                });
+            }
+        });
+    }
+    let echo = echo_server().await;
+    let f = Ferry::start(&slow_config(server, echo), 2).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for _ in 0..SLOW {
+        let mut c = small_buffer_connect(f.addr("bulk")).await;
+        let sent = sent.clone();
+        writers.push(tokio::spawn(async move {
+            let block = vec![0xa5u8; 64 << 10];
+            let mut left = PUSH;
+            while left > 0 {
+                let k = left.min(block.len() as u64) as usize;
+                c.write_all(&block[..k]).await.unwrap();
+                sent.fetch_add(k as u64, SeqCst);
+                left -= k as u64;
+            }
+            c.shutdown().await.unwrap();
+            c
+        }));
+    }
+    let held = stalled(&sent).await;
+    assert!(
+        held <= SLOW as u64 * IN_FLIGHT_BOUND,
+        "{} MiB taken from clients for {SLOW} servers that read nothing",
+        held >> 20
+    );
+    for filter in [
+        format!("sport = :{}", f.addr("bulk").port()),
+        format!("dport = :{}", server.port()),
+    ] {
+        let bufs = socket_buffers(&filter);
+        assert_eq!(bufs.len(), SLOW, "{filter}");
+        for (rb, tb) in &bufs {
+            assert!(
+                *rb <= 512 << 10 && *tb <= 512 << 10,
+                "{filter}: rb {rb} tb {tb}"
+            );
+        }
+    }
+    let mut other = connect(f.addr("echo")).await;
+    echo_round_trip(&mut other, b"still here").await;
+    go.notify_one();
+    for _ in 0..SLOW {
+        let n = within(4 * WAIT, "server reads everything", done_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(n, PUSH);
+    }
+    for w in writers {
+        within(WAIT, "writer done", w).await.unwrap();
+    }
+    assert_eq!(received.load(SeqCst), SLOW as u64 * PUSH);
+}

@@ -370,6 +370,28 @@ pub struct Listener {
     pub per_client: Option<PerClient>,
     /// Read a PROXY header from (trusted) clients.
     pub proxy_protocol: Option<ProxyAccept>,
+    /// The client sockets' buffer caps (`tcp = { send_buffer, recv_buffer }`).
+    pub buffers: SocketBuffers,
+}
+
+/// The default cap of a connection's socket buffers, each way and on each side: what a
+/// client that never reads (or a server) can make the kernel hold for one connection.
+pub const DEFAULT_SOCKET_BUFFER: usize = 256 * 1024;
+
+/// SO_SNDBUF and SO_RCVBUF of a socket; `None` leaves the kernel's autotuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    pub send: Option<usize>,
+    pub recv: Option<usize>,
+}
+
+impl Default for SocketBuffers {
+    fn default() -> Self {
+        SocketBuffers {
+            send: Some(DEFAULT_SOCKET_BUFFER),
+            recv: Some(DEFAULT_SOCKET_BUFFER),
+        }
+    }
 }
 
 /// `per_client = { max_connections, rate, burst, max_tracked, ipv6_prefix }`.
@@ -580,8 +602,8 @@ impl Default for TcpOptions {
         TcpOptions {
             nodelay: true,
             keepalive: None,
-            send_buffer: None,
-            recv_buffer: None,
+            send_buffer: Some(DEFAULT_SOCKET_BUFFER),
+            recv_buffer: Some(DEFAULT_SOCKET_BUFFER),
             mark: None,
         }
     }
@@ -623,6 +645,7 @@ impl Config {
                 deny: Vec::new(),
                 per_client: None,
                 proxy_protocol: None,
+                buffers: SocketBuffers::default(),
             }],
             upstreams: vec![Upstream {
                 name: "quick".into(),

@@ -399,6 +399,7 @@ const LISTENER_KEYS: &[&str] = &[
     "deny",
     "per_client",
     "proxy_protocol",
+    "tcp",
     "handshake_timeout",
     "tls",
     "route",
@@ -411,7 +412,8 @@ const LISTENER_KEYS: &[&str] = &[
     "connect_timeout",
 ];
 const USER_KEYS: &[&str] = &["name", "password", "password_hash", "destinations"];
-const LISTENER_LATER: &[&str] = &["protocol", "tcp"];
+const LISTENER_LATER: &[&str] = &["protocol"];
+const LISTENER_TCP_KEYS: &[&str] = &["send_buffer", "recv_buffer"];
 const LISTEN_TLS_KEYS: &[&str] = &[
     "cert",
     "key",
@@ -890,6 +892,17 @@ fn listener(
     let proxy_protocol = t
         .table(cx, "proxy_protocol", "`proxy_protocol`")
         .and_then(|p| proxy_accept(cx, p));
+    let buffers = match t.table(cx, "tcp", "`tcp`") {
+        Some(tt) => {
+            let b = SocketBuffers {
+                send: buffer_size(cx, &tt, "send_buffer"),
+                recv: buffer_size(cx, &tt, "recv_buffer"),
+            };
+            tt.finish(cx, LISTENER_TCP_KEYS, &[]);
+            b
+        }
+        None => SocketBuffers::default(),
+    };
     t.finish(cx, LISTENER_KEYS, LISTENER_LATER);
 
     let l = (|| {
@@ -913,6 +926,7 @@ fn listener(
             deny,
             per_client,
             proxy_protocol,
+            buffers,
         })
     })();
     (named, l)
@@ -1492,13 +1506,26 @@ fn server_addr(s: &str) -> Result<ServerAddr, String> {
     }
 }
 
+/// A socket buffer size: a size from 4 KiB to 64 MiB, or `"auto"` (the kernel's
+/// autotuning, unbounded up to its `tcp_wmem`/`tcp_rmem` maximum). Absent: the default cap.
+fn buffer_size(cx: &mut Cx<'_>, t: &Tab<'_, '_>, key: &str) -> Option<usize> {
+    let (s, _) = match t.get(key) {
+        None => return Some(DEFAULT_SOCKET_BUFFER),
+        Some(_) => t.string(cx, key)?,
+    };
+    if s == "auto" {
+        return None;
+    }
+    t.size_in(cx, key, 4 << 10, 64 << 20)
+}
+
 fn tcp_options(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> TcpOptions {
     let d = TcpOptions::default();
     let o = TcpOptions {
         nodelay: t.bool(cx, "nodelay").unwrap_or(d.nodelay),
         keepalive: t.positive_duration(cx, "keepalive"),
-        send_buffer: t.size(cx, "send_buffer"),
-        recv_buffer: t.size(cx, "recv_buffer"),
+        send_buffer: buffer_size(cx, &t, "send_buffer"),
+        recv_buffer: buffer_size(cx, &t, "recv_buffer"),
         mark: None,
     };
     t.finish(cx, TCP_KEYS, &[]);

@@ -98,12 +98,13 @@ pub async fn connect(
     .map_err(|e| ConnectError::Failed(e.into()))?;
     let sref = SockRef::from(&fd);
     let set = |r: io::Result<()>| r.map_err(ConnectError::Failed);
-    if let Some(n) = opts.send_buffer {
-        set(sref.set_send_buffer_size(n))?;
-    }
-    if let Some(n) = opts.recv_buffer {
-        set(sref.set_recv_buffer_size(n))?;
-    }
+    set(set_buffers(
+        &fd,
+        crate::config::SocketBuffers {
+            send: opts.send_buffer,
+            recv: opts.recv_buffer,
+        },
+    ))?;
     if opts.nodelay {
         set(sref.set_tcp_nodelay(true))?;
     }
@@ -156,6 +157,22 @@ pub fn set_keepalive(stream: &std::net::TcpStream, idle: Duration) -> io::Result
 pub fn close_with_reset<S: std::os::fd::AsFd>(sock: S) {
     let _ = SockRef::from(&sock).set_linger(Some(Duration::ZERO));
     drop(sock);
+}
+
+/// Caps a socket's send and receive buffers (which also ends the kernel's autotuning of
+/// them); `None` leaves one to the kernel.
+pub fn set_buffers(
+    sock: &impl std::os::fd::AsFd,
+    b: crate::config::SocketBuffers,
+) -> io::Result<()> {
+    let sref = SockRef::from(sock);
+    if let Some(n) = b.send {
+        sref.set_send_buffer_size(n)?;
+    }
+    if let Some(n) = b.recv {
+        sref.set_recv_buffer_size(n)?;
+    }
+    Ok(())
 }
 
 /// Binds a listening socket (non-blocking, not yet registered with a runtime: the worker
