@@ -119,16 +119,26 @@ impl Table {
     }
 }
 
-/// Serves `handler` on `listener` until `stop`, then shuts down gracefully.
-pub async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
-    stats: Arc<Stats>,
-    stop: CancellationToken,
-) where
+/// What answers the requests: an async function of the request.
+pub trait Handler: Fn(Request<Incoming>) -> Self::Answer + Clone + Send + Sync + 'static {
+    type Answer: Future<Output = Resp> + Send + 'static;
+}
+
+impl<H, F> Handler for H
+where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
+    type Answer = F;
+}
+
+/// Serves `handler` on `listener` until `stop`, then shuts down gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    handler: impl Handler,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
     let table = Arc::new(Table {
         conns: Mutex::new(HashMap::new()),
         epoch: Instant::now(),
@@ -187,19 +197,16 @@ pub async fn serve<H, F>(
     }
 }
 
-async fn connection<H, F>(
+async fn connection(
     stream: TcpStream,
     conn: Arc<Conn>,
     table: Arc<Table>,
     id: u64,
-    handler: H,
+    handler: impl Handler,
     stats: Arc<Stats>,
     stop: CancellationToken,
-) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Resp> + Send + 'static,
-{
-    let served = Arc::new(AtomicU32::new(0));
+) {
+    let served = AtomicU32::new(0);
     let service = {
         let conn = conn.clone();
         let table = table.clone();
