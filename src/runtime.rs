@@ -25,7 +25,7 @@ use crate::auth::Users;
 use crate::config::{self, Config, ListenerMode};
 use crate::frontend::{Forwarding, Transparent};
 use crate::listener::{self, Bound, FrontEnd, Gate, ListenerCtx, Slot};
-use crate::observe::{AccessLog, ListenerStats};
+use crate::observe::{AccessLog, ListenerStats, Logs};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
 use crate::route::Router;
@@ -36,11 +36,15 @@ use crate::workers::Workers;
 
 /// How long connections cut by the drain timeout get to write their log records.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// After a second SIGINT: how long connections get to close and log.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(1);
 
 /// What the admin API and metrics read: the current listeners and pools.
 pub struct View {
     pub listeners: Vec<ListenerView>,
     pub pools: Vec<Arc<Pool>>,
+    /// The access log new connections write to.
+    pub access_log: Arc<AccessLog>,
 }
 
 pub struct ListenerView {
@@ -70,6 +74,8 @@ pub struct Shared {
     /// The admin server, awaited at the end of a drain.
     admin_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub admin_stats: Arc<crate::admin::Stats>,
+    /// What every access log opened shares: dropped records, writer threads.
+    logs: Arc<Logs>,
 }
 
 /// The parts of the running proxy that only reload and drain change.
@@ -152,12 +158,13 @@ fn engine(cfg: &Config) -> Engine {
     }
 }
 
-fn open_log(cfg: &Config) -> io::Result<Arc<AccessLog>> {
+fn open_log(cfg: &Config, logs: &Arc<Logs>) -> io::Result<Arc<AccessLog>> {
     AccessLog::open(
         &cfg.log.access,
         cfg.log.format,
         cfg.log.interval,
         cfg.log.on_connect,
+        logs.clone(),
     )
     .map(Arc::new)
     .map_err(|e| {
@@ -189,7 +196,8 @@ impl Proxy {
         config_path: Option<PathBuf>,
         workers: Arc<Workers>,
     ) -> io::Result<Proxy> {
-        let access_log = open_log(cfg)?;
+        let logs = Arc::new(Logs::default());
+        let access_log = open_log(cfg, &logs)?;
         let n_workers = workers.len();
         let global = Arc::new(Gate::new(cfg.global.max_connections));
         let background = CancellationToken::new();
@@ -229,6 +237,7 @@ impl Proxy {
             view: ArcSwap::from_pointee(View {
                 listeners: Vec::new(),
                 pools: Vec::new(),
+                access_log: access_log.clone(),
             }),
             global,
             reloads_ok: AtomicU64::new(0),
@@ -248,6 +257,7 @@ impl Proxy {
             admin_addr,
             admin_task: std::sync::Mutex::new(None),
             admin_stats: Arc::default(),
+            logs,
         });
 
         let mut bound = Vec::new();
@@ -293,18 +303,23 @@ impl Proxy {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        // Reloads run beside the signal loop (one at a time: they take the reload lock), so
+        // that a slow one (a resolver that does not answer) never delays a stop.
+        let reloads = TaskTracker::new();
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
                 _ = int.recv() => { tracing::info!("SIGINT: draining (again to exit at once)"); break }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    self.shared.reload().await;
+                    let shared = self.shared.clone();
+                    reloads.spawn(async move { shared.reload().await });
                 }
             }
         }
         let interrupt = async move {
             int.recv().await;
+            tracing::info!("SIGINT again: closing every connection now");
         };
         Ok(self.shared.drain(interrupt).await)
     }
@@ -498,7 +513,11 @@ impl Shared {
             .filter_map(|u| live.pools.get(&u.name))
             .map(|p| p.pool.clone())
             .collect();
-        self.view.store(Arc::new(View { listeners, pools }));
+        self.view.store(Arc::new(View {
+            listeners,
+            pools,
+            access_log: live.access_log.clone(),
+        }));
     }
 
     /// Re-reads the config file and applies the difference. The answer says what changed,
@@ -612,7 +631,7 @@ impl Shared {
         // finish writing to the old one.
         let reopen = matches!(cfg.log.access, config::AccessTarget::File(_));
         let access_log = if log_changed || reopen {
-            match open_log(&cfg) {
+            match open_log(&cfg, &self.logs) {
                 Ok(l) => {
                     if log_changed {
                         changes.push("access log settings changed".into());
@@ -752,7 +771,10 @@ impl Shared {
     /// Stops accepting, then waits for open connections as [`Proxy::run_until_signal`] says.
     /// `interrupt` resolving cuts the wait short.
     pub async fn drain(&self, interrupt: impl Future<Output = ()>) -> Stopped {
-        let (drain_timeout, access_log) = {
+        tokio::pin!(interrupt);
+        // Stopping the listeners waits for a reload in progress (the reload lock); a second
+        // SIGINT does not wait for it.
+        let stop_accepting = async {
             let live = self.live.lock().await;
             for l in live.listeners.values() {
                 l.accept_stop.cancel();
@@ -760,56 +782,81 @@ impl Shared {
             for l in live.listeners.values() {
                 l.stop_accepting().await;
             }
-            (live.cfg.global.drain_timeout, live.access_log.clone())
+            live.cfg.global.drain_timeout
+        };
+        let stopped = tokio::select! {
+            drain_timeout = stop_accepting => {
+                self.connections.close();
+                tracing::info!(
+                    "stopped accepting; waiting up to {drain_timeout:?} for {} open connection(s)",
+                    self.global.active()
+                );
+                tokio::select! {
+                    () = self.connections.wait() => Stopped::Drained,
+                    () = tokio::time::sleep(drain_timeout) => Stopped::TimedOut,
+                    () = &mut interrupt => Stopped::Interrupted,
+                }
+            }
+            () = &mut interrupt => Stopped::Interrupted,
         };
         self.connections.close();
-        tracing::info!(
-            "stopped accepting; waiting up to {drain_timeout:?} for {} open connection(s)",
-            self.global.active()
-        );
-        let stopped = tokio::select! {
-            () = self.connections.wait() => Stopped::Drained,
-            () = tokio::time::sleep(drain_timeout) => Stopped::TimedOut,
-            () = interrupt => Stopped::Interrupted,
+        // Interrupted: connections get a short grace to close and log, the admin server none.
+        let grace = match stopped {
+            Stopped::Interrupted => INTERRUPT_GRACE,
+            _ => CLOSE_GRACE,
         };
         if stopped != Stopped::Drained {
             self.conn_stop.cancel();
-            if tokio::time::timeout(CLOSE_GRACE, self.connections.wait())
+            if tokio::time::timeout(grace, self.connections.wait())
                 .await
                 .is_err()
             {
-                tracing::warn!("some connections did not close within {CLOSE_GRACE:?}");
+                tracing::warn!("some connections did not close within {grace:?}");
             }
         }
         self.background.cancel();
-        // The admin server answers the requests it has (it closes after a grace period).
         let admin = self
             .admin_task
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(task) = admin {
-            let _ = task.await;
+            if stopped == Stopped::Interrupted {
+                task.abort();
+            } else {
+                // The admin server answers the requests it has (it closes after a grace
+                // period).
+                let _ = task.await;
+            }
         }
         tracing::info!("drained ({stopped:?})");
-        // Every record written before the process exits.
-        let log = access_log.clone();
-        let flushed = tokio::task::spawn_blocking(move || log.flush(CLOSE_GRACE))
-            .await
-            .unwrap_or(false);
+        // Every record written before the process exits: the current log flushed, and the
+        // logs of before a reload (their connections have ended) written out.
+        let log = self.view.load().access_log.clone();
+        let logs = self.logs.clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            log.flush(grace)
+                && logs.wait_writers(
+                    usize::from(log.enabled()),
+                    grace.saturating_sub(start.elapsed()),
+                )
+        })
+        .await
+        .unwrap_or(false);
         if !flushed {
-            tracing::warn!("the access log could not be flushed within {CLOSE_GRACE:?}");
+            tracing::warn!("the access log could not be flushed within {grace:?}");
         }
-        let dropped = access_log.dropped();
+        let dropped = self.logs.dropped();
         if dropped > 0 {
             tracing::warn!("{dropped} access log record(s) were dropped");
         }
         stopped
     }
 
-    /// Records the access log could not keep up with.
-    pub async fn access_log_dropped(&self) -> u64 {
-        self.live.lock().await.access_log.dropped()
+    /// Records the access log could not keep up with, since start.
+    pub fn access_log_dropped(&self) -> u64 {
+        self.logs.dropped()
     }
 }
 

@@ -418,3 +418,298 @@ async fn servers_that_never_read_pin_bounded_memory() {
     }
     assert_eq!(received.load(SeqCst), SLOW as u64 * PUSH);
 }
+
+/// A DNS server that takes queries and never answers, on a loopback address of its own,
+/// and a `resolv.conf` naming it. `wrapper()` runs ferry in a mount namespace where that
+/// file is `/etc/resolv.conf`.
+struct DeafResolver {
+    sock: std::net::UdpSocket,
+    dir: tempfile::TempDir,
+}
+
+impl DeafResolver {
+    fn new() -> DeafResolver {
+        let sock = std::net::UdpSocket::bind("127.83.0.1:53").expect("bind 127.83.0.1:53");
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // glibc would wait 30 s × 5 attempts: far beyond ferry's own lookup timeout.
+        std::fs::write(
+            dir.path().join("resolv.conf"),
+            "nameserver 127.83.0.1\noptions timeout:30 attempts:5\n",
+        )
+        .unwrap();
+        DeafResolver { sock, dir }
+    }
+
+    fn wrapper(&self) -> Vec<String> {
+        let conf = self.dir.path().join("resolv.conf");
+        vec![
+            "unshare".into(),
+            "-m".into(),
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mount --bind {} /etc/resolv.conf && exec \"$0\" \"$@\"",
+                conf.display()
+            ),
+        ]
+    }
+
+    /// Waits for a query for `label` (and leaves it unanswered).
+    async fn query(&self, label: &'static str) -> bool {
+        let sock = self.sock.try_clone().unwrap();
+        tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 512];
+            // Queries for other names (earlier lookups retrying, AAAA beside A) are skipped.
+            for _ in 0..100 {
+                let Ok((n, _)) = sock.recv_from(&mut b) else {
+                    return false;
+                };
+                if b[..n].windows(label.len()).any(|w| w == label.as_bytes()) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap()
+    }
+}
+
+/// A listener on `echo`, and with `named`, one more whose upstream is that name.
+fn resolver_config(echo: std::net::SocketAddr, named: Option<&str>) -> String {
+    let mut c = format!(
+        r#"
+[log]
+access = "@LOG@"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "echo"
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#
+    );
+    if let Some(name) = named {
+        c.push_str(&format!(
+            r#"
+[[listener]]
+name = "{name}"
+listen = "127.0.0.1:0"
+upstream = "{name}"
+
+[[upstream]]
+name = "{name}"
+servers = ["{name}.ferry-test:5432"]
+"#
+        ));
+    }
+    c
+}
+
+/// A resolver that never answers: a reload that needs it runs beside everything else.
+/// Scrapes answer while it waits, connections are served, the lookup gives up after its
+/// timeout (the reload then applies with the name unresolved), and a second SIGINT exits
+/// even while a reload waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolver_that_never_answers_stalls_nothing() {
+    let resolver = DeafResolver::new();
+    let wrapper = resolver.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let echo = echo_server().await;
+    let mut f = Ferry::start_wrapped(&resolver_config(echo, None), 1, &wrapper).await;
+    let admin = admin_addr(&f).await;
+    let front = f.addr("front");
+
+    // A reload naming a server only the deaf resolver could resolve.
+    let log = f.log_path.display().to_string();
+    let write = |name| {
+        std::fs::write(
+            &f.config_path,
+            resolver_config(echo, Some(name)).replace("@LOG@", &log),
+        )
+        .unwrap()
+    };
+    write("named");
+    f.signal("HUP");
+    assert!(
+        resolver.query("named").await,
+        "ferry never asked the resolver"
+    );
+
+    // The lookup is pending: scrapes and connections do not wait for it.
+    let text = metrics(admin).await;
+    let reloads =
+        |text: &str| metric(text, "ferry_config_reloads_total", &[("result", "ok")]).unwrap_or(0.0);
+    assert_eq!(reloads(&text), 0.0, "the reload ended already:\n{text}");
+    let mut c = connect(front).await;
+    echo_round_trip(&mut c, b"served while the resolver hangs").await;
+    let text = metrics(admin).await;
+    assert_eq!(reloads(&text), 0.0, "the reload ended already:\n{text}");
+
+    // The lookup gives up; the reload applies, keeping what it could not resolve empty.
+    f.stderr
+        .wait_count(1, 4 * WAIT, |l| {
+            l.contains("cannot resolve named.ferry-test:5432") && l.contains("no answer within")
+        })
+        .await
+        .unwrap_or_else(|| panic!("no lookup timeout; stderr:\n{}", f.stderr.text()));
+    f.stderr
+        .wait_count(1, WAIT, |l| l.contains("listener \"named\" added"))
+        .await
+        .unwrap_or_else(|| panic!("reload not applied; stderr:\n{}", f.stderr.text()));
+    let named = f
+        .stderr
+        .all()
+        .iter()
+        .find_map(|l| {
+            l.split_once("listener \"named\" listening on ")
+                .and_then(|(_, a)| a.trim().parse::<std::net::SocketAddr>().ok())
+        })
+        .expect("the new listener's address");
+    // No server: the client is closed, and the record says why.
+    let _ = expect_closed_at_once(named, WAIT).await;
+    let recs = f.records_with("no_server", 1, WAIT).await;
+    assert_eq!(recs[0]["listener"], "named", "{recs:?}");
+
+    // Another reload waits on the resolver again; a stop does not wait for it.
+    write("other");
+    f.signal("HUP");
+    assert!(
+        resolver.query("other").await,
+        "ferry never asked the resolver again"
+    );
+    f.signal("INT");
+    f.stderr
+        .wait_count(1, WAIT, |l| l.contains("SIGINT"))
+        .await
+        .expect("SIGINT seen");
+    f.signal("INT");
+    let st = f
+        .wait_exit(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no exit on a second SIGINT; stderr:\n{}", f.stderr.text()));
+    assert_eq!(st.code(), Some(0), "stderr:\n{}", f.stderr.text());
+    // The open connection was closed, and logged, on the way out; the reload never applied.
+    let (_, _how) = read_until_closed(&mut c, WAIT).await;
+    let text = f.stderr.text();
+    assert!(!text.contains("listener \"other\" added"), "{text}");
+    let recs = parse_records(&f.log_lines_now());
+    assert!(
+        recs.iter()
+            .any(|r| r["listener"] == "front" && r["result"] == "drained"),
+        "{recs:#?}"
+    );
+}
+
+/// An access log nobody reads (a FIFO whose reader never reads): connections are still
+/// served, reloads (which reopen the log and let go of the old one) still finish, scrapes
+/// answer, and a stop still exits, saying the log could not be flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_access_log_writer_blocks_nothing() {
+    use rustix::fs::{Mode, OFlags};
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("access.fifo");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Held open for reading (so ferry's writes do not fail) and never read; the smallest
+    // pipe, so that it fills after a few records.
+    let reader = rustix::fs::open(&fifo, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).unwrap();
+    let size = rustix::pipe::fcntl_setpipe_size(&reader, 4096).unwrap();
+    let echo = echo_server().await;
+    let mut f = Ferry::start(
+        &format!(
+            r#"
+[log]
+access = "{}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "echo"
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#,
+            fifo.display()
+        ),
+        1,
+    )
+    .await;
+    let admin = admin_addr(&f).await;
+    let front = f.addr("front");
+
+    // Connections until the writer thread is blocked writing to the full pipe.
+    let writer_blocked = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                read("comm").starts_with("ferry-access") && read("wchan").ends_with("pipe_write")
+            })
+    };
+    let mut full = false;
+    for _ in 0..1000 {
+        let mut c = connect(front).await;
+        echo_round_trip(&mut c, b"fill the log").await;
+        drop(c);
+        if writer_blocked(f.pid()) {
+            full = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        full,
+        "the access log writer never blocked: {} bytes in the pipe of {size}",
+        rustix::io::ioctl_fionread(&reader).unwrap(),
+    );
+
+    for round in 0..3 {
+        for _ in 0..50 {
+            let mut c = connect(front).await;
+            echo_round_trip(&mut c, b"served with the log stalled").await;
+        }
+        // A reload reopens the log file and lets go of the stalled one.
+        f.signal("HUP");
+        f.stderr
+            .wait_count(round + 1, WAIT, |l| l.contains("reload: nothing changed"))
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "reload {round} never finished; stderr:\n{}",
+                    f.stderr.text()
+                )
+            });
+        let text = metrics(admin).await;
+        assert!(text.contains("ferry_access_log_dropped_total"), "{text}");
+    }
+
+    f.signal("TERM");
+    let st = f
+        .wait_exit(3 * WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no exit with the log stalled; stderr:\n{}", f.stderr.text()));
+    assert_eq!(st.code(), Some(0), "stderr:\n{}", f.stderr.text());
+    assert!(
+        f.stderr.text().contains("could not be flushed"),
+        "{}",
+        f.stderr.text()
+    );
+    drop(reader);
+}

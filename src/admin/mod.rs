@@ -152,11 +152,10 @@ async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&Tok
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok()),
             );
-            let dropped = shared.access_log_dropped().await;
             respond(
                 StatusCode::OK,
                 format.content_type(),
-                metrics::render(shared, dropped, format),
+                metrics::render(shared, format),
             )
         }
         (["metrics"], _) => method_not_allowed("GET"),

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -183,6 +182,37 @@ impl<'a> Record<'a> {
     }
 }
 
+/// What every access log a process opens shares (a reload reopens the file): the count of
+/// dropped records, which only grows, and the writer threads still running.
+#[derive(Default)]
+pub struct Logs {
+    dropped: AtomicU64,
+    writers: std::sync::Mutex<usize>,
+    writer_ended: std::sync::Condvar,
+}
+
+impl Logs {
+    /// Records dropped because a writer could not keep up, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+
+    fn writers(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.writers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (up to `timeout`) until at most `n` writer threads are left. A writer ends
+    /// once every handle to its log is dropped and it has written what was queued.
+    pub fn wait_writers(&self, n: usize, timeout: Duration) -> bool {
+        let guard = self.writers();
+        let (guard, _) = self
+            .writer_ended
+            .wait_timeout_while(guard, timeout, |w| *w > n)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard <= n
+    }
+}
+
 /// The access-log sink. Cheap to share (`Arc`); [`AccessLog::close`] flushes it.
 pub struct AccessLog {
     format: LogFormat,
@@ -191,8 +221,7 @@ pub struct AccessLog {
     /// `[log] on_connect`: a record when the server connection is up.
     pub on_connect: bool,
     tx: Option<SyncSender<Msg>>,
-    dropped: Arc<AtomicU64>,
-    writer: Option<JoinHandle<()>>,
+    logs: Arc<Logs>,
 }
 
 impl AccessLog {
@@ -203,6 +232,7 @@ impl AccessLog {
         format: LogFormat,
         interval: Option<Duration>,
         on_connect: bool,
+        logs: Arc<Logs>,
     ) -> io::Result<AccessLog> {
         let out: Box<dyn Write + Send> = match target {
             AccessTarget::Off => {
@@ -211,8 +241,7 @@ impl AccessLog {
                     interval,
                     on_connect,
                     tx: None,
-                    dropped: Arc::default(),
-                    writer: None,
+                    logs,
                 });
             }
             AccessTarget::Stdout => Box::new(io::stdout()),
@@ -225,20 +254,24 @@ impl AccessLog {
             ),
         };
         let (tx, rx) = sync_channel(QUEUE);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let writer = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("ferry-access-log".into())
             .spawn({
-                let dropped = dropped.clone();
-                move || write_loop(rx, out, dropped)
-            })?;
+                let logs = logs.clone();
+                *logs.writers() += 1;
+                move || {
+                    write_loop(rx, out, &logs.dropped);
+                    *logs.writers() -= 1;
+                    logs.writer_ended.notify_all();
+                }
+            })
+            .inspect_err(|_| *logs.writers() -= 1)?;
         Ok(AccessLog {
             format,
             interval,
             on_connect,
             tx: Some(tx),
-            dropped,
-            writer: Some(writer),
+            logs,
         })
     }
 
@@ -255,48 +288,42 @@ impl AccessLog {
         match tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Relaxed);
+                self.logs.dropped.fetch_add(1, Relaxed);
             }
         }
-    }
-
-    /// Records dropped because the writer could not keep up.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Relaxed)
     }
 
     /// Waits (up to `timeout`) until every record queued so far is written out: at exit,
     /// so that no record is lost.
     pub fn flush(&self, timeout: Duration) -> bool {
         let Some(tx) = &self.tx else { return true };
+        let start = std::time::Instant::now();
+        let left = || timeout.saturating_sub(start.elapsed());
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
-        if tx.send(Msg::Flush(ack_tx)).is_err() {
-            return false;
+        let mut msg = Msg::Flush(ack_tx);
+        // A full queue means a stalled writer: retry until the deadline, never block past it.
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(m)) => {
+                    if left().is_zero() {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
-        ack_rx.recv_timeout(timeout).is_ok()
-    }
-
-    /// Flushes everything queued and stops the writer thread.
-    pub fn close(mut self) {
-        self.tx = None;
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
-    }
-}
-
-impl Drop for AccessLog {
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
+        ack_rx.recv_timeout(left()).is_ok()
     }
 }
 
-fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: Arc<AtomicU64>) {
+/// Dropping the last handle ends the writer thread once it has written what is queued; it
+/// is not waited for (a stalled stdout or disk must not block whoever drops the log).
+fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: &AtomicU64) {
     let mut out = BufWriter::with_capacity(64 * 1024, out);
-    let mut reported = 0;
+    let mut reported = dropped.load(Relaxed);
     while let Ok(first) = rx.recv() {
         let mut acks = Vec::new();
         let mut handle = |m: Msg, out: &mut BufWriter<_>| match m {

@@ -59,8 +59,8 @@ impl Format {
 }
 
 /// The metrics, in `format`.
-pub fn render(shared: &Arc<Shared>, access_log_dropped: u64, format: Format) -> String {
-    let om = render_openmetrics(shared, access_log_dropped);
+pub fn render(shared: &Arc<Shared>, format: Format) -> String {
+    let om = render_openmetrics(shared, shared.access_log_dropped());
     match format {
         Format::OpenMetrics => om,
         Format::Prometheus => openmetrics_to_prometheus(&om),

@@ -6,6 +6,6 @@ pub mod metrics;
 pub mod outcome;
 pub mod stats;
 
-pub use access_log::{AccessLog, Record};
+pub use access_log::{AccessLog, Logs, Record};
 pub use outcome::Outcome;
 pub use stats::{ListenerStats, ServerStats};

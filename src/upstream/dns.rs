@@ -3,26 +3,57 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::Pool;
 use crate::config::ServerAddr;
 
+/// How long a lookup may take before it counts as failed (the last good addresses stay).
+/// Lookups of a pool run at once, so this bounds a whole round.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Resolves every name of `pool` once and swaps in the new server set if it changed.
 /// Returns the names that failed to resolve.
 pub async fn resolve_all(pool: &Pool) -> Vec<String> {
+    // Every name looked up at once, each within RESOLVE_TIMEOUT.
+    let mut lookups = tokio::task::JoinSet::new();
+    for (i, spec) in pool.specs.iter().enumerate() {
+        if let ServerAddr::Name { host, port } = &spec.addr {
+            let (host, port) = (host.clone(), *port);
+            lookups.spawn(async move {
+                let r = match tokio::time::timeout(
+                    RESOLVE_TIMEOUT,
+                    tokio::net::lookup_host((host.as_str(), port)),
+                )
+                .await
+                {
+                    Ok(Ok(addrs)) => Ok(addrs.collect::<Vec<SocketAddr>>()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+                };
+                (i, r)
+            });
+        }
+    }
+    let mut found: Vec<Option<Result<Vec<SocketAddr>, String>>> = vec![None; pool.specs.len()];
+    while let Some(done) = lookups.join_next().await {
+        if let Ok((i, r)) = done {
+            found[i] = Some(r);
+        }
+    }
+
     let mut failed = Vec::new();
     let current = pool.servers();
     let mut wanted: Vec<(Arc<str>, SocketAddr, u32, bool)> = Vec::new();
-    for spec in &pool.specs {
+    for (spec, found) in pool.specs.iter().zip(found) {
         match &spec.addr {
             ServerAddr::Ip(a) => wanted.push((a.to_string().into(), *a, spec.weight, spec.backup)),
             ServerAddr::Name { host, port } => {
                 let name: Arc<str> = format!("{host}:{port}").into();
-                match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(addrs) => {
-                        let mut addrs: Vec<SocketAddr> = addrs.collect();
+                match found.unwrap_or_else(|| Err("the lookup failed".into())) {
+                    Ok(mut addrs) => {
                         addrs.sort();
                         addrs.dedup();
                         if addrs.is_empty() {
