@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use crate::net::Listener;
-use crate::workers::Workers;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyAccept;
 use crate::frontend::{Forwarding, Transparent};
@@ -244,7 +242,7 @@ pub struct Permit {
 }
 
 impl Permit {
-    fn try_new(l: &Arc<ListenerCtx>) -> Option<Permit> {
+    pub(crate) fn try_new(l: &Arc<ListenerCtx>) -> Option<Permit> {
         if !l.global.try_enter() {
             return None;
         }
@@ -324,24 +322,25 @@ pub fn bind(
 /// Where a listener's current [`ListenerCtx`] is published.
 pub type Slot = Arc<arc_swap::ArcSwap<ListenerCtx>>;
 
+/// Connections one accept loop takes per wake-up before it lets the other tasks of its
+/// worker run (HAProxy's `tune.maxaccept`): a connect flood cannot starve the relays.
+pub const MAX_ACCEPT: usize = 64;
+
 /// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
-/// are refused once every worker's loop on it has stopped). Runs on worker `me`, which
-/// registers the socket with its runtime and serves the connections it accepts, unless
-/// [`Workers::assign`] hands one to a less busy worker. Each wake-up accepts every
-/// connection waiting. Resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off and
-/// retry rather than spin or exit.
+/// are refused once every worker's loop on it has stopped), handing each to `accepted`.
+/// The socket is registered with the runtime this runs on. Each wake-up accepts up to
+/// [`MAX_ACCEPT`] waiting connections, then yields. Resource errors (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM) back off and retry rather than spin or exit.
 pub async fn accept_loop(
     socket: std::net::TcpListener,
-    slot: Slot,
+    name: &str,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
-    workers: Arc<Workers>,
-    me: usize,
+    mut accepted: impl FnMut(std::net::TcpStream, SocketAddr),
 ) {
     let listener: Listener = match crate::net::register_listener(socket) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(listener = %slot.load().name, "cannot register the listening socket: {e}");
+            tracing::error!(listener = %name, "cannot register the listening socket: {e}");
             return;
         }
     };
@@ -354,23 +353,32 @@ pub async fn accept_loop(
             r = listener.readable() => match r {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::error!(listener = %slot.load().name, "listening socket failed: {e}");
+                    tracing::error!(listener = %name, "listening socket failed: {e}");
                     break;
                 }
             },
         };
+        let mut taken = 0;
         loop {
+            if taken == MAX_ACCEPT {
+                // More may be waiting (readiness is kept): let this worker's connections
+                // run before taking them.
+                drop(ready);
+                tokio::task::yield_now().await;
+                break;
+            }
             match crate::net::try_accept(&mut ready) {
                 Ok(None) => break,
                 Ok(Some((stream, peer))) => {
                     backoff = Duration::ZERO;
-                    admit(stream, peer, &slot, &tracker, &workers, me);
+                    taken += 1;
+                    accepted(stream, peer);
                 }
                 Err(e) if is_resource_error(&e) => {
                     backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
                     let now = tokio::time::Instant::now();
                     if last_warn.is_none_or(|t| now - t >= Duration::from_secs(5)) {
-                        tracing::warn!(listener = %slot.load().name, "accept: {e}; backing off {backoff:?}");
+                        tracing::warn!(listener = %name, "accept: {e}; backing off {backoff:?}");
                         last_warn = Some(now);
                     }
                     tokio::select! {
@@ -380,62 +388,9 @@ pub async fn accept_loop(
                     break;
                 }
                 // Per-connection errors (e.g. ECONNABORTED): the next accept is unaffected.
-                Err(e) => tracing::debug!(listener = %slot.load().name, "accept: {e}"),
+                Err(e) => tracing::debug!(listener = %name, "accept: {e}"),
             }
         }
-    }
-}
-
-/// Admits an accepted connection under the limits (and, without a PROXY header to read,
-/// the ACL and per-client limits) and starts its session on the worker chosen for it, or
-/// refuses it at once.
-fn admit(
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    slot: &Slot,
-    tracker: &TaskTracker,
-    workers: &Arc<Workers>,
-    me: usize,
-) {
-    let l = slot.load_full();
-    let Some(permit) = Permit::try_new(&l) else {
-        crate::net::close_with_reset(stream);
-        l.refuse(&Record::new(
-            SystemTime::now(),
-            &l.name,
-            peer,
-            Outcome::Limited,
-        ));
-        return;
-    };
-    // With a PROXY header, the session checks the address the header carries.
-    let client_permit = if l.proxy.is_none() {
-        match l.admit_client(peer.ip()) {
-            Ok(p) => p,
-            Err(outcome) => {
-                crate::net::close_with_reset(stream);
-                l.refuse(&Record::new(SystemTime::now(), &l.name, peer, outcome));
-                return;
-            }
-        }
-    } else {
-        None
-    };
-    let on = workers.assign(me);
-    if on.worker() == me {
-        tracker.spawn(crate::session::serve(
-            stream,
-            peer,
-            permit,
-            client_permit,
-            on,
-        ));
-    } else {
-        let handle = on.handle().clone();
-        tracker.spawn_on(
-            crate::session::serve(stream, peer, permit, client_permit, on),
-            &handle,
-        );
     }
 }
 
@@ -445,4 +400,84 @@ fn is_resource_error(e: &io::Error) -> bool {
         Errno::from_io_error(e),
         Some(Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With more connections waiting than [`MAX_ACCEPT`], the accept loop lets another task
+    /// of its runtime run between batches.
+    #[test]
+    fn accepts_in_batches_and_yields_between_them() {
+        const WAITING: usize = 300;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(1024).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener: std::net::TcpListener = socket.into();
+        let addr = listener.local_addr().unwrap();
+        // Every connection waits in the accept queue before the loop first runs.
+        let clients: Vec<_> = (0..WAITING)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+
+        // As on a worker: a current-thread runtime, with another task beside the loop that
+        // I/O wakes, as a relay is. Each accept sends it a datagram; it counts those it got.
+        let ticks = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        rt.spawn({
+            let ticks = ticks.clone();
+            async move {
+                let rx = tokio::net::UdpSocket::from_std(rx).unwrap();
+                let mut b = [0u8; 8];
+                while rx.recv(&mut b).await.is_ok() {
+                    ticks.fetch_add(1, Relaxed);
+                }
+            }
+        });
+        rt.spawn({
+            let (ticks, seen, stop) = (ticks.clone(), seen.clone(), stop.clone());
+            async move {
+                accept_loop(listener, "test", stop.clone(), |s, _| {
+                    tx.send(b"x").unwrap();
+                    let mut seen = seen.lock().unwrap();
+                    seen.push((ticks.load(Relaxed), s));
+                    if seen.len() == WAITING {
+                        stop.cancel();
+                    }
+                })
+                .await
+            }
+        });
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), stop.cancelled())
+                .await
+                .expect("every connection accepted")
+        });
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), WAITING);
+        const { assert!(MAX_ACCEPT * 2 < WAITING) };
+        // The other task ran at least once within every MAX_ACCEPT + 1 accepts.
+        for w in seen.windows(MAX_ACCEPT + 1) {
+            assert!(
+                w[MAX_ACCEPT].0 > w[0].0,
+                "{} accepts without a yield",
+                MAX_ACCEPT + 1
+            );
+        }
+        drop(clients);
+    }
 }

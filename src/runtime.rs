@@ -372,15 +372,21 @@ impl Shared {
             {
                 addrs.push(a);
             }
+            let (slot, tracker, workers, me) = (
+                slot.clone(),
+                self.connections.clone(),
+                self.workers.clone(),
+                b.worker,
+            );
+            let stop = accept_stop.clone();
+            let name = lc.name.clone();
             accepting.spawn_on(
-                listener::accept_loop(
-                    b.socket,
-                    slot.clone(),
-                    accept_stop.clone(),
-                    self.connections.clone(),
-                    self.workers.clone(),
-                    b.worker,
-                ),
+                async move {
+                    listener::accept_loop(b.socket, &name, stop, |stream, peer| {
+                        crate::session::admit(stream, peer, &slot, &tracker, &workers, me)
+                    })
+                    .await
+                },
                 self.workers.handle(b.worker),
             );
         }

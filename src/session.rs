@@ -50,6 +50,51 @@ pub struct Refusal {
     pub server: Option<SocketAddr>,
 }
 
+/// Admits an accepted connection under the limits (and, without a PROXY header to read,
+/// the ACL and per-client limits) and starts its session on the worker chosen for it (worker `me` accepted it, or
+/// [`Workers::assign`](crate::workers::Workers::assign) hands it to a less busy one), or
+/// refuses it at once.
+pub fn admit(
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: &crate::listener::Slot,
+    tracker: &tokio_util::task::TaskTracker,
+    workers: &Arc<crate::workers::Workers>,
+    me: usize,
+) {
+    let l = slot.load_full();
+    let Some(permit) = Permit::try_new(&l) else {
+        crate::net::close_with_reset(stream);
+        l.refuse(&Record::new(
+            SystemTime::now(),
+            &l.name,
+            peer,
+            Outcome::Limited,
+        ));
+        return;
+    };
+    // With a PROXY header, the session checks the address the header carries.
+    let client_permit = if l.proxy.is_none() {
+        match l.admit_client(peer.ip()) {
+            Ok(p) => p,
+            Err(outcome) => {
+                crate::net::close_with_reset(stream);
+                l.refuse(&Record::new(SystemTime::now(), &l.name, peer, outcome));
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let on = workers.assign(me);
+    if on.worker() == me {
+        tracker.spawn(serve(stream, peer, permit, client_permit, on));
+    } else {
+        let handle = on.handle().clone();
+        tracker.spawn_on(serve(stream, peer, permit, client_permit, on), &handle);
+    }
+}
+
 /// Serves one accepted client connection to its end, on the worker it was assigned to
 /// (`on`, its place in that worker's count, held until the end). `permit` holds the
 /// connection's place under the listener's and the global connection limits until it is
