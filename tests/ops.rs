@@ -371,6 +371,63 @@ fn assert_u64(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("`{key}` is not a non-negative integer in {v:#}"))
 }
 
+/// Per-server metrics name a server as configured (`server`) and by the address it
+/// resolved to (`address`); a name that resolves to an address also given literally adds
+/// no second server (nor a duplicate series).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_label_is_the_address_as_configured() {
+    let echo = echo_server().await;
+    let named = format!("localhost:{}", echo.port());
+    let f = Ferry::start(
+        &format!(
+            r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "named"
+
+[[listener]]
+name = "both"
+listen = "127.0.0.1:0"
+upstream = "both"
+
+[[upstream]]
+name = "named"
+servers = ["{named}"]
+
+[[upstream]]
+name = "both"
+servers = ["{named}", "{echo}"]
+"#
+        ),
+        2,
+    )
+    .await;
+    let admin = admin_addr(&f).await;
+    let m = metrics(admin).await;
+    let resolved = echo.to_string();
+    let series = |upstream: &str, server: &str| {
+        samples(
+            &m,
+            "ferry_server_connections_total",
+            &[
+                ("upstream", upstream),
+                ("server", server),
+                ("address", resolved.as_str()),
+            ],
+        )
+        .len()
+    };
+    assert_eq!(series("named", &named), 1, "{m}");
+    assert_eq!(series("both", &resolved), 1, "{m}");
+    assert_eq!(series("both", &named), 0, "{m}");
+    let mut c = connect(f.addr("both")).await;
+    echo_round_trip(&mut c, b"served").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_api_shape() {
     let echo = echo_server().await;

@@ -288,7 +288,11 @@ impl Collector for Snapshot {
                 let mut m = enc.encode_descriptor(name, help, None, ty)?;
                 for (p, s) in &servers {
                     let addr = s.addr.to_string();
-                    let labels = [("upstream", p.name.as_str()), ("server", addr.as_str())];
+                    let labels = [
+                        ("upstream", p.name.as_str()),
+                        ("server", &*s.configured),
+                        ("address", addr.as_str()),
+                    ];
                     let v = value(p, s);
                     match ty {
                         MetricType::Counter => counter(v).encode(m.encode_family(&labels)?)?,
@@ -337,7 +341,8 @@ impl Collector for Snapshot {
                 for (dir, v) in [("up", &s.stats.bytes_up), ("down", &s.stats.bytes_down)] {
                     let labels = [
                         ("upstream", p.name.as_str()),
-                        ("server", addr.as_str()),
+                        ("server", &*s.configured),
+                        ("address", addr.as_str()),
                         ("direction", dir),
                     ];
                     counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
@@ -362,7 +367,8 @@ impl Collector for Snapshot {
                 ] {
                     let labels = [
                         ("upstream", p.name.as_str()),
-                        ("server", addr.as_str()),
+                        ("server", &*s.configured),
+                        ("address", addr.as_str()),
                         ("result", result),
                     ];
                     counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;

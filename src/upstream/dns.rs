@@ -47,9 +47,22 @@ pub async fn resolve_all(pool: &Pool) -> Vec<String> {
     let mut failed = Vec::new();
     let current = pool.servers();
     let mut wanted: Vec<(Arc<str>, SocketAddr, u32, bool)> = Vec::new();
+    // An address given literally is that server; a name resolving to it adds nothing.
+    let literal: Vec<SocketAddr> = pool
+        .specs
+        .iter()
+        .filter_map(|s| match s.addr {
+            ServerAddr::Ip(a) => Some(a),
+            ServerAddr::Name { .. } => None,
+        })
+        .collect();
     for (spec, found) in pool.specs.iter().zip(found) {
         match &spec.addr {
-            ServerAddr::Ip(a) => wanted.push((a.to_string().into(), *a, spec.weight, spec.backup)),
+            ServerAddr::Ip(a) => {
+                if !wanted.iter().any(|w| w.1 == *a) {
+                    wanted.push((a.to_string().into(), *a, spec.weight, spec.backup));
+                }
+            }
             ServerAddr::Name { host, port } => {
                 let name: Arc<str> = format!("{host}:{port}").into();
                 match found.unwrap_or_else(|| Err("the lookup failed".into())) {
@@ -61,7 +74,7 @@ pub async fn resolve_all(pool: &Pool) -> Vec<String> {
                             keep_last(&current.servers, &name, &mut wanted);
                         }
                         for a in addrs {
-                            if !wanted.iter().any(|w| w.1 == a) {
+                            if !wanted.iter().any(|w| w.1 == a) && !literal.contains(&a) {
                                 wanted.push((name.clone(), a, spec.weight, spec.backup));
                             }
                         }
@@ -94,7 +107,9 @@ fn keep_last(
     wanted: &mut Vec<(Arc<str>, SocketAddr, u32, bool)>,
 ) {
     for s in current.iter().filter(|s| s.configured == *name) {
-        wanted.push((s.configured.clone(), s.addr, s.weight, s.backup));
+        if !wanted.iter().any(|w| w.1 == s.addr) {
+            wanted.push((s.configured.clone(), s.addr, s.weight, s.backup));
+        }
     }
 }
 

@@ -385,11 +385,9 @@ impl Pool {
     pub(crate) fn replace_servers(&self, wanted: Vec<(Arc<str>, SocketAddr, u32, bool)>) -> bool {
         let old = self.set.load();
         let same = old.servers.len() == wanted.len()
-            && old
-                .servers
-                .iter()
-                .zip(&wanted)
-                .all(|(s, w)| s.addr == w.1 && s.weight == w.2 && s.backup == w.3);
+            && old.servers.iter().zip(&wanted).all(|(s, w)| {
+                s.configured == w.0 && s.addr == w.1 && s.weight == w.2 && s.backup == w.3
+            });
         if same {
             return false;
         }
@@ -398,7 +396,12 @@ impl Pool {
             .map(|(configured, addr, weight, backup)| {
                 old.servers
                     .iter()
-                    .find(|s| s.addr == addr && s.weight == weight && s.backup == backup)
+                    .find(|s| {
+                        s.configured == configured
+                            && s.addr == addr
+                            && s.weight == weight
+                            && s.backup == backup
+                    })
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Server::new(addr, configured, weight, backup)))
             })
