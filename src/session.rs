@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
 
 use tokio::time::Instant;
@@ -25,6 +24,11 @@ use crate::tls::TlsInfo;
 use crate::upstream::connect::{self, Client};
 use crate::upstream::{Pool, ServerGuard};
 use crate::workers::Assignment;
+
+/// Where the bytes of connections to no pool's server (a destination a forward-proxy client
+/// named) are counted for the server side: nothing reads it.
+static UNPOOLED: std::sync::LazyLock<crate::observe::Counter> =
+    std::sync::LazyLock::new(crate::observe::Counter::new);
 
 /// Where in the pipeline a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,17 +176,16 @@ pub fn serve(
             };
         // A destination a forward-proxy client named is no pool's server: its bytes count
         // for the listener only (and in these, which nothing reads).
-        let unpooled = [AtomicU64::new(0), AtomicU64::new(0)];
         let (server_up, server_down) = match &ledger.guard {
             Some(g) => (&g.server().stats.bytes_up, &g.server().stats.bytes_down),
-            None => (&unpooled[0], &unpooled[1]),
+            None => (&*UNPOOLED, &*UNPOOLED),
         };
         // Bytes the front end read (a ClientHello to route on, what a proxy client sent
         // after its request) went to the server in the connect stage: they count as
         // relayed, like everything after them.
         if ledger.replayed > 0 {
             for c in [&l.stats.bytes_up, server_up] {
-                c.fetch_add(ledger.replayed, Relaxed);
+                c.add(ledger.replayed);
             }
         }
         if l.access_log.on_connect {
@@ -609,12 +612,8 @@ mod forward {
                 l.stop_token(),
             )
             .await;
-        for (c, n) in [
-            (&l.stats.bytes_up, counts.bytes_up),
-            (&l.stats.bytes_down, counts.bytes_down),
-        ] {
-            c.fetch_add(n, Relaxed);
-        }
+        l.stats.bytes_up.add(counts.bytes_up);
+        l.stats.bytes_down.add(counts.bytes_down);
         let outcome = match end {
             End::Done => Outcome::Ok,
             End::IdleTimeout => Outcome::IdleTimeout,

@@ -49,6 +49,7 @@ impl Workers {
             stop: CancellationToken::new(),
             threads: Mutex::new(Vec::with_capacity(n)),
         };
+        crate::observe::counter::register_workers(n);
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -58,6 +59,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("ferry-worker-{i}"))
                 .spawn(move || {
+                    crate::observe::counter::enter_worker(i);
                     rt.block_on(stop.cancelled());
                     // Dropping the runtime drops whatever tasks are left (after a drain,
                     // none but those the drain timeout already cut).

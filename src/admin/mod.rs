@@ -278,7 +278,7 @@ pub fn status(shared: &Shared) -> Value {
                 .map(|o| (o.as_str().to_string(), json!(st.finished(*o))))
                 .collect();
             let t: u64 = Outcome::FINAL.iter().map(|o| st.finished(*o)).sum();
-            let (u, d) = (st.bytes_up.load(Relaxed), st.bytes_down.load(Relaxed));
+            let (u, d) = (st.bytes_up.get(), st.bytes_down.get());
             active += a;
             total += t;
             up += u;
@@ -359,8 +359,8 @@ pub fn status(shared: &Shared) -> Value {
                         "backup": s.backup,
                         "connections_active": s.stats.active.load(Relaxed),
                         "connections_total": s.stats.total.load(Relaxed),
-                        "bytes_up": s.stats.bytes_up.load(Relaxed),
-                        "bytes_down": s.stats.bytes_down.load(Relaxed),
+                        "bytes_up": s.stats.bytes_up.get(),
+                        "bytes_down": s.stats.bytes_down.get(),
                         "connect_failures": s.stats.connect_failures.load(Relaxed),
                         "last_check": last.at.map(|at| json!({
                             "ok": last.ok,

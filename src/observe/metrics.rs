@@ -189,7 +189,7 @@ impl Collector for Snapshot {
             for l in &listeners {
                 for (dir, v) in [("up", &l.stats.bytes_up), ("down", &l.stats.bytes_down)] {
                     let labels = [("listener", l.name.as_str()), ("direction", dir)];
-                    counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                    counter(v.get()).encode(m.encode_family(&labels)?)?;
                 }
             }
         }
@@ -345,7 +345,7 @@ impl Collector for Snapshot {
                         ("address", addr.as_str()),
                         ("direction", dir),
                     ];
-                    counter(v.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+                    counter(v.get()).encode(m.encode_family(&labels)?)?;
                 }
             }
         }

@@ -2,10 +2,12 @@
 //! counters that the metrics and status API read.
 
 pub mod access_log;
+pub mod counter;
 pub mod metrics;
 pub mod outcome;
 pub mod stats;
 
 pub use access_log::{AccessLog, Logs, Record};
+pub use counter::Counter;
 pub use outcome::Outcome;
 pub use stats::{ListenerStats, ServerStats};

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::Outcome;
+use super::{Counter, Outcome};
 
 /// Counters of one listener.
 #[derive(Debug)]
@@ -13,9 +13,9 @@ pub struct ListenerStats {
     /// Finished connections by [`Outcome::slot`].
     pub finished: [AtomicU64; Outcome::FINAL.len()],
     /// Payload bytes client → server.
-    pub bytes_up: AtomicU64,
+    pub bytes_up: Counter,
     /// Payload bytes server → client.
-    pub bytes_down: AtomicU64,
+    pub bytes_down: Counter,
     /// TLS handshakes (mode "tls"): full, resumed, failed; and how long they took.
     pub tls_full: AtomicU64,
     pub tls_resumed: AtomicU64,
@@ -28,8 +28,8 @@ impl Default for ListenerStats {
         ListenerStats {
             active: AtomicU64::new(0),
             finished: Default::default(),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
+            bytes_up: Counter::new(),
+            bytes_down: Counter::new(),
             tls_full: AtomicU64::new(0),
             tls_resumed: AtomicU64::new(0),
             tls_failed: AtomicU64::new(0),
@@ -60,8 +60,8 @@ pub struct ServerStats {
     pub total: AtomicU64,
     /// Connect attempts that failed or timed out.
     pub connect_failures: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
     /// Active health checks passed and failed.
     pub checks_ok: AtomicU64,
     pub checks_failed: AtomicU64,

@@ -45,7 +45,6 @@
 use std::cell::RefCell;
 use std::io::{self, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -53,6 +52,7 @@ use tokio::io::Interest;
 use tokio::time::Instant;
 
 use crate::clock::after;
+use crate::observe::Counter;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::{self, ReadGuard, Recv, Sock, close_with_reset};
@@ -146,9 +146,9 @@ impl Stream {
 /// before they are written on: once the receiver has them, the counters include them.
 pub struct Meters<'a> {
     /// Client → server counters (e.g. the listener's and the server's).
-    pub up: [&'a AtomicU64; 2],
+    pub up: [&'a Counter; 2],
     /// Server → client counters.
-    pub down: [&'a AtomicU64; 2],
+    pub down: [&'a Counter; 2],
 }
 
 /// How a relay reports on a long connection: `report(bytes_up, bytes_down)` every `every`.
@@ -517,7 +517,7 @@ impl Half {
         to: &mut Stream,
         last: &mut Instant,
         other_done: bool,
-        meter: [&AtomicU64; 2],
+        meter: [&Counter; 2],
     ) -> Poll<Result<(), Fail>> {
         let mut reads = 0;
         loop {
@@ -604,10 +604,10 @@ impl Half {
     }
 
     /// Counts `n` bytes read, here and in the shared counters (before they are written on).
-    fn count(&mut self, n: usize, meter: [&AtomicU64; 2]) {
+    fn count(&mut self, n: usize, meter: [&Counter; 2]) {
         self.bytes += n as u64;
         for c in meter {
-            c.fetch_add(n as u64, Relaxed);
+            c.add(n as u64);
         }
     }
 
@@ -635,7 +635,7 @@ impl Half {
     }
 
     /// Splices what `from` has into `pipe`; the next flush moves it on.
-    fn read_splice(&mut self, rg: &mut ReadGuard<'_>, pipe: Pipe, meter: [&AtomicU64; 2]) -> Step {
+    fn read_splice(&mut self, rg: &mut ReadGuard<'_>, pipe: Pipe, meter: [&Counter; 2]) -> Step {
         match rg.try_io(|s| pipe.splice_in(s.get_ref())) {
             Ok(Ok(0)) => {
                 pipe::give_back(pipe);
@@ -665,12 +665,7 @@ impl Half {
 
     /// Reads into the thread's scratch buffer and writes on at once; keeps only what the
     /// destination cannot take yet.
-    fn read_copy(
-        &mut self,
-        rg: &mut ReadGuard<'_>,
-        to: &mut Stream,
-        meter: [&AtomicU64; 2],
-    ) -> Step {
+    fn read_copy(&mut self, rg: &mut ReadGuard<'_>, to: &mut Stream, meter: [&Counter; 2]) -> Step {
         SCRATCH.with_borrow_mut(|scratch| {
             let n = match net::recv(rg, scratch, self.urgent) {
                 Recv::Again => return Step::Again,
@@ -713,7 +708,7 @@ mod tests {
         let a = crate::net::register(a).unwrap();
         let b = crate::net::register(b).unwrap();
         let stop = CancellationToken::new();
-        let c = AtomicU64::new(0);
+        let c = Counter::new();
         let meters = Meters {
             up: [&c, &c],
             down: [&c, &c],
