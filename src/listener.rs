@@ -274,6 +274,8 @@ impl Drop for Permit {
 
 /// A listening socket and the worker that accepts on it.
 pub struct Bound {
+    /// The address as configured (port 0: an ephemeral port).
+    pub listen: SocketAddr,
     pub worker: usize,
     pub socket: std::net::TcpListener,
 }
@@ -309,9 +311,14 @@ pub fn bind(
             } else {
                 first.try_clone()?
             };
-            out.push(Bound { worker, socket });
+            out.push(Bound {
+                listen: *addr,
+                worker,
+                socket,
+            });
         }
         out.push(Bound {
+            listen: *addr,
             worker: 0,
             socket: first,
         });
@@ -325,6 +332,10 @@ pub type Slot = Arc<arc_swap::ArcSwap<ListenerCtx>>;
 /// Connections one accept loop takes per wake-up before it lets the other tasks of its
 /// worker run (HAProxy's `tune.maxaccept`): a connect flood cannot starve the relays.
 pub const MAX_ACCEPT: usize = 64;
+
+/// At most this many connections left waiting in a socket's accept queue are taken when it
+/// stops (the kernel's largest backlog).
+const MAX_WAITING: usize = 65_536;
 
 /// Accepts connections until `shutdown` is cancelled, then drops the socket (new connects
 /// are refused once every worker's loop on it has stopped), handing each to `accepted`.
@@ -349,7 +360,19 @@ pub async fn accept_loop(
     'outer: loop {
         let mut ready = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => {
+                // Connections the kernel completed are waiting in the queue: closing the
+                // socket would reset them. Take them first.
+                for _ in 0..MAX_WAITING {
+                    match crate::net::accept_waiting(listener.get_ref()) {
+                        Ok(Some((stream, peer))) => accepted(stream, peer),
+                        Ok(None) => break,
+                        Err(e) if is_resource_error(&e) => break,
+                        Err(_) => {}
+                    }
+                }
+                break;
+            }
             r = listener.readable() => match r {
                 Ok(g) => g,
                 Err(e) => {

@@ -97,19 +97,49 @@ struct LiveListener {
     stats: Arc<ListenerStats>,
     gate: Arc<Gate>,
     clients: Option<Arc<ClientTable>>,
-    addrs: Vec<SocketAddr>,
-    accept_stop: CancellationToken,
-    /// Its accept loops: waited for after `accept_stop`, so that "stopped" means the
-    /// listening sockets are closed.
+    /// Its sockets, by configured address: a reload that changes `listen` keeps the
+    /// sockets of the addresses that stay (their accept queues with them).
+    groups: Vec<Group>,
+}
+
+/// The listening sockets of one configured address and their accept loops.
+struct Group {
+    listen: SocketAddr,
+    /// Where they are bound (the port chosen, for port 0).
+    addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    /// Waited for after `stop`, so that "stopped" means the sockets are closed.
     accepting: TaskTracker,
 }
 
-impl LiveListener {
-    /// Stops accepting and waits until the listening sockets are closed.
+impl Group {
     async fn stop_accepting(&self) {
-        self.accept_stop.cancel();
+        self.stop.cancel();
         self.accepting.close();
         self.accepting.wait().await;
+    }
+}
+
+impl LiveListener {
+    /// Every address it is bound to.
+    fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.groups.iter().filter_map(|g| g.addr)
+    }
+
+    /// Stops accepting and waits until the listening sockets are closed.
+    async fn stop_accepting(&self) {
+        for g in &self.groups {
+            g.stop.cancel();
+        }
+        for g in &self.groups {
+            g.stop_accepting().await;
+        }
+    }
+
+    /// Whether a new config for it can keep its sockets: the options they were bound with
+    /// are the same.
+    fn same_sockets(&self, lc: &config::Listener) -> bool {
+        self.cfg.reuse_port == lc.reuse_port && tproxy(&self.cfg) == tproxy(lc)
     }
 }
 
@@ -266,9 +296,9 @@ impl Proxy {
             for (lc, socks) in cfg.listeners.iter().zip(sockets) {
                 let server_tls = tls.listeners.get(&lc.name).cloned();
                 let ll = shared.start_listener(&live, lc, socks, None, server_tls);
-                for a in &ll.addrs {
+                for a in ll.addrs() {
                     tracing::info!("listener {:?} listening on {a}", lc.name);
-                    bound.push((lc.name.clone(), *a));
+                    bound.push((lc.name.clone(), a));
                 }
                 live.listeners.insert(lc.name.clone(), ll);
             }
@@ -363,14 +393,39 @@ impl Shared {
             prev,
         );
         let slot: Slot = Arc::new(ArcSwap::from_pointee(ctx));
-        let accept_stop = CancellationToken::new();
-        let accepting = TaskTracker::new();
-        let mut addrs = Vec::new();
+        let groups = self.start_accepting(&lc.name, &slot, socks);
+        LiveListener {
+            cfg: lc.clone(),
+            targets: targets(&live.cfg, lc),
+            tls,
+            slot,
+            stats,
+            gate,
+            clients,
+            groups,
+        }
+    }
+
+    /// Starts an accept loop on each socket of `socks`, on its worker, for listener `name`;
+    /// one group per configured address.
+    fn start_accepting(&self, name: &str, slot: &Slot, socks: Vec<Bound>) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
         for b in socks {
-            if let Ok(a) = b.socket.local_addr()
-                && !addrs.contains(&a)
-            {
-                addrs.push(a);
+            let i = match groups.iter().position(|g| g.listen == b.listen) {
+                Some(i) => i,
+                None => {
+                    groups.push(Group {
+                        listen: b.listen,
+                        addr: None,
+                        stop: CancellationToken::new(),
+                        accepting: TaskTracker::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            let g = &mut groups[i];
+            if g.addr.is_none() {
+                g.addr = b.socket.local_addr().ok();
             }
             let (slot, tracker, workers, me) = (
                 slot.clone(),
@@ -378,9 +433,9 @@ impl Shared {
                 self.workers.clone(),
                 b.worker,
             );
-            let stop = accept_stop.clone();
-            let name = lc.name.clone();
-            accepting.spawn_on(
+            let stop = g.stop.clone();
+            let name = name.to_string();
+            g.accepting.spawn_on(
                 async move {
                     listener::accept_loop(b.socket, &name, stop, |stream, peer| {
                         crate::session::admit(stream, peer, &slot, &tracker, &workers, me)
@@ -390,18 +445,7 @@ impl Shared {
                 self.workers.handle(b.worker),
             );
         }
-        LiveListener {
-            cfg: lc.clone(),
-            targets: targets(&live.cfg, lc),
-            tls,
-            slot,
-            stats,
-            gate,
-            clients,
-            addrs,
-            accept_stop,
-            accepting,
-        }
+        groups
     }
 
     /// The per-client table: kept across a reload when the limits did not change (so
@@ -499,7 +543,7 @@ impl Shared {
         self.own.store(Arc::new(OwnAddrs::new(
             live.listeners
                 .values()
-                .flat_map(|l| l.addrs.iter().copied())
+                .flat_map(|l| l.addrs())
                 .chain(self.admin_addr),
         )));
         let listeners = live
@@ -509,7 +553,7 @@ impl Shared {
             .filter_map(|lc| live.listeners.get(&lc.name))
             .map(|l| ListenerView {
                 slot: l.slot.clone(),
-                addrs: l.addrs.clone(),
+                addrs: l.addrs().collect(),
             })
             .collect();
         let pools = live
@@ -566,11 +610,7 @@ impl Shared {
         let mut changes = Vec::new();
         let old = live.cfg.clone();
         let workers = self.workers.len();
-        let own: Vec<SocketAddr> = live
-            .listeners
-            .values()
-            .flat_map(|l| l.addrs.iter().copied())
-            .collect();
+        let own: Vec<SocketAddr> = live.listeners.values().flat_map(|l| l.addrs()).collect();
 
         // TLS settings first: a certificate rustls cannot use rejects the reload before
         // anything changes.
@@ -579,55 +619,6 @@ impl Shared {
             Err(e) => return ReloadOutcome::Rejected(vec![e]),
         };
 
-        // Bind what is new first: if any address cannot be bound, nothing changes.
-        let mut new_sockets: HashMap<String, Vec<Bound>> = HashMap::new();
-        for lc in &cfg.listeners {
-            let keep = live.listeners.get(&lc.name).is_some_and(|l| {
-                l.cfg.listen == lc.listen
-                    && l.cfg.reuse_port == lc.reuse_port
-                    && tproxy(&l.cfg) == tproxy(lc)
-            });
-            if keep {
-                continue;
-            }
-            // Addresses moving from a listener being removed or changed are taken over at once.
-            let reuse: Vec<&LiveListener> = live
-                .listeners
-                .values()
-                .filter(|l| {
-                    // Port 0 (an ephemeral port) never clashes.
-                    l.cfg
-                        .listen
-                        .iter()
-                        .any(|a| a.port() != 0 && lc.listen.contains(a))
-                        && l.cfg.name != lc.name
-                })
-                .collect();
-            if !reuse.is_empty() {
-                return ReloadOutcome::Rejected(vec![format!(
-                    "listener {:?} takes an address of listener {:?}: rename or move in two reloads",
-                    lc.name, reuse[0].cfg.name
-                )]);
-            }
-            // A changed listener keeps its addresses that stay: release them before binding.
-            match bind_all(lc, workers, &own) {
-                Ok(s) => {
-                    new_sockets.insert(lc.name.clone(), s);
-                }
-                Err(e)
-                    if live.listeners.contains_key(&lc.name)
-                        && e.kind() == io::ErrorKind::AddrInUse =>
-                {
-                    return ReloadOutcome::Rejected(vec![format!(
-                        "listener {:?}: its addresses changed and {e}; change them in two steps (remove, then add)",
-                        lc.name
-                    )]);
-                }
-                Err(e) => {
-                    return ReloadOutcome::Rejected(vec![format!("listener {:?}: {e}", lc.name)]);
-                }
-            }
-        }
         let log_changed = cfg.log.access != old.log.access
             || cfg.log.format != old.log.format
             || cfg.log.interval != old.log.interval
@@ -650,6 +641,60 @@ impl Shared {
             live.access_log.clone()
         };
 
+        // Bind what is new first: if any address cannot be bound, nothing changes (and what
+        // was bound is closed before it accepted anything). A listener whose sockets can stay
+        // binds only its new addresses.
+        let mut new_sockets: HashMap<String, Vec<Bound>> = HashMap::new();
+        for lc in &cfg.listeners {
+            let wanted: Vec<SocketAddr> = match live.listeners.get(&lc.name) {
+                Some(l) if l.same_sockets(lc) => lc
+                    .listen
+                    .iter()
+                    .filter(|a| !l.cfg.listen.contains(a))
+                    .copied()
+                    .collect(),
+                _ => lc.listen.clone(),
+            };
+            if wanted.is_empty() {
+                continue;
+            }
+            // Addresses moving from a listener being removed or changed are taken over at once.
+            let reuse: Vec<&LiveListener> = live
+                .listeners
+                .values()
+                .filter(|l| {
+                    // Port 0 (an ephemeral port) never clashes.
+                    l.cfg
+                        .listen
+                        .iter()
+                        .any(|a| a.port() != 0 && wanted.contains(a))
+                        && l.cfg.name != lc.name
+                })
+                .collect();
+            if !reuse.is_empty() {
+                return ReloadOutcome::Rejected(vec![format!(
+                    "listener {:?} takes an address of listener {:?}: rename or move in two reloads",
+                    lc.name, reuse[0].cfg.name
+                )]);
+            }
+            match listener::bind(&wanted, lc.reuse_port, tproxy(lc), workers, &own) {
+                Ok(s) => {
+                    new_sockets.insert(lc.name.clone(), s);
+                }
+                Err(e)
+                    if live.listeners.contains_key(&lc.name)
+                        && e.kind() == io::ErrorKind::AddrInUse =>
+                {
+                    return ReloadOutcome::Rejected(vec![format!(
+                        "listener {:?}: its addresses changed and {e}; change them in two steps (remove, then add)",
+                        lc.name
+                    )]);
+                }
+                Err(e) => {
+                    return ReloadOutcome::Rejected(vec![format!("listener {:?}: {e}", lc.name)]);
+                }
+            }
+        }
         // Upstreams.
         let mut pools = HashMap::new();
         for u in &cfg.upstreams {
@@ -715,9 +760,11 @@ impl Shared {
         let mut listeners = HashMap::new();
         for lc in &cfg.listeners {
             let prev = live.listeners.remove(&lc.name);
-            match (prev, new_sockets.remove(&lc.name)) {
-                (Some(p), None) => {
-                    // Same sockets; new settings (and pool) for new connections.
+            let socks = new_sockets.remove(&lc.name);
+            match prev {
+                Some(mut p) if p.same_sockets(lc) => {
+                    // Same sockets for the addresses that stay; new settings (and pool) for
+                    // new connections.
                     let server_tls = tls.listeners.get(&lc.name).cloned();
                     let ctx = self.build_ctx(
                         &live,
@@ -735,6 +782,26 @@ impl Shared {
                     if unindexed(&p.cfg) != unindexed(lc) || p.targets != new_targets {
                         changes.push(format!("listener {:?} changed", lc.name));
                     }
+                    // New addresses accept first, then the ones that went stop.
+                    if let Some(socks) = socks {
+                        let added = self.start_accepting(&lc.name, &p.slot, socks);
+                        for a in added.iter().filter_map(|g| g.addr) {
+                            tracing::info!("listener {:?} listening on {a}", lc.name);
+                            changes.push(format!("listener {:?} now listens on {a}", lc.name));
+                        }
+                        p.groups.extend(added);
+                    }
+                    let (kept, gone): (Vec<Group>, Vec<Group>) = std::mem::take(&mut p.groups)
+                        .into_iter()
+                        .partition(|g| lc.listen.contains(&g.listen));
+                    for g in gone {
+                        g.stop_accepting().await;
+                        let a = g.addr.unwrap_or(g.listen);
+                        changes.push(format!("listener {:?} stopped listening on {a}", lc.name));
+                    }
+                    // In the order of the config.
+                    let mut groups = kept;
+                    groups.sort_by_key(|g| lc.listen.iter().position(|a| *a == g.listen));
                     listeners.insert(
                         lc.name.clone(),
                         LiveListener {
@@ -742,25 +809,30 @@ impl Shared {
                             targets: new_targets,
                             clients,
                             tls: server_tls,
+                            groups,
                             ..p
                         },
                     );
                 }
-                (prev, Some(socks)) => {
+                prev => {
+                    // New, or its sockets need other options: new sockets accept, then the
+                    // old ones (if any) stop.
+                    let Some(socks) = socks else {
+                        unreachable!("a new listener, or one with new socket options, has sockets")
+                    };
+                    let server_tls = tls.listeners.get(&lc.name).cloned();
+                    let ll = self.start_listener(&live, lc, socks, prev.as_ref(), server_tls);
+                    for a in ll.addrs() {
+                        tracing::info!("listener {:?} listening on {a}", lc.name);
+                    }
                     if let Some(p) = &prev {
                         p.stop_accepting().await;
-                        changes.push(format!("listener {:?} moved to new addresses", lc.name));
+                        changes.push(format!("listener {:?} has new sockets", lc.name));
                     } else {
                         changes.push(format!("listener {:?} added", lc.name));
                     }
-                    let server_tls = tls.listeners.get(&lc.name).cloned();
-                    let ll = self.start_listener(&live, lc, socks, prev.as_ref(), server_tls);
-                    for a in &ll.addrs {
-                        tracing::info!("listener {:?} listening on {a}", lc.name);
-                    }
                     listeners.insert(lc.name.clone(), ll);
                 }
-                (None, None) => unreachable!("a new listener always has sockets"),
             }
         }
         for (name, l) in live.listeners.drain() {
@@ -782,8 +854,9 @@ impl Shared {
         // SIGINT does not wait for it.
         let stop_accepting = async {
             let live = self.live.lock().await;
-            for l in live.listeners.values() {
-                l.accept_stop.cancel();
+            // Every socket told first, so that they all close about together.
+            for g in live.listeners.values().flat_map(|l| &l.groups) {
+                g.stop.cancel();
             }
             for l in live.listeners.values() {
                 l.stop_accepting().await;

@@ -237,3 +237,43 @@ async fn drain_timeout_cuts_a_pending_connect() {
     assert_eq!(r["result"], "drained", "{r}");
     assert_eq!(r["server"], hole.addr.to_string());
 }
+
+/// Connections that finished their handshake but were not yet accepted when the drain
+/// began are served, not reset by the listening socket closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_to_be_accepted_are_served() {
+    use tokio::io::AsyncReadExt;
+    let echo = echo_server().await;
+    let mut ferry = Ferry::start(&config("10s", echo), 1).await;
+    let addr = ferry.addr("front");
+    // Stopped, ferry accepts nothing: the connections wait in the accept queue.
+    ferry.signal("STOP");
+    let mut waiting = Vec::new();
+    for i in 0..20 {
+        let mut c = connect(addr).await;
+        c.write_all(format!("waiting {i}\n").as_bytes())
+            .await
+            .unwrap();
+        waiting.push(c);
+    }
+    ferry.signal("TERM");
+    ferry.signal("CONT");
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let want = format!("waiting {i}\n");
+        let mut got = vec![0u8; want.len()];
+        within(WAIT, "a waiting connection's echo", c.read_exact(&mut got))
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(got, want.as_bytes());
+        c.shutdown().await.unwrap();
+    }
+    assert_not_accepting(&ferry, addr).await;
+    drop(waiting);
+    let st = ferry
+        .wait_exit(WAIT)
+        .await
+        .expect("ferry did not exit after its last connection");
+    assert_eq!(st.code(), Some(0), "stderr:\n{}", ferry.stderr.text());
+    let recs = parse_records(&ferry.log_lines_now());
+    assert_eq!(recs.len(), 20, "{recs:#?}");
+}

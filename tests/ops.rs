@@ -1558,3 +1558,121 @@ async fn connections_are_spread_over_the_workers() {
         );
     }
 }
+
+/// The inode of every socket listening on `addr` (IPv4), from /proc/net/tcp.
+fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(a.ip().octets()),
+        a.port()
+    );
+    let mut out: Vec<u64> = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Connections that finished their handshake while ferry was stopped: they wait in the
+/// kernel's accept queue. Each has sent a line.
+async fn queue_connections(addr: SocketAddr, n: usize, tag: &str) -> Vec<TcpStream> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut c = connect(addr).await;
+        c.write_all(format!("{tag} {i}\n").as_bytes())
+            .await
+            .unwrap();
+        out.push(c);
+    }
+    out
+}
+
+/// Each queued connection is served: its line echoed back.
+async fn assert_served(conns: &mut [TcpStream], tag: &str) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let want = format!("{tag} {i}\n");
+        let mut got = vec![0u8; want.len()];
+        within(WAIT, "a queued connection's echo", c.read_exact(&mut got))
+            .await
+            .unwrap_or_else(|e| panic!("{tag} {i}: {e}"));
+        assert_eq!(got, want.as_bytes());
+    }
+}
+
+/// A reload that changes a listener's addresses keeps the sockets of the addresses that
+/// stay (and the connections waiting in their queues), and takes the connections waiting
+/// on an address it stops listening on instead of resetting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changing_addresses_keeps_the_ones_that_stay() {
+    let echo = echo_server().await;
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let config = |ports: [u16; 2]| {
+        format!(
+            r#"
+[global]
+workers = 2
+
+[[listener]]
+name = "front"
+listen = ["127.0.0.1:{}", "127.0.0.1:{}"]
+upstream = "echo"
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#,
+            ports[0], ports[1]
+        )
+    };
+    let ferry = Ferry::start(&config([pa, pb]), 2).await;
+    let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{pa}").parse().unwrap(),
+        format!("127.0.0.1:{pb}").parse().unwrap(),
+        format!("127.0.0.1:{pc}").parse().unwrap(),
+    );
+    let sockets_a = listening_inodes(a);
+    assert_eq!(sockets_a.len(), 2, "a socket per worker on {a}");
+    let mut open = connect(a).await;
+    echo_round_trip(&mut open, b"before").await;
+
+    // Stopped, ferry accepts nothing: connections wait in the queues of a and b.
+    ferry.signal("STOP");
+    let mut on_a = queue_connections(a, 10, "a").await;
+    let mut on_b = queue_connections(b, 10, "b").await;
+    std::fs::write(&ferry.config_path, config([pa, pc])).unwrap();
+    ferry.signal("HUP");
+    ferry.signal("CONT");
+    ferry
+        .stderr
+        .wait_count(1, WAIT, |l| l.contains("stopped listening on"))
+        .await
+        .unwrap_or_else(|| panic!("no reload; stderr:\n{}", ferry.stderr.text()));
+
+    assert_served(&mut on_a, "a").await;
+    assert_served(&mut on_b, "b").await;
+    assert_eq!(
+        listening_inodes(a),
+        sockets_a,
+        "{a}'s sockets were replaced"
+    );
+    assert!(listening_inodes(b).is_empty(), "{b} still listening");
+    let mut on_c = connect(c).await;
+    echo_round_trip(&mut on_c, b"new address").await;
+    echo_round_trip(&mut open, b"after").await;
+    let text = ferry.stderr.text();
+    assert!(
+        text.contains(&format!("listener \"front\" now listens on {c}")),
+        "{text}"
+    );
+}

@@ -232,20 +232,28 @@ pub fn check_free(addr: SocketAddr) -> io::Result<()> {
 pub fn try_accept(
     guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, std::net::TcpListener>,
 ) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
-    let accepted = guard.try_io(|l| {
-        rustix::net::acceptfrom_with(l.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
-            .map_err(io::Error::from)
-    });
-    match accepted {
+    match guard.try_io(|l| accept(l.get_ref())) {
         Err(_would_block) => Ok(None),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok((fd, peer))) => {
-            let peer = peer
-                .and_then(|p| SocketAddr::try_from(p).ok())
-                .ok_or_else(|| io::Error::other("accepted a connection with no IP peer address"))?;
-            Ok(Some((std::net::TcpStream::from(fd), peer)))
-        }
+        Ok(r) => r.map(Some),
     }
+}
+
+/// Accepts one connection waiting on `l` (non-blocking): `None` when none is.
+pub fn accept_waiting(
+    l: &std::net::TcpListener,
+) -> io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
+    match accept(l) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        r => r.map(Some),
+    }
+}
+
+fn accept(l: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let (fd, peer) = rustix::net::acceptfrom_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)?;
+    let peer = peer
+        .and_then(|p| SocketAddr::try_from(p).ok())
+        .ok_or_else(|| io::Error::other("accepted a connection with no IP peer address"))?;
+    Ok((std::net::TcpStream::from(fd), peer))
 }
 
 /// Writes all of `buf` to `sock`, waiting for room as needed.
