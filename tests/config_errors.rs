@@ -526,3 +526,55 @@ health = { interval = "3650d" }
         ],
     );
 }
+
+/// A size may be written as an integer of bytes, as the docs say, or as a string with a
+/// unit; a negative one is an error where it is written.
+#[test]
+fn sizes_as_integers() {
+    let ok = check_config_in(
+        None,
+        r#"[global]
+pipe_size = 65536
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+tcp = { send_buffer = 65536, recv_buffer = "auto" }
+
+[[upstream]]
+name = "pool"
+servers = ["127.0.0.1:9000"]
+tcp = { recv_buffer = 131072 }
+"#,
+    );
+    assert_eq!(ok.code, Some(0), "{}", ok.stderr);
+    assert_check_errors(
+        r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+tcp = { send_buffer = -1, recv_buffer = 1024 }
+
+[[upstream]]
+name = "pool"
+servers = ["127.0.0.1:9000"]
+"#,
+        &[
+            r#"5:23: `send_buffer` must be a number of bytes (0 or more) or a string like "64KiB""#,
+            "5:41: `recv_buffer` must be from 4KiB to 64MiB, not 1024 bytes",
+        ],
+    );
+}
+
+/// Every error is one line, even when it quotes a key with a newline in it.
+#[test]
+fn errors_are_one_line() {
+    assert_check_errors(
+        "\"a\\nb\" = 1\n",
+        &[
+            "1:1: the config has no [[listener]]: there is nothing to serve",
+            r#"1:1: unknown key `a\nb` in the config; expected one of: global, admin, log, listener, upstream"#,
+        ],
+    );
+}

@@ -70,6 +70,7 @@ fn parse(text: &str) -> Result<String, Vec<String>> {
                     let prefix = format!("{FILE}:{}:{}: ", e.line, e.col);
                     assert!(shown.starts_with(&prefix), "{shown:?} without {prefix:?}");
                     assert!(shown.len() > prefix.len(), "an empty message: {shown:?}");
+                    assert!(!shown.contains(['\n', '\r']), "not one line: {shown:?}");
                     shown
                 })
                 .collect())

@@ -202,7 +202,23 @@ impl<'a, 'i> Tab<'a, 'i> {
         Some(d)
     }
 
+    /// A size: a string with a unit (`"64KiB"`), or an integer of bytes.
     fn size(&self, cx: &mut Cx<'_>, key: &str) -> Option<usize> {
+        let v = self.get(key)?;
+        if let DeValue::Integer(i) = v.get_ref() {
+            let n = u64::from_str_radix(i.as_str(), i.radix())
+                .ok()
+                .and_then(|n| usize::try_from(n).ok());
+            if n.is_none() {
+                cx.err(
+                    v.span(),
+                    format!(
+                        "`{key}` must be a number of bytes (0 or more) or a string like \"64KiB\""
+                    ),
+                );
+            }
+            return n;
+        }
         let (s, span) = self.string(cx, key)?;
         match parse_size(s) {
             Ok(n) => Some(n),
@@ -1509,14 +1525,11 @@ fn server_addr(s: &str) -> Result<ServerAddr, String> {
 /// A socket buffer size: a size from 4 KiB to 64 MiB, or `"auto"` (the kernel's
 /// autotuning, unbounded up to its `tcp_wmem`/`tcp_rmem` maximum). Absent: the default cap.
 fn buffer_size(cx: &mut Cx<'_>, t: &Tab<'_, '_>, key: &str) -> Option<usize> {
-    let (s, _) = match t.get(key) {
-        None => return Some(DEFAULT_SOCKET_BUFFER),
-        Some(_) => t.string(cx, key)?,
-    };
-    if s == "auto" {
-        return None;
+    match t.get(key).map(Val::get_ref) {
+        None => Some(DEFAULT_SOCKET_BUFFER),
+        Some(DeValue::String(s)) if s.as_ref() == "auto" => None,
+        Some(_) => t.size_in(cx, key, 4 << 10, 64 << 20),
     }
-    t.size_in(cx, key, 4 << 10, 64 << 20)
 }
 
 fn tcp_options(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> TcpOptions {
