@@ -39,7 +39,8 @@ enum Command {
         #[arg(
             long,
             value_name = "ALGO",
-            default_value = "round_robin",
+            default_value = Balance::NAMES[0],
+            value_parser = clap::builder::PossibleValuesParser::new(Balance::NAMES),
             requires = "listen"
         )]
         balance: String,
@@ -74,20 +75,10 @@ fn main() -> ExitCode {
                 eprintln!("ferry: quick mode needs at least one --upstream ADDR");
                 return ExitCode::from(1);
             }
-            let balance = match balance.as_str() {
-                "round_robin" => Balance::RoundRobin,
-                "least_conn" => Balance::LeastConn,
-                "random" => Balance::Random,
-                "p2c" => Balance::P2c,
-                "maglev" => Balance::Maglev,
-                "ring_hash" => Balance::RingHash {
-                    balance_factor: None,
-                },
-                "first" => Balance::First,
-                other => {
-                    eprintln!(
-                        "ferry: --balance {other:?}: use round_robin, least_conn, random, p2c, maglev, ring_hash or first"
-                    );
+            let balance: Balance = match balance.parse() {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("ferry: --balance {e}");
                     return ExitCode::from(1);
                 }
             };

@@ -19,13 +19,14 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::observe::{Outcome, metrics};
+use crate::observe::Outcome;
 use crate::runtime::{ReloadOutcome, Shared};
 use crate::upstream::AdminState;
 
 /// The stats page: one self-contained file, no external assets.
 const STATS_PAGE: &str = include_str!("stats.html");
 
+pub mod metrics;
 mod server;
 
 pub use server::{Resp, Stats};

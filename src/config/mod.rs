@@ -449,7 +449,43 @@ pub enum Balance {
     First,
 }
 
+/// A `balance` name that is none of [`Balance::NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("must be one of {names}; not {0:?}", names = Balance::NAMES.join(", "))]
+pub struct UnknownBalance(pub String);
+
+impl std::str::FromStr for Balance {
+    type Err = UnknownBalance;
+
+    /// A balance by its name (`ring_hash` without a balance factor).
+    fn from_str(s: &str) -> Result<Balance, UnknownBalance> {
+        Ok(match s {
+            "round_robin" => Balance::RoundRobin,
+            "least_conn" => Balance::LeastConn,
+            "random" => Balance::Random,
+            "p2c" => Balance::P2c,
+            "maglev" => Balance::Maglev,
+            "ring_hash" => Balance::RingHash {
+                balance_factor: None,
+            },
+            "first" => Balance::First,
+            other => return Err(UnknownBalance(other.to_string())),
+        })
+    }
+}
+
 impl Balance {
+    /// Every name `balance` takes, the default first.
+    pub const NAMES: [&str; 7] = [
+        "round_robin",
+        "least_conn",
+        "random",
+        "p2c",
+        "maglev",
+        "ring_hash",
+        "first",
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",

@@ -1255,23 +1255,14 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Named<Upstream> {
     let factor = t
         .uint(cx, "hash_balance_factor", 101, 10_000)
         .map(|n| n as u32);
-    let balance = match t.string(cx, "balance") {
-        None | Some(("round_robin", _)) => Some(Balance::RoundRobin),
-        Some(("least_conn", _)) => Some(Balance::LeastConn),
-        Some(("random", _)) => Some(Balance::Random),
-        Some(("p2c", _)) => Some(Balance::P2c),
-        Some(("maglev", _)) => Some(Balance::Maglev),
-        Some(("ring_hash", _)) => Some(Balance::RingHash {
+    let balance = match t.string(cx, "balance").map(|(s, span)| (s.parse(), span)) {
+        None => Some(Balance::RoundRobin),
+        Some((Ok(Balance::RingHash { .. }), _)) => Some(Balance::RingHash {
             balance_factor: factor,
         }),
-        Some(("first", _)) => Some(Balance::First),
-        Some((other, span)) => {
-            cx.err(
-                span,
-                format!(
-                    "`balance` must be one of round_robin, least_conn, random, p2c, maglev, ring_hash, first; not {other:?}"
-                ),
-            );
+        Some((Ok(b), _)) => Some(b),
+        Some((Err(e), span)) => {
+            cx.err(span, format!("`balance` {e}"));
             None
         }
     };

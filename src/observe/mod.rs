@@ -3,7 +3,6 @@
 
 pub mod access_log;
 pub mod counter;
-pub mod metrics;
 pub mod outcome;
 pub mod stats;
 

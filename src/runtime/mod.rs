@@ -34,6 +34,10 @@ use crate::upstream::Pool;
 use crate::upstream::dial::OwnAddrs;
 use crate::workers::Workers;
 
+pub mod plan;
+
+use plan::{ListenerPlan, UpstreamPlan, targets, tproxy, unindexed};
+
 /// How long connections cut by the drain timeout get to write their log records.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// After a second SIGINT: how long connections get to close and log.
@@ -135,12 +139,6 @@ impl LiveListener {
             g.stop_accepting().await;
         }
     }
-
-    /// Whether a new config for it can keep its sockets: the options they were bound with
-    /// are the same.
-    fn same_sockets(&self, lc: &config::Listener) -> bool {
-        self.cfg.reuse_port == lc.reuse_port && tproxy(&self.cfg) == tproxy(lc)
-    }
 }
 
 struct LivePool {
@@ -207,11 +205,6 @@ fn open_log(cfg: &Config, logs: &Arc<Logs>) -> io::Result<Arc<AccessLog>> {
 
 fn bind_all(lc: &config::Listener, workers: usize, own: &[SocketAddr]) -> io::Result<Vec<Bound>> {
     listener::bind(&lc.listen, lc.reuse_port, tproxy(lc), workers, own)
-}
-
-/// A TPROXY listener: its sockets are bound with IP_TRANSPARENT.
-fn tproxy(lc: &config::Listener) -> bool {
-    matches!(&lc.mode, ListenerMode::Transparent(t) if t.interception == config::Interception::Tproxy)
 }
 
 impl Proxy {
@@ -604,13 +597,17 @@ impl Shared {
         outcome
     }
 
-    /// Applies a validated config to the running proxy.
+    /// Applies a validated config to the running proxy: what [`plan::plan`] says changed.
     pub async fn apply(&self, cfg: Config) -> ReloadOutcome {
         let mut live = self.live.lock().await;
-        let mut changes = Vec::new();
         let old = live.cfg.clone();
         let workers = self.workers.len();
         let own: Vec<SocketAddr> = live.listeners.values().flat_map(|l| l.addrs()).collect();
+        let plan = match plan::plan(&old, &cfg) {
+            Ok(p) => p,
+            Err(errors) => return ReloadOutcome::Rejected(errors),
+        };
+        let mut changes = Vec::new();
 
         // TLS settings first: a certificate rustls cannot use rejects the reload before
         // anything changes.
@@ -619,18 +616,14 @@ impl Shared {
             Err(e) => return ReloadOutcome::Rejected(vec![e]),
         };
 
-        let log_changed = cfg.log.access != old.log.access
-            || cfg.log.format != old.log.format
-            || cfg.log.interval != old.log.interval
-            || cfg.log.on_connect != old.log.on_connect;
         // An access log file is reopened on every reload, so that log rotation works as
         // with other daemons: move the file, then SIGHUP. Connections that started before
         // finish writing to the old one.
         let reopen = matches!(cfg.log.access, config::AccessTarget::File(_));
-        let access_log = if log_changed || reopen {
+        let access_log = if plan.log_changed || reopen {
             match open_log(&cfg, &self.logs) {
                 Ok(l) => {
-                    if log_changed {
+                    if plan.log_changed {
                         changes.push("access log settings changed".into());
                     }
                     l
@@ -642,51 +635,26 @@ impl Shared {
         };
 
         // Bind what is new first: if any address cannot be bound, nothing changes (and what
-        // was bound is closed before it accepted anything). A listener whose sockets can stay
-        // binds only its new addresses.
+        // was bound is closed before it accepted anything).
         let mut new_sockets: HashMap<String, Vec<Bound>> = HashMap::new();
-        for lc in &cfg.listeners {
-            let wanted: Vec<SocketAddr> = match live.listeners.get(&lc.name) {
-                Some(l) if l.same_sockets(lc) => lc
-                    .listen
-                    .iter()
-                    .filter(|a| !l.cfg.listen.contains(a))
-                    .copied()
-                    .collect(),
-                _ => lc.listen.clone(),
+        for (lp, lc) in plan.listeners.iter().zip(&cfg.listeners) {
+            let wanted: &[SocketAddr] = match lp {
+                ListenerPlan::Keep { bind, .. } => bind,
+                ListenerPlan::Add { .. } | ListenerPlan::Rebind { .. } => &lc.listen,
             };
             if wanted.is_empty() {
                 continue;
             }
-            // Addresses moving from a listener being removed or changed are taken over at once.
-            let reuse: Vec<&LiveListener> = live
-                .listeners
-                .values()
-                .filter(|l| {
-                    // Port 0 (an ephemeral port) never clashes.
-                    l.cfg
-                        .listen
-                        .iter()
-                        .any(|a| a.port() != 0 && wanted.contains(a))
-                        && l.cfg.name != lc.name
-                })
-                .collect();
-            if !reuse.is_empty() {
-                return ReloadOutcome::Rejected(vec![format!(
-                    "listener {:?} takes an address of listener {:?}: rename or move in two reloads",
-                    lc.name, reuse[0].cfg.name
-                )]);
-            }
-            match listener::bind(&wanted, lc.reuse_port, tproxy(lc), workers, &own) {
+            match listener::bind(wanted, lc.reuse_port, tproxy(lc), workers, &own) {
                 Ok(s) => {
                     new_sockets.insert(lc.name.clone(), s);
                 }
                 Err(e)
-                    if live.listeners.contains_key(&lc.name)
+                    if matches!(lp, ListenerPlan::Rebind { .. })
                         && e.kind() == io::ErrorKind::AddrInUse =>
                 {
                     return ReloadOutcome::Rejected(vec![format!(
-                        "listener {:?}: its addresses changed and {e}; change them in two steps (remove, then add)",
+                        "listener {:?}: its socket options changed and {e}; change them in two steps (remove, then add)",
                         lc.name
                     )]);
                 }
@@ -695,77 +663,58 @@ impl Shared {
                 }
             }
         }
+
         // Upstreams.
         let mut pools = HashMap::new();
-        for u in &cfg.upstreams {
-            match live.pools.remove(&u.name) {
-                Some(p) if p.cfg == *u => {
-                    pools.insert(u.name.clone(), p);
+        for ((name, up), u) in plan.upstreams.iter().zip(&cfg.upstreams) {
+            let prev = live.pools.remove(name);
+            let client_tls = tls.upstreams.get(name).cloned();
+            match (up, prev) {
+                (UpstreamPlan::Same, Some(p)) => {
+                    pools.insert(name.clone(), p);
                 }
-                Some(p) => {
-                    p.stop.cancel();
-                    changes.push(format!("upstream {:?} changed", u.name));
-                    let client_tls = tls.upstreams.get(&u.name).cloned();
+                (_, prev) => {
+                    if let Some(p) = &prev {
+                        p.stop.cancel();
+                    }
+                    changes.push(match up {
+                        UpstreamPlan::Added => format!("upstream {name:?} added"),
+                        _ => format!("upstream {name:?} changed"),
+                    });
+                    let old_pool = prev.as_ref().map(|p| &*p.pool);
                     pools.insert(
-                        u.name.clone(),
-                        start_pool(u, Some(&p.pool), client_tls, &self.background).await,
-                    );
-                }
-                None => {
-                    changes.push(format!("upstream {:?} added", u.name));
-                    let client_tls = tls.upstreams.get(&u.name).cloned();
-                    pools.insert(
-                        u.name.clone(),
-                        start_pool(u, None, client_tls, &self.background).await,
+                        name.clone(),
+                        start_pool(u, old_pool, client_tls, &self.background).await,
                     );
                 }
             }
         }
-        for (name, p) in live.pools.drain() {
-            p.stop.cancel();
+        for name in &plan.removed_upstreams {
+            if let Some(p) = live.pools.remove(name) {
+                p.stop.cancel();
+            }
             changes.push(format!("upstream {name:?} removed"));
         }
         live.pools = pools;
 
-        if cfg.global.max_connections != old.global.max_connections {
-            self.global.set_max(cfg.global.max_connections);
-            changes.push(format!(
-                "max_connections is now {}",
-                cfg.global.max_connections
-            ));
+        if let Some(max) = plan.max_connections {
+            self.global.set_max(max);
+            changes.push(format!("max_connections is now {max}"));
         }
-        if cfg.global.splice != old.global.splice || cfg.global.pipe_size != old.global.pipe_size {
-            changes.push(format!(
-                "new connections are relayed {}",
-                match engine(&cfg) {
-                    Engine::Copy => "through user space (splice off)".to_string(),
-                    Engine::Splice { pipe_size } =>
-                        format!("with splice through pipes of {pipe_size} bytes"),
-                }
-            ));
-        }
-        if cfg.global.workers != old.global.workers {
-            changes.push("`workers` takes effect at the next restart".into());
-        }
-        if cfg.admin != old.admin {
-            changes.push("`[admin]` takes effect at the next restart".into());
-        }
-        if cfg.log.level != old.log.level {
-            changes.push("`[log] level` takes effect at the next restart".into());
-        }
+        changes.extend(plan.notes.iter().cloned());
         live.access_log = access_log;
         live.cfg = cfg.clone();
 
         // Listeners.
         let mut listeners = HashMap::new();
-        for lc in &cfg.listeners {
+        for (lp, lc) in plan.listeners.iter().zip(&cfg.listeners) {
             let prev = live.listeners.remove(&lc.name);
             let socks = new_sockets.remove(&lc.name);
-            match prev {
-                Some(mut p) if p.same_sockets(lc) => {
-                    // Same sockets for the addresses that stay; new settings (and pool) for
-                    // new connections.
-                    let server_tls = tls.listeners.get(&lc.name).cloned();
+            let server_tls = tls.listeners.get(&lc.name).cloned();
+            match (lp, prev) {
+                (ListenerPlan::Keep { changed, .. }, Some(mut p)) => {
+                    // Same sockets for the addresses that stay; new settings (and pool)
+                    // for new connections.
                     let ctx = self.build_ctx(
                         &live,
                         lc,
@@ -778,8 +727,7 @@ impl Shared {
                     p.gate.set_max(lc.max_connections.unwrap_or(usize::MAX));
                     let clients = ctx.clients.clone();
                     p.slot.store(Arc::new(ctx));
-                    let new_targets = targets(&cfg, lc);
-                    if unindexed(&p.cfg) != unindexed(lc) || p.targets != new_targets {
+                    if *changed {
                         changes.push(format!("listener {:?} changed", lc.name));
                     }
                     // New addresses accept first, then the ones that went stop.
@@ -806,7 +754,7 @@ impl Shared {
                         lc.name.clone(),
                         LiveListener {
                             cfg: lc.clone(),
-                            targets: new_targets,
+                            targets: targets(&cfg, lc),
                             clients,
                             tls: server_tls,
                             groups,
@@ -814,13 +762,12 @@ impl Shared {
                         },
                     );
                 }
-                prev => {
+                (_, prev) => {
                     // New, or its sockets need other options: new sockets accept, then the
                     // old ones (if any) stop.
                     let Some(socks) = socks else {
                         unreachable!("a new listener, or one with new socket options, has sockets")
                     };
-                    let server_tls = tls.listeners.get(&lc.name).cloned();
                     let ll = self.start_listener(&live, lc, socks, prev.as_ref(), server_tls);
                     for a in ll.addrs() {
                         tracing::info!("listener {:?} listening on {a}", lc.name);
@@ -835,10 +782,12 @@ impl Shared {
                 }
             }
         }
-        for (name, l) in live.listeners.drain() {
+        for name in &plan.removed_listeners {
             // New connects are refused from the moment this returns; open connections
             // finish on their own.
-            l.stop_accepting().await;
+            if let Some(l) = live.listeners.remove(name) {
+                l.stop_accepting().await;
+            }
             changes.push(format!("listener {name:?} removed; its connections drain"));
         }
         live.listeners = listeners;
@@ -1074,22 +1023,4 @@ fn warn_expiry(listener: &str, t: &ServerTls) {
             tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate expires in {}", crate::tls::certs::time_left(&c.info));
         }
     }
-}
-
-/// The upstreams a listener's default route and routes go to, by name, in order.
-fn targets(cfg: &Config, lc: &config::Listener) -> Vec<String> {
-    let name = |i: usize| cfg.upstreams[i].name.clone();
-    std::iter::once(lc.upstream.map(name).unwrap_or_default())
-        .chain(lc.routes.iter().map(|r| name(r.upstream)))
-        .collect()
-}
-
-/// A listener's settings without the upstream indices (compared by name, see [`targets`]).
-fn unindexed(lc: &config::Listener) -> config::Listener {
-    let mut l = lc.clone();
-    l.upstream = None;
-    for r in &mut l.routes {
-        r.upstream = 0;
-    }
-    l
 }

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use super::Outcome;
+use crate::observe::Outcome;
 use crate::runtime::Shared;
 use crate::upstream::ServerState;
 
