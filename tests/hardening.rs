@@ -713,3 +713,383 @@ servers = ["{echo}"]
     );
     drop(reader);
 }
+
+/// Round trips on one connection until `stop`; each checks what came back. Returns the
+/// round trips made, or the first failure.
+async fn keep_talking(
+    mut c: tokio::net::TcpStream,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tag: usize,
+) -> Result<u64, String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut n = 0u64;
+    while !stop.load(Relaxed) {
+        let msg = format!("long {tag} {n}\n");
+        let mut got = vec![0u8; msg.len()];
+        let r = tokio::time::timeout(WAIT, async {
+            c.write_all(msg.as_bytes()).await?;
+            c.read_exact(&mut got).await
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) if got == msg.as_bytes() => n += 1,
+            Ok(Ok(_)) => return Err(format!("{tag}: wrong bytes after {n}")),
+            Ok(Err(e)) => return Err(format!("{tag}: {e} after {n}")),
+            Err(_) => return Err(format!("{tag}: no answer within {WAIT:?} after {n}")),
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(n)
+}
+
+/// New connections, one after another, until `stop`: each makes a round trip and closes.
+async fn keep_connecting(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tag: usize,
+) -> Result<u64, String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut n = 0u64;
+    while !stop.load(Relaxed) {
+        let msg = format!("short {tag} {n}\n");
+        let r = tokio::time::timeout(WAIT, async {
+            let mut c = tokio::net::TcpStream::connect(addr).await?;
+            c.write_all(msg.as_bytes()).await?;
+            let mut got = vec![0u8; msg.len()];
+            c.read_exact(&mut got).await?;
+            Ok::<_, std::io::Error>(got)
+        })
+        .await;
+        match r {
+            Ok(Ok(got)) if got == msg.as_bytes() => n += 1,
+            Ok(Ok(_)) => return Err(format!("{tag}: wrong bytes on connection {n}")),
+            Ok(Err(e)) => return Err(format!("{tag}: connection {n}: {e}")),
+            Err(_) => return Err(format!("{tag}: connection {n}: no answer within {WAIT:?}")),
+        }
+    }
+    Ok(n)
+}
+
+/// 100 reloads under load (each changes the pool, its balancing and the listener's
+/// settings, and reopens the access log): no connection is refused or broken, open ones
+/// carry on, and descriptors and memory come back to where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_storm_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    const RELOADS: usize = 100;
+    const LONG: usize = 20;
+    const SHORT: usize = 4;
+    let (e1, e2) = (echo_server().await, echo_server().await);
+    let config = |i: usize| {
+        let servers = if i.is_multiple_of(2) {
+            format!("\"{e1}\"")
+        } else {
+            format!("\"{e1}\", \"{e2}\"")
+        };
+        let balance = ["round_robin", "least_conn", "p2c"][i % 3];
+        format!(
+            r#"
+[global]
+workers = 2
+
+[log]
+access = "@LOG@"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "pool"
+idle_timeout = "{}s"
+
+[[upstream]]
+name = "pool"
+balance = "{balance}"
+servers = [{servers}]
+"#,
+            60 + i % 2
+        )
+    };
+    let f = Ferry::start(&config(0), 1).await;
+    let admin = admin_addr(&f).await;
+    let front = f.addr("front");
+    let pid = f.pid();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut long = Vec::new();
+    for i in 0..LONG {
+        let mut c = connect(front).await;
+        echo_round_trip(&mut c, b"open").await;
+        long.push(tokio::spawn(keep_talking(c, stop.clone(), i)));
+    }
+    let short: Vec<_> = (0..SHORT)
+        .map(|i| tokio::spawn(keep_connecting(front, stop.clone(), i)))
+        .collect();
+    // Warm: every worker has served, the log is open, the pools are up.
+    let fds_before = fd_count(pid);
+    let rss_before = f.rss_kib();
+
+    let log = f.log_path.display().to_string();
+    for i in 1..=RELOADS {
+        std::fs::write(&f.config_path, config(i).replace("@LOG@", &log)).unwrap();
+        let r = post(admin, "/api/reload", None).await;
+        assert_eq!(r.status, 200, "reload {i}: {r:?}");
+        assert_eq!(r.json()["result"], "applied", "reload {i}: {r:?}");
+    }
+
+    stop.store(true, Relaxed);
+    let mut talked = 0;
+    for t in long {
+        talked += t
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a long connection broke: {e}"));
+    }
+    let mut connected = 0;
+    for t in short {
+        connected += t
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("a new connection failed: {e}"));
+    }
+    assert!(talked >= LONG as u64 && connected >= SHORT as u64);
+    eprintln!(
+        "{RELOADS} reloads; {talked} round trips on open connections, {connected} new connections"
+    );
+
+    // The short connections have ended: descriptors come back to where they were (the
+    // long ones are still open), within a few for the log and admin connections.
+    let settled = within(WAIT, "descriptors back to before the storm", async {
+        loop {
+            let n = fd_count(pid);
+            if n <= fds_before + 4 {
+                return n;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let rss_after = f.rss_kib();
+    eprintln!("descriptors {fds_before} -> {settled}; RSS {rss_before} KiB -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB over {RELOADS} reloads"
+    );
+    let text = metrics(admin).await;
+    assert_eq!(
+        metric(&text, "ferry_config_reloads_total", &[("result", "ok")]),
+        Some(RELOADS as f64)
+    );
+}
+
+/// Refused connections of listener `name` the process log says were counted but not logged
+/// one by one.
+fn unlogged(stderr: &str, name: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| {
+            l.contains("were counted but not logged") && l.contains(&format!("listener={name}"))
+        })
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let i = words.iter().position(|w| *w == "refused")?;
+            words.get(i.checked_sub(1)?)?.parse::<usize>().ok()
+        })
+        .sum()
+}
+
+/// 300 clients stalled in the middle of their handshake on each listener that reads one
+/// (TLS termination, SNI routing, a PROXY header, SOCKS5, HTTP CONNECT): ferry holds them
+/// until `handshake_timeout` and no longer, closes each with a record, serves other clients
+/// meanwhile, and gives every descriptor back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_are_closed_at_the_deadline() {
+    const STALLED: usize = 300;
+    const DEADLINE_MS: f64 = 2000.0;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new("ferry stall test CA");
+    let (cert, key) = ca.server(&["stall.test"]).write(dir.path(), "server");
+    let echo = echo_server().await;
+    let config = format!(
+        r#"
+[log]
+access = "@LOG@"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "plain"
+listen = "127.0.0.1:0"
+upstream = "echo"
+
+[[listener]]
+name = "tls"
+listen = "127.0.0.1:0"
+mode = "tls"
+upstream = "echo"
+handshake_timeout = "2s"
+tls = {{ cert = "{}", key = "{}" }}
+
+[[listener]]
+name = "sni"
+listen = "127.0.0.1:0"
+upstream = "echo"
+handshake_timeout = "2s"
+
+[[listener.route]]
+sni = "stall.test"
+upstream = "echo"
+
+[[listener]]
+name = "proxy"
+listen = "127.0.0.1:0"
+upstream = "echo"
+proxy_protocol = {{ accept = "any", trusted = ["127.0.0.1"], timeout = "2s" }}
+
+[[listener]]
+name = "socks"
+listen = "127.0.0.1:0"
+mode = "socks5"
+handshake_timeout = "2s"
+destinations = ["{}/32:{}"]
+
+[[listener]]
+name = "http"
+listen = "127.0.0.1:0"
+mode = "http-connect"
+handshake_timeout = "2s"
+destinations = ["{}/32:{}"]
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#,
+        cert.display(),
+        key.display(),
+        echo.ip(),
+        echo.port(),
+        echo.ip(),
+        echo.port(),
+    );
+    let f = Ferry::start(&config, 6).await;
+    let pid = f.pid();
+    let mut plain = connect(f.addr("plain")).await;
+    echo_round_trip(&mut plain, b"warm").await;
+    let fds_before = fd_count(pid);
+
+    // What each stalled client sends: part of its handshake, then nothing.
+    let hello = pki::client_hello(Some("stall.test"), &[]);
+    let half_hello = hello[..hello.len() / 2].to_vec();
+    let stalls: [(&str, Vec<u8>); 5] = [
+        ("tls", half_hello.clone()),
+        ("sni", half_hello),
+        ("proxy", b"PROXY TCP4 127.0.0.1 ".to_vec()),
+        // A greeting offering two methods, with one.
+        ("socks", vec![5, 2, 0]),
+        (
+            "http",
+            b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\n".to_vec(),
+        ),
+    ];
+    let mut stalled = Vec::new();
+    for (name, first) in &stalls {
+        let addr = f.addr(name);
+        for _ in 0..STALLED {
+            let mut s = connect(addr).await;
+            s.write_all(first).await.unwrap();
+            stalled.push((*name, s));
+        }
+    }
+    // Ferry holds them all (a descriptor each)...
+    within(WAIT, "every stalled client accepted", async {
+        while fd_count(pid) < fds_before + stalls.len() * STALLED {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // ...and serves others meanwhile: a plain client and one with a whole PROXY header.
+    echo_round_trip(&mut plain, b"served while 1,500 stall").await;
+    let mut proxied = connect(f.addr("proxy")).await;
+    proxied
+        .write_all(b"PROXY TCP4 192.0.2.1 127.0.0.1 1234 80\r\n")
+        .await
+        .unwrap();
+    echo_round_trip(&mut proxied, b"a whole header").await;
+
+    // Every stalled client is closed, without a byte of data from a server.
+    for (name, s) in &mut stalled {
+        let (data, _how) = read_until_closed(s, 3 * WAIT).await;
+        // A TLS client may get an alert; none gets data from the server.
+        assert!(
+            *name == "tls" || data.is_empty(),
+            "{name}: got {data:?} before the close"
+        );
+    }
+    drop(stalled);
+    // Every one is accounted for: counted in the metrics, and logged one by one (refusals
+    // beyond 100 a second per listener are summed up on the process log instead), each
+    // record written at the deadline, not before.
+    let admin = admin_addr(&f).await;
+    let text = metrics(admin).await;
+    for (name, _) in &stalls {
+        assert_eq!(
+            metric(
+                &text,
+                "ferry_connections_total",
+                &[("listener", name), ("result", "protocol_error")]
+            ),
+            Some(STALLED as f64),
+            "{name}:\n{text}"
+        );
+    }
+    let accounted = |name: &str| {
+        let logged: Vec<serde_json::Value> = parse_records(&f.log_lines_now())
+            .into_iter()
+            .filter(|r| r["listener"] == name)
+            .collect();
+        (logged, unlogged(&f.stderr.text(), name))
+    };
+    within(
+        3 * WAIT,
+        "every stalled client logged or summed up",
+        async {
+            while stalls.iter().any(|(name, _)| {
+                let (logged, unlogged) = accounted(name);
+                logged.len() + unlogged < STALLED
+            }) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+    for (name, _) in &stalls {
+        let (logged, unlogged) = accounted(name);
+        assert_eq!(logged.len() + unlogged, STALLED, "{name}");
+        for r in logged {
+            assert_eq!(r["result"], "protocol_error", "{name}: {r}");
+            assert!(r["server"].is_null(), "{name}: reached a server: {r}");
+            let ms = r["duration_ms"].as_f64().unwrap();
+            assert!(
+                ms >= DEADLINE_MS * 0.99,
+                "{name}: closed after {ms} ms: {r}"
+            );
+        }
+    }
+    // Every descriptor given back (the two served clients are still open).
+    let settled = within(WAIT, "descriptors back to the baseline", async {
+        loop {
+            let n = fd_count(pid);
+            if n <= fds_before + 2 * 2 {
+                return n;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    eprintln!("descriptors: {fds_before} before, {settled} after");
+    echo_round_trip(&mut plain, b"after").await;
+}
