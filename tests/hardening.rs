@@ -1093,3 +1093,125 @@ servers = ["{echo}"]
     eprintln!("descriptors: {fds_before} before, {settled} after");
     echo_round_trip(&mut plain, b"after").await;
 }
+
+/// A connection flood from 200 source addresses against per-client limits (2 open
+/// connections each): each source gets exactly its 2, the rest are refused at once; a
+/// client from elsewhere is served throughout; ferry's memory stays bounded; and every
+/// connection is accounted for, in the metrics and in the log (refusals beyond 100 a second
+/// summed up on the process log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_from_200_sources_against_per_client_limits() {
+    const SOURCES: usize = 200;
+    const EACH: usize = 10;
+    const ALLOWED: usize = 2;
+    let echo = echo_server().await;
+    let f = Ferry::start(
+        &format!(
+            r#"
+[log]
+access = "@LOG@"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[listener]]
+name = "front"
+listen = "127.0.0.1:0"
+upstream = "echo"
+per_client = {{ max_connections = {ALLOWED} }}
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#
+        ),
+        1,
+    )
+    .await;
+    let admin = admin_addr(&f).await;
+    let front = f.addr("front");
+    let mut other = served_from("127.2.0.1", front, "before").await;
+    let rss_before = f.rss_kib();
+
+    // Each source: EACH connections, one after another, holding those that are served.
+    let flood: Vec<_> = (0..SOURCES)
+        .map(|i| {
+            tokio::spawn(async move {
+                let src = format!("127.1.{}.{}", i / 250, i % 250 + 1);
+                let mut held = Vec::new();
+                let mut refused = 0;
+                for n in 0..EACH {
+                    let (_, r) = connect_src(&src, front).await;
+                    let Ok(mut s) = r else {
+                        refused += 1;
+                        continue;
+                    };
+                    let msg = format!("{src} {n}\n");
+                    let served = tokio::time::timeout(WAIT, async {
+                        s.write_all(msg.as_bytes()).await?;
+                        let mut got = vec![0u8; msg.len()];
+                        s.read_exact(&mut got).await?;
+                        Ok::<bool, std::io::Error>(got == msg.as_bytes())
+                    })
+                    .await;
+                    match served {
+                        Ok(Ok(true)) => held.push(s),
+                        Ok(Ok(false)) => panic!("{src}: wrong bytes"),
+                        Ok(Err(_)) => refused += 1,
+                        Err(_) => panic!("{src}: connection {n} neither served nor closed"),
+                    }
+                }
+                (held, refused)
+            })
+        })
+        .collect();
+    // Meanwhile, the other client is answered.
+    echo_round_trip(&mut other, b"during the flood").await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for t in flood {
+        let (h, r) = within(3 * WAIT, "a source's connections", t).await.unwrap();
+        assert_eq!(h.len(), ALLOWED, "a source was served {} times", h.len());
+        held.extend(h);
+        refused += r;
+    }
+    assert_eq!(refused, SOURCES * (EACH - ALLOWED));
+    echo_round_trip(&mut other, b"after the flood").await;
+    let rss_after = f.rss_kib();
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS {rss_before} KiB before the flood, {rss_after} KiB after"
+    );
+
+    // Counted: every refusal at once.
+    let text = metrics(admin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "ferry_connections_total",
+            &[("listener", "front"), ("result", "limited")]
+        ),
+        Some(refused as f64),
+        "{text}"
+    );
+    // Logged: the served ones when they end, the refused ones one by one or summed up.
+    drop(held);
+    drop(other);
+    let served = SOURCES * ALLOWED + 1;
+    within(3 * WAIT, "every connection in the log", async {
+        loop {
+            let recs = parse_records(&f.log_lines_now());
+            let ok = recs.iter().filter(|r| r["result"] == "ok").count();
+            let limited = recs.iter().filter(|r| r["result"] == "limited").count();
+            if ok == served && limited + unlogged(&f.stderr.text(), "front") == refused {
+                break;
+            }
+            assert!(
+                ok <= served && limited <= refused,
+                "more records than connections"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
