@@ -74,6 +74,19 @@ impl Workers {
         Ok(workers)
     }
 
+    /// One worker that is the runtime this is called on, with no thread of its own: the
+    /// proxy runs inside the caller's runtime. For tests (one thread, and a paused clock
+    /// if the runtime has one) and for embedding. Must be called within a runtime.
+    pub fn on_current_runtime() -> Workers {
+        crate::observe::counter::register_workers(1);
+        Workers {
+            handles: vec![Handle::current()],
+            load: vec![AtomicUsize::new(0)].into_boxed_slice(),
+            stop: CancellationToken::new(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
     /// How many workers run.
     pub fn len(&self) -> usize {
         self.handles.len()
