@@ -1215,3 +1215,57 @@ servers = ["{echo}"]
     })
     .await;
 }
+
+/// Sets the soft open-file limit of process `pid` (the hard one stays).
+fn set_nofile(pid: u32, n: usize) {
+    let st = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={n}:"))
+        .status()
+        .expect("run prlimit");
+    assert!(st.success(), "prlimit failed");
+}
+
+/// The descriptor limit reached on connect: ferry accepts a client with its last free
+/// descriptor, cannot open a socket to the server, closes the client with a record that
+/// says why, and serves again as soon as descriptors are available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_limit_on_connect_fails_that_connection_only() {
+    let echo = echo_server().await;
+    let f = Ferry::start(&echo_config("", echo), 1).await;
+    let front = f.addr("front");
+    let pid = f.pid();
+    // Warm: pipes for splicing are made and pooled, so the count below is stable.
+    for _ in 0..3 {
+        let mut c = connect(front).await;
+        echo_round_trip(&mut c, b"warm").await;
+    }
+    let recs = f.records(3, WAIT).await;
+    assert_eq!(recs.len(), 3);
+    // One descriptor left: enough to accept a client, none for its server socket. The
+    // limit bounds descriptor numbers, and a new descriptor takes the lowest free one:
+    // a limit of that number + 1 leaves exactly it.
+    let used: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !used.contains(n)).unwrap();
+    set_nofile(pid, lowest_free + 1);
+    let (client, r) = connect_from(front).await;
+    // Reset at once: maybe before the connect call even returned.
+    if let Ok(mut c) = r {
+        let _ = c.write_all(b"no server for me").await;
+        let (data, _) = read_until_closed(&mut c, WAIT).await;
+        assert!(data.is_empty());
+    }
+    let recs = f.records(4, WAIT).await;
+    let r = record_for(&recs, client);
+    assert_eq!(r["result"], "connect_failed", "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Too many open files"), "{r}");
+
+    // Descriptors again: served.
+    set_nofile(pid, lowest_free + 100);
+    let mut c = connect(front).await;
+    echo_round_trip(&mut c, b"served again").await;
+}
