@@ -116,8 +116,9 @@ pub struct ListenerCtx {
     /// The client sockets' buffer caps.
     pub buffers: crate::config::SocketBuffers,
     /// Refused connections logged individually this second, and those only counted.
-    refused_second: AtomicU64,
-    refused_logged: AtomicU64,
+    /// The current second (high bits) and the refusals logged in it (low 16 bits), in one
+    /// word so that workers crossing a second boundary together cannot log more than the cap.
+    refused_window: AtomicU64,
     refused_unlogged: AtomicU64,
 }
 
@@ -125,6 +126,7 @@ pub struct ListenerCtx {
 /// counted (metrics, status) and summed up in one process-log line a second, so that a
 /// flood of refused connections cannot make logging the bottleneck.
 pub const REFUSED_LOG_PER_SEC: u64 = 100;
+const _: () = assert!(REFUSED_LOG_PER_SEC < 0xffff, "the count has 16 bits");
 
 /// Shards of a listener's drain signal.
 const STOP_SHARDS: usize = 16;
@@ -180,8 +182,7 @@ impl ListenerCtx {
             clients,
             proxy,
             buffers,
-            refused_second: AtomicU64::new(0),
-            refused_logged: AtomicU64::new(0),
+            refused_window: AtomicU64::new(0),
             refused_unlogged: AtomicU64::new(0),
         }
     }
@@ -210,10 +211,20 @@ impl ListenerCtx {
             .ts
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        if self.refused_second.swap(sec, Relaxed) != sec {
-            self.refused_logged.store(0, Relaxed);
-        }
-        if self.refused_logged.fetch_add(1, Relaxed) >= REFUSED_LOG_PER_SEC {
+        let admitted = self
+            .refused_window
+            .fetch_update(Relaxed, Relaxed, |w| {
+                let (s, n) = (w >> 16, w & 0xffff);
+                match sec.cmp(&s) {
+                    std::cmp::Ordering::Greater => Some((sec << 16) | 1),
+                    std::cmp::Ordering::Equal if n < REFUSED_LOG_PER_SEC => Some(w + 1),
+                    // Over the cap, or stamped in a second already past (another worker
+                    // moved on): counted, not logged, so no second logs more than the cap.
+                    _ => None,
+                }
+            })
+            .is_ok();
+        if !admitted {
             self.refused_unlogged.fetch_add(1, Relaxed);
             return;
         }
