@@ -78,8 +78,10 @@ async fn server_never_accepts() {
     assert_eq!(r["client"], client.to_string());
     assert_eq!(r["server"], hole.addr.to_string());
     assert!(r["connect_ms"].is_null(), "{r}");
+    // No sooner than the connect timeout (how much later is bounded by the client's
+    // wait above, not by a clock here).
     let d = r["duration_ms"].as_f64().unwrap();
-    assert!((290.0..2000.0).contains(&d), "duration_ms {d}");
+    assert!(d >= 290.0, "duration_ms {d}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,13 +110,12 @@ async fn idle_timeout_spares_busy_connection() {
     let echo = echo_server().await;
     let ferry = Ferry::start(&config("idle_timeout = \"300ms\"", "", echo), 1).await;
     let mut c = connect(ferry.addr("front")).await;
-    let t = Instant::now();
-    let mut i = 0u32;
-    // A byte every 100 ms for well over 3× the idle timeout.
-    while t.elapsed() < Duration::from_millis(1200) {
+    // Bytes every 30 ms (a tenth of the idle timeout), 40 times: the pauses alone add up
+    // to 4× the idle timeout.
+    const ROUNDS: u32 = 40;
+    for i in 0..ROUNDS {
         echo_round_trip(&mut c, &i.to_le_bytes()).await;
-        i += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
     }
     echo_round_trip(&mut c, b"still here").await;
     c.shutdown().await.unwrap();
@@ -123,8 +124,11 @@ async fn idle_timeout_spares_busy_connection() {
 
     let r = &ferry.records(1, WAIT).await[0];
     assert_eq!(r["result"], "ok", "{r}");
-    assert_eq!(r["bytes_up"], u64::from(i) * 4 + 10);
-    assert!(r["duration_ms"].as_f64().unwrap() >= 1200.0, "{r}");
+    assert_eq!(r["bytes_up"], u64::from(ROUNDS) * 4 + 10);
+    assert!(
+        r["duration_ms"].as_f64().unwrap() >= f64::from(ROUNDS) * 30.0,
+        "{r}"
+    );
 }
 
 /// A server that reads until its connection ends and reports how it ended.

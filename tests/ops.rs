@@ -10,8 +10,8 @@ mod ops_support;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -460,17 +460,20 @@ fall = 1
 "#,
         admin_section(None)
     );
+    // Uptime is wall-clock time since ferry started: bounded by the test's own clock.
+    let spawned = std::time::SystemTime::now();
     let ferry = Ferry::start(&cfg, 3).await;
     let admin = admin_addr(&ferry).await;
 
     // Wait for the health checks to decide: the dead server down, the echo server up.
     let deadline = Instant::now() + WAIT;
-    let st = loop {
+    let (st, st_answered) = loop {
         let st = status(admin).await;
+        let answered = std::time::SystemTime::now();
         let d = server_status(&st, "echo", dead);
         let e = server_status(&st, "echo", echo);
         if d["state"] == "down" && e["last_check"].is_object() {
-            break st;
+            break (st, answered);
         }
         assert!(
             Instant::now() < deadline,
@@ -481,12 +484,27 @@ fall = 1
     let front = ferry.addr("front");
     relay_bytes(front, 300).await;
     ferry.records_with("ok", 1, WAIT).await;
+    let st2_asked = std::time::SystemTime::now();
     let st2 = status(admin).await;
 
     assert_eq!(st2["version"], env!("CARGO_PKG_VERSION"));
     let up1 = st["uptime_seconds"].as_f64().expect("uptime_seconds");
     let up2 = st2["uptime_seconds"].as_f64().expect("uptime_seconds");
-    assert!(up1 >= 0.0 && up2 > up1, "uptime {up1} then {up2}");
+    // Ferry started after `spawned` and answered before `st_answered`; the second answer
+    // came after `st2_asked`. (1e-9 s for the rounding of seconds as floats.)
+    let secs = |later: std::time::SystemTime, earlier| {
+        later.duration_since(earlier).unwrap().as_secs_f64()
+    };
+    let since_spawn = secs(st_answered, spawned);
+    let between = secs(st2_asked, st_answered);
+    assert!(
+        up1 > 0.0 && up1 <= since_spawn + 1e-9,
+        "uptime {up1} s, {since_spawn} s after ferry was started"
+    );
+    assert!(
+        up2 > up1 && up2 - up1 >= between - 1e-9,
+        "uptime {up1} s then {up2} s, {between} s later"
+    );
 
     let p = &st2["process"];
     for k in [
@@ -786,10 +804,14 @@ async fn token_required_on_every_post() {
 // ---------------------------------------------------------------------------------------
 // 5. reload under load
 
-/// What a short connection saw: when it started, and the server's tag or what failed.
-type Short = (Instant, Result<String, String>);
+/// What a short connection saw: when it began, and the server's tag with when it arrived
+/// (the server was picked before that), or what failed.
+struct Short {
+    started: Instant,
+    outcome: Result<(String, Instant), String>,
+}
 
-async fn short_connection(addr: SocketAddr) -> Result<String, String> {
+async fn short_connection(addr: SocketAddr) -> Result<(String, Instant), String> {
     let mut s = tokio::time::timeout(WAIT, TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_string())?
@@ -807,6 +829,7 @@ async fn short_connection(addr: SocketAddr) -> Result<String, String> {
             }
             tag.push(b[0]);
         }
+        let tagged = Instant::now();
         s.write_all(b"short")
             .await
             .map_err(|e| format!("write: {e}"))?;
@@ -822,15 +845,105 @@ async fn short_connection(addr: SocketAddr) -> Result<String, String> {
         s.read_to_end(&mut rest)
             .await
             .map_err(|e| format!("read to close: {e}"))?;
-        Ok(String::from_utf8_lossy(&tag).into_owned())
+        Ok((String::from_utf8_lossy(&tag).into_owned(), tagged))
     };
     tokio::time::timeout(WAIT, fut)
         .await
         .map_err(|_| "timed out".to_string())?
 }
 
+type LongTask = tokio::task::JoinHandle<Result<u32, String>>;
+
+/// Waits until every long-lived connection has echoed `more` rounds past `base` and `n`
+/// short connections begun after `since` have finished (or a long-lived one has stopped:
+/// its result says why). Returns the long-lived connections' rounds.
+#[allow(clippy::too_many_arguments)]
+async fn wait_load(
+    what: &str,
+    long: &[LongTask],
+    rounds: &[AtomicU32],
+    base: &[u32],
+    more: u32,
+    shorts: &Mutex<Vec<Short>>,
+    since: Instant,
+    n: usize,
+) -> Vec<u32> {
+    within(WAIT, what, async {
+        loop {
+            let now: Vec<u32> = rounds.iter().map(|r| r.load(SeqCst)).collect();
+            let echoed = now.iter().zip(base).all(|(r, b)| *r >= b + more);
+            let finished = shorts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.started > since)
+                .count();
+            if long.iter().any(|h| h.is_finished()) || (echoed && finished >= n) {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// With no short connection under way (`gate` held for writing: the ones under way hold
+/// it for reading), opens `n` connections one after the other; returns their tags. Nothing
+/// else picks a server meanwhile, so these are `n` consecutive round-robin picks.
+async fn consecutive_picks(
+    addr: SocketAddr,
+    gate: &tokio::sync::RwLock<()>,
+    n: usize,
+) -> Vec<String> {
+    let _alone = within(
+        WAIT,
+        "the short connections under way to finish",
+        gate.write(),
+    )
+    .await;
+    let mut tags = Vec::new();
+    for i in 0..n {
+        let (tag, _) = short_connection(addr)
+            .await
+            .unwrap_or_else(|e| panic!("consecutive connection {i}: {e}"));
+        tags.push(tag);
+    }
+    tags
+}
+
+/// The tags of the short connections that `pred` (given each one and when its tag came)
+/// selects.
+fn tags_where(shorts: &[Short], pred: impl Fn(&Short, Instant) -> bool) -> Vec<&str> {
+    shorts
+        .iter()
+        .filter_map(|s| {
+            let (tag, tagged) = s.outcome.as_ref().expect("a failed short connection");
+            pred(s, *tagged).then_some(tag.as_str())
+        })
+        .collect()
+}
+
+/// `tags` are spread evenly over `servers`: no other tag, and one server has at most one
+/// more than another (what a run of round-robin picks over equal weights gives).
+fn assert_even(tags: &[String], servers: &[&str], what: &str) {
+    let counts: Vec<usize> = servers
+        .iter()
+        .map(|s| tags.iter().filter(|t| t.as_str() == *s).count())
+        .collect();
+    assert!(
+        counts.iter().sum::<usize>() == tags.len()
+            && counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+        "{what}: {servers:?} got {counts:?} of {tags:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_drops_nothing() {
+    const LONG: usize = 20;
+    /// In each phase (before, between and after the reloads): rounds each long-lived
+    /// connection echoes, and short connections begun and finished.
+    const ROUNDS: u32 = 3;
+    const SHORTS: usize = 40;
     let a = tagged_echo("A").await;
     let b = tagged_echo("B").await;
     let c = tagged_echo("C").await;
@@ -840,16 +953,17 @@ async fn reload_under_load_drops_nothing() {
     let admin = admin_addr(&ferry).await;
     let stop = Arc::new(AtomicBool::new(false));
 
-    // 20 long-lived connections, each echoing every 50 ms.
-    let mut long = Vec::new();
-    for i in 0..20 {
+    // 20 long-lived connections, each echoing every 50 ms; `rounds[i]` counts i's rounds.
+    let rounds: Arc<Vec<AtomicU32>> = Arc::new((0..LONG).map(|_| AtomicU32::new(0)).collect());
+    let mut long: Vec<LongTask> = Vec::new();
+    for i in 0..LONG {
         let (mut s, tag) = connect_tagged(addr).await;
         assert_eq!(tag, "A");
-        let stop = stop.clone();
+        let (stop, rounds) = (stop.clone(), rounds.clone());
         long.push(tokio::spawn(async move {
-            let mut rounds = 0u32;
+            let mut n = 0u32;
             while !stop.load(SeqCst) {
-                let msg = format!("long {i} round {rounds}");
+                let msg = format!("long {i} round {n}");
                 let r = tokio::time::timeout(WAIT, async {
                     s.write_all(msg.as_bytes()).await?;
                     let mut back = vec![0u8; msg.len()];
@@ -859,38 +973,58 @@ async fn reload_under_load_drops_nothing() {
                 .await;
                 match r {
                     Ok(Ok(back)) if back == msg.as_bytes() => {}
-                    other => return Err(format!("long {i}, round {rounds}: {other:?}")),
+                    other => return Err(format!("long {i}, round {n}: {other:?}")),
                 }
-                rounds += 1;
+                n += 1;
+                rounds[i].store(n, SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Ok(rounds)
+            Ok(n)
         }));
     }
 
-    // New short connections, one every ~10 ms.
+    // New short connections, one every ~10 ms; each holds `gate` for reading while it
+    // runs, so that holding it for writing waits for those under way and holds back new
+    // ones.
+    let done: Arc<Mutex<Vec<Short>>> = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let load_began = Instant::now();
     let shorts = tokio::spawn({
-        let stop = stop.clone();
+        let (stop, done, gate) = (stop.clone(), done.clone(), gate.clone());
         async move {
-            let mut seen: Vec<tokio::task::JoinHandle<Short>> = Vec::new();
+            let mut under_way = Vec::new();
             while !stop.load(SeqCst) {
-                seen.push(tokio::spawn(async move {
-                    let t = Instant::now();
-                    (t, short_connection(addr).await)
+                let running = gate.clone().read_owned().await;
+                let done = done.clone();
+                under_way.push(tokio::spawn(async move {
+                    let started = Instant::now();
+                    let outcome = short_connection(addr).await;
+                    done.lock().unwrap().push(Short { started, outcome });
+                    drop(running);
                 }));
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let mut out = Vec::new();
-            for h in seen {
-                out.push(h.await.expect("short connection task"));
+            for h in under_way {
+                h.await.expect("short connection task");
             }
-            out
         }
     });
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let zero = vec![0; LONG];
+    let base = wait_load(
+        "load on A",
+        &long,
+        &rounds,
+        &zero,
+        ROUNDS,
+        &done,
+        load_began,
+        SHORTS,
+    )
+    .await;
     // Reload through the API: add B.
     rewrite_config(&ferry, &front_config(&format!("\"{a}\", \"{b}\"")));
+    let before_api = Instant::now();
     let r = post(admin, "/api/reload", None).await;
     let after_api = Instant::now();
     assert_eq!(r.status, 200, "{r:?}");
@@ -904,8 +1038,22 @@ async fn reload_under_load_drops_nothing() {
             .any(|c| c.as_str().unwrap().contains("upstream \"echo\" changed")),
         "{v}"
     );
+    let base = wait_load(
+        "load on A and B",
+        &long,
+        &rounds,
+        &base,
+        ROUNDS,
+        &done,
+        after_api,
+        SHORTS,
+    )
+    .await;
+    // Round robin over the new set: a run of consecutive picks is even. (A run as long as
+    // a whole number of cycles, so that the load's picks around it stay even too.)
+    let picks_ab = consecutive_picks(addr, &gate, 20).await;
+    assert_even(&picks_ab, &["A", "B"], "after adding B");
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
     // Reload with SIGHUP: add C.
     rewrite_config(&ferry, &front_config(&format!("\"{a}\", \"{b}\", \"{c}\"")));
     let hup_sent = Instant::now();
@@ -916,25 +1064,35 @@ async fn reload_under_load_drops_nothing() {
         .await
         .unwrap_or_else(|| panic!("SIGHUP reload not applied:\n{}", ferry.stderr.text()));
     let after_hup = Instant::now();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_load(
+        "load on A, B and C",
+        &long,
+        &rounds,
+        &base,
+        ROUNDS,
+        &done,
+        after_hup,
+        SHORTS,
+    )
+    .await;
+    let picks_abc = consecutive_picks(addr, &gate, 30).await;
+    assert_even(&picks_abc, &["A", "B", "C"], "after adding C");
     stop.store(true, SeqCst);
 
     for (i, t) in long.into_iter().enumerate() {
-        let rounds = within(WAIT, "a long-lived connection", t)
+        let n = within(WAIT, "a long-lived connection", t)
             .await
             .unwrap()
             .unwrap_or_else(|e| panic!("an established connection broke across the reloads: {e}"));
-        assert!(
-            rounds >= 20,
-            "long connection {i} echoed only {rounds} times"
-        );
+        assert!(n >= 3 * ROUNDS, "long connection {i} echoed only {n} times");
     }
-    let shorts = within(Duration::from_secs(30), "the short connections", shorts)
+    within(Duration::from_secs(30), "the short connections", shorts)
         .await
         .unwrap();
+    let shorts = std::mem::take(&mut *done.lock().unwrap());
     let failed: Vec<&String> = shorts
         .iter()
-        .filter_map(|(_, r)| r.as_ref().err())
+        .filter_map(|s| s.outcome.as_ref().err())
         .collect();
     assert!(
         failed.is_empty(),
@@ -942,54 +1100,51 @@ async fn reload_under_load_drops_nothing() {
         failed.len(),
         shorts.len()
     );
-    // Between the reloads: started after the API reload answered, and well before the
-    // SIGHUP (a connection is picked within a few ms of its start).
-    let tags_between: Vec<&str> = shorts
-        .iter()
-        .filter(|(t, _)| *t > after_api && *t + Duration::from_millis(30) < hup_sent)
-        .map(|(_, r)| r.as_deref().unwrap())
-        .collect();
-    let tags_after: Vec<&str> = shorts
-        .iter()
-        .filter(|(t, _)| *t > after_hup)
-        .map(|(_, r)| r.as_deref().unwrap())
-        .collect();
+    // Each went to a server of the config in force: what was picked before the API reload
+    // was sent had only A; what began after it answered and was picked before the SIGHUP
+    // was sent, A or B; what began after the SIGHUP reload was logged, any of the three.
+    let before = tags_where(&shorts, |_, tagged| tagged < before_api);
+    let between = tags_where(&shorts, |s, tagged| {
+        s.started > after_api && tagged < hup_sent
+    });
+    let after = tags_where(&shorts, |s, _| s.started > after_hup);
     let n = |tags: &[&str], t: &str| tags.iter().filter(|x| **x == t).count();
     eprintln!(
-        "{} short connections; between the reloads A={} B={}; after A={} B={} C={}",
+        "{} short connections; before the reloads A={}; between A={} B={}; after A={} B={} C={}",
         shorts.len(),
-        n(&tags_between, "A"),
-        n(&tags_between, "B"),
-        n(&tags_after, "A"),
-        n(&tags_after, "B"),
-        n(&tags_after, "C"),
+        n(&before, "A"),
+        n(&between, "A"),
+        n(&between, "B"),
+        n(&after, "A"),
+        n(&after, "B"),
+        n(&after, "C"),
     );
     assert!(
-        shorts.len() >= 100,
-        "only {} short connections",
-        shorts.len()
-    );
-    // Round robin over the new set: each server gets its share (a contiguous run of round
-    // robin picks is even within one; allow one more for a pick at a window's edge).
-    let even = |tags: &[&str], servers: &[&str]| {
-        let counts: Vec<usize> = servers.iter().map(|s| n(tags, s)).collect();
-        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 2
-            && counts.iter().sum::<usize>() == tags.len()
-    };
-    assert!(
-        even(&tags_between, &["A", "B"]),
-        "after adding B: {tags_between:?}"
+        before.iter().all(|t| *t == "A"),
+        "before adding B: {before:?}"
     );
     assert!(
-        even(&tags_after, &["A", "B", "C"]),
-        "after adding C: {tags_after:?}"
+        between.iter().all(|t| ["A", "B"].contains(t)),
+        "between the reloads: {between:?}"
+    );
+    assert!(
+        after.iter().all(|t| ["A", "B", "C"].contains(t)),
+        "after adding C: {after:?}"
+    );
+    assert!(
+        before.len() >= SHORTS && between.len() >= SHORTS && after.len() >= SHORTS,
+        "{} short connections before the reloads, {} between, {} after",
+        before.len(),
+        between.len(),
+        after.len()
     );
     let m = metrics(admin).await;
     assert_eq!(
         metric_must(&m, "ferry_config_reloads_total", &[("result", "ok")]),
         2.0
     );
-    let recs = ferry.records(shorts.len() + 20, WAIT).await;
+    let total = shorts.len() + LONG + picks_ab.len() + picks_abc.len();
+    let recs = ferry.records(total, WAIT).await;
     let bad: Vec<&Value> = recs.iter().filter(|r| r["result"] != "ok").collect();
     assert!(bad.is_empty(), "connections that did not end ok: {bad:#?}");
 }
@@ -1140,8 +1295,6 @@ async fn removed_listener_drains_and_added_listener_serves() {
     }
     // Its open connection carries on until closed.
     echo_round_trip(&mut on_b, b"after the reload").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    echo_round_trip(&mut on_b, b"still").await;
 
     // c binds and serves; a is untouched.
     let line = ferry
@@ -1171,6 +1324,8 @@ async fn removed_listener_drains_and_added_listener_serves() {
         .map(|l| l["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a", "c"]);
+    // ... still, once the reload is over: c serving, b gone from the status.
+    echo_round_trip(&mut on_b, b"still").await;
 
     on_b.shutdown().await.unwrap();
     read_until_closed(&mut on_b, WAIT).await;
@@ -1219,8 +1374,39 @@ async fn reload_adds_a_listener_on_an_ephemeral_port() {
 // ---------------------------------------------------------------------------------------
 // 8. on_connect and progress records
 
+/// The access-log records of `client` so far.
+fn client_records(ferry: &Ferry, client: SocketAddr) -> Vec<Value> {
+    let c = client.to_string();
+    parse_records(&ferry.log_lines_now())
+        .into_iter()
+        .filter(|r| r["client"] == c.as_str())
+        .collect()
+}
+
+/// Waits until the access log holds a record of `client` that `pred` accepts.
+async fn wait_client_record(
+    ferry: &Ferry,
+    client: SocketAddr,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let recs = client_records(ferry, client);
+        if recs.iter().any(&pred) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} record for {client} within {WAIT:?}: {recs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_connect_and_interval_records() {
+    const INTERVAL_MS: f64 = 300.0;
     let echo = echo_server().await;
     let cfg = format!(
         r#"
@@ -1242,28 +1428,28 @@ servers = ["{echo}"]
     let ferry = Ferry::start(&cfg, 1).await;
     let addr = ferry.addr("front");
 
-    let t = Instant::now();
+    // 100 bytes each way, then a progress record that shows them; 200 more, then one
+    // that shows 300.
+    let progress_at = |n: u64| {
+        move |r: &Value| r["event"] == "progress" && r["bytes_up"] == n && r["bytes_down"] == n
+    };
     let mut s = connect(addr).await;
     let client = s.local_addr().unwrap();
     echo_round_trip(&mut s, &[1u8; 100]).await;
-    // Between the first progress record (300 ms) and the second (600 ms): 200 more.
-    tokio::time::sleep_until((t + Duration::from_millis(450)).into()).await;
+    wait_client_record(&ferry, client, "progress at 100 bytes", progress_at(100)).await;
     echo_round_trip(&mut s, &[2u8; 200]).await;
-    tokio::time::sleep_until((t + Duration::from_millis(1000)).into()).await;
+    wait_client_record(&ferry, client, "progress at 300 bytes", progress_at(300)).await;
     s.shutdown().await.unwrap();
     read_until_closed(&mut s, WAIT).await;
 
     ferry.records_with("ok", 1, WAIT).await;
-    let recs: Vec<Value> = parse_records(&ferry.log_lines_now())
-        .into_iter()
-        .filter(|r| r["client"] == client.to_string())
-        .collect();
+    let recs = client_records(&ferry, client);
     let summary: Vec<String> = recs
         .iter()
         .map(|r| {
             format!(
-                "{}/{} up={} down={}",
-                r["result"], r["event"], r["bytes_up"], r["bytes_down"]
+                "{}/{} up={} down={} after {} ms",
+                r["result"], r["event"], r["bytes_up"], r["bytes_down"], r["duration_ms"]
             )
         })
         .collect();
@@ -1289,35 +1475,43 @@ servers = ["{echo}"]
     );
     assert_eq!(last["bytes_up"], 300);
     assert_eq!(last["bytes_down"], 300);
-    assert!(last["duration_ms"].as_f64().unwrap() >= 1000.0, "{last}");
 
     let progress = &recs[1..recs.len() - 1];
-    // Held ~1 s with records every 300 ms: at 300, 600 and 900 ms.
-    assert!(
-        (2..=4).contains(&progress.len()),
-        "{} progress records in 1 s at 300 ms: {summary:#?}",
-        progress.len()
-    );
-    let mut prev = 0;
-    for p in progress {
+    let ms = |r: &Value| r["duration_ms"].as_f64().expect("duration_ms");
+    let (mut prev_up, mut prev_down) = (0, 0);
+    for (k, p) in progress.iter().enumerate() {
         assert_eq!(p["result"], "open", "{p}");
         assert_eq!(p["event"], "progress", "{p}");
         assert_eq!(p["ts"], first["ts"], "one connection, one start: {p}");
         assert_eq!(p["server"], echo.to_string());
+        // The k-th record comes no sooner than k intervals in: at most one an interval.
+        assert!(
+            ms(p) >= INTERVAL_MS * (k + 1) as f64,
+            "progress record {} after {} ms, interval 300 ms: {summary:#?}",
+            k + 1,
+            ms(p)
+        );
         let up = p["bytes_up"].as_u64().unwrap();
-        assert_eq!(p["bytes_down"], up, "echoed: {p}");
-        assert!(up == 100 || up == 300, "bytes so far: {p}");
-        assert!(up >= prev, "progress went backwards: {summary:#?}");
-        prev = up;
+        let down = p["bytes_down"].as_u64().unwrap();
+        assert!(
+            [0, 100, 300].contains(&up) && [0, 100, 300].contains(&down) && down <= up,
+            "bytes so far (an echo at most one message behind): {p}"
+        );
+        assert!(
+            up >= prev_up && down >= prev_down,
+            "progress went backwards: {summary:#?}"
+        );
+        (prev_up, prev_down) = (up, down);
     }
-    assert_eq!(
-        progress[0]["bytes_up"], 100,
-        "the 300 ms record: {summary:#?}"
+    assert!(
+        ms(last) >= progress.last().map_or(0.0, ms),
+        "the final record's duration: {summary:#?}"
     );
-    assert_eq!(
-        progress.last().unwrap()["bytes_up"],
-        300,
-        "the last progress record: {summary:#?}"
+    // The ones waited for, in order: 100 bytes both ways, then 300.
+    let at = |n: u64| progress.iter().position(progress_at(n));
+    assert!(
+        matches!((at(100), at(300)), (Some(i), Some(j)) if i < j),
+        "progress at 100 bytes, then at 300: {summary:#?}"
     );
 }
 

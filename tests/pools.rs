@@ -527,9 +527,8 @@ queue = { size = 2, timeout = "2s" }"#,
     let (d_addr, d) = connect_from(front).await;
     let (mut c, mut d) = (c.expect("connect C"), d.expect("connect D"));
     wait_status(admin, "C and D to be queued", WAIT, queued(2)).await;
-    let t_e = Instant::now();
+    // Refused at once: `limited`, not queued (that would end `queue_timeout` or served).
     let e_addr = expect_closed_at_once(front, Duration::from_secs(1)).await;
-    assert!(t_e.elapsed() < Duration::from_secs(1));
     let limited = ferry.records_with("limited", 1, WAIT).await;
     assert_eq!(record_for(&limited, e_addr)["result"], "limited");
 
@@ -539,13 +538,18 @@ queue = { size = 2, timeout = "2s" }"#,
     let waited = t_cd.elapsed();
     assert!(got_c.is_empty() && got_d.is_empty(), "{got_c:?} {got_d:?}");
     assert!(
-        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
-        "C and D were closed after {waited:?}, the queue timeout is 2s"
+        waited >= Duration::from_millis(1900),
+        "C and D were closed after {waited:?}, before the queue timeout of 2s"
     );
     let timed_out = ferry.records_with("queue_timeout", 2, WAIT).await;
     for client in [c_addr, d_addr] {
         let r = record_for(&timed_out, client);
         assert!(r["server"].is_null(), "{r}");
+        let ms = r["duration_ms"].as_f64().expect("duration_ms");
+        assert!(
+            ms >= 2000.0,
+            "queued for {ms} ms, the queue timeout is 2s: {r}"
+        );
     }
     // B still works, and the slot is still B's alone.
     echo_round_trip(&mut b, b"still here\n").await;
@@ -596,12 +600,17 @@ rise = {RISE}
 
     let killed = Instant::now();
     s1.kill().await;
-    // Checks every ~200ms (±10% jitter), 2 failures to fall: down within about 440ms.
-    let bound = INTERVAL * FALL + Duration::from_millis(1500);
-    let line = &wait_event(&ferry, 1, "server is down", s1.addr, bound).await[0];
+    // Checks every ~200ms (±10% jitter), 2 failures to fall: down after about 440ms,
+    // and no sooner than FALL - 1 intervals after the kill (the first failed check may
+    // follow it at once).
+    let line = &wait_event(&ferry, 1, "server is down", s1.addr, WAIT).await[0];
     let took = killed.elapsed();
     eprintln!("marked down {took:?} after the kill");
     assert!(line.contains(&format!("{FALL} checks failed")), "{line}");
+    assert!(
+        took >= INTERVAL.mul_f64(0.9 * (FALL - 1) as f64),
+        "down after {took:?}: fewer than {FALL} checks"
+    );
     assert!(line.contains("refused"), "the reason is logged: {line}");
     let st = status(admin).await;
     assert_eq!(server_of(&st, "pool", s1.addr).unwrap()["state"], "down");
@@ -619,14 +628,7 @@ rise = {RISE}
     // Back on the same port: up after `rise` passing checks.
     let restarted = Instant::now();
     let _s1 = Backend::start_at(s1.addr, "s1").await;
-    let line = &wait_event(
-        &ferry,
-        1,
-        "server is up",
-        s1.addr,
-        INTERVAL * RISE + Duration::from_millis(1500),
-    )
-    .await[0];
+    let line = &wait_event(&ferry, 1, "server is up", s1.addr, WAIT).await[0];
     assert!(line.contains(&format!("{RISE} checks passed")), "{line}");
     let took = restarted.elapsed();
     assert!(
@@ -747,18 +749,18 @@ passive = { failures = 2, eject = "1s" }
     };
 
     // Round robin offers the refusing server every other connection; retries hide it.
+    // The connection during which the second connect to it fails ejects it: no sooner
+    // than that connection began.
     let mut n = 0;
-    while ferry
-        .stderr
-        .all()
-        .iter()
-        .all(|l| !is_event(l, "server ejected", flaky))
-    {
+    let ejected = loop {
+        let began = Instant::now();
         assert_eq!(who(front, None).await, "good");
+        if failures(&status(admin).await) >= 2 {
+            break began;
+        }
         n += 1;
         assert!(n <= 10, "not ejected; stderr:\n{}", ferry.stderr.text());
-    }
-    let ejected = Instant::now();
+    };
     let line = &wait_event(&ferry, 1, "server ejected", flaky, WAIT).await[0];
     assert!(
         line.contains("after 2 consecutive failed connects"),
@@ -768,18 +770,26 @@ passive = { failures = 2, eject = "1s" }
     assert_eq!(failures(&st), 2, "{st:#}");
     assert_eq!(server_of(&st, "pool", flaky).unwrap()["state"], "down");
 
-    // The server comes back at once, but stays ejected for the eject time: not tried.
+    // The server comes back at once, but stays ejected for the eject time: not tried. A
+    // connection counts as made during the ejection if the status still shows the server
+    // down after it (the ejection is one stretch of time, and ends by itself).
     let _back = Backend::start_at(flaky, "flaky").await;
     let mut during = 0;
-    while during < 4 && ejected.elapsed() < Duration::from_millis(700) {
-        assert_eq!(
-            who(front, None).await,
-            "good",
-            "an ejected server was offered"
-        );
+    for _ in 0..4 {
+        let name = who(front, None).await;
+        let st = status(admin).await;
+        if server_of(&st, "pool", flaky).unwrap()["state"] != "down" {
+            break;
+        }
+        assert_eq!(name, "good", "an ejected server was offered");
         during += 1;
     }
-    assert!(during > 0, "too slow to look at the ejection window");
+    // (The one check here that needs the machine to keep up: a connection and a status
+    // request within the eject time of 1s.)
+    assert!(
+        during > 0,
+        "the ejection was over before a connection could be made: cannot tell"
+    );
     assert_eq!(failures(&status(admin).await), 2);
 
     // After the eject time it is offered connections again.

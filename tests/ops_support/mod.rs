@@ -290,13 +290,11 @@ pub async fn refused_from(src_ip: &str, addr: SocketAddr, timeout: Duration) -> 
     let (client, r) = connect_src(src_ip, addr).await;
     match r {
         Ok(mut s) => {
-            let t = Instant::now();
             let (data, _) = read_until_closed(&mut s, timeout).await;
             assert!(
                 data.is_empty(),
                 "refused client {client} got data: {data:?}"
             );
-            assert!(t.elapsed() <= timeout);
         }
         Err(e) if is_reset(&e) => {}
         Err(e) => panic!("connect from {client} to {addr}: {e}"),
