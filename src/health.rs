@@ -86,33 +86,54 @@ fn checks(n: u32) -> &'static str {
     if n == 1 { "check" } else { "checks" }
 }
 
+/// Why a health check failed (shown in the status API and the process log).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect: timed out")]
+    ConnectTimeout,
+    #[error("local address: {0}")]
+    LocalAddr(std::io::Error),
+    #[error("send PROXY header: {0}")]
+    ProxyHeader(std::io::Error),
+    #[error("send: {0}")]
+    Send(std::io::Error),
+    #[error("read: {0}")]
+    Read(std::io::Error),
+    /// The TLS handshake (a TLS pool).
+    #[error("{0}")]
+    Tls(String),
+    #[error("expected {expected:?}, got {got:?}")]
+    Unexpected { expected: String, got: String },
+    #[error("timeout after {0:?}")]
+    Timeout(Duration),
+}
+
 /// One check of `server`: a connect (and, for a TLS pool, a completed handshake), then
-/// `send` and `expect` if configured (inside TLS for a TLS pool). `Err` carries the reason.
+/// `send` and `expect` if configured (inside TLS for a TLS pool).
 pub async fn check_once(
     server: &Server,
     cfg: &HealthConfig,
     proxy: Option<crate::wire::proxy::Version>,
     tls: Option<&ClientTls>,
-) -> Result<(), String> {
+) -> Result<(), CheckError> {
     let addr = server.addr;
     let work = async {
         let opts = crate::config::TcpOptions::default();
         let s = crate::net::connect(addr, cfg.timeout, &opts)
             .await
             .map_err(|e| match e {
-                crate::net::ConnectError::Failed(e) => format!("connect: {e}"),
-                crate::net::ConnectError::Timeout => "connect: timed out".to_string(),
+                crate::net::ConnectError::Failed(e) => CheckError::Connect(e),
+                crate::net::ConnectError::Timeout => CheckError::ConnectTimeout,
             })?;
         if let Some(v) = proxy {
             // The checker's own connection: its own addresses.
-            let local = s
-                .get_ref()
-                .local_addr()
-                .map_err(|e| format!("local address: {e}"))?;
+            let local = s.get_ref().local_addr().map_err(CheckError::LocalAddr)?;
             let header = crate::wire::proxy::encode(v, local, addr);
             crate::net::write_all(&s, &header)
                 .await
-                .map_err(|e| format!("send PROXY header: {e}"))?;
+                .map_err(CheckError::ProxyHeader)?;
         }
         let mut got = Vec::new();
         let want = cfg.expect.as_ref().map_or(0, |e| e.len());
@@ -121,32 +142,35 @@ pub async fn check_once(
                 if let Some(send) = &cfg.send {
                     crate::net::write_all(&s, send)
                         .await
-                        .map_err(|e| format!("send: {e}"))?;
+                        .map_err(CheckError::Send)?;
                 }
                 while got.len() < want {
                     let mut buf = vec![0u8; want - got.len()];
                     match crate::net::read_some(&s, &mut buf).await {
                         Ok(0) => break,
                         Ok(k) => got.extend_from_slice(&buf[..k]),
-                        Err(e) => return Err(format!("read: {e}")),
+                        Err(e) => return Err(CheckError::Read(e)),
                     }
                 }
             }
             Some(tls) => {
                 let name = tls.server_name(&server.configured, addr.ip());
+                let tls_err = |e: &dyn std::fmt::Display| CheckError::Tls(e.to_string());
                 let mut t =
-                    TlsStream::client(s, tls.config.clone(), name).map_err(|e| e.to_string())?;
-                t.handshake().await.map_err(|e| e.to_string())?;
+                    TlsStream::client(s, tls.config.clone(), name).map_err(|e| tls_err(&e))?;
+                t.handshake().await.map_err(|e| tls_err(&e))?;
                 // Bounded by the check's own timeout around all of this.
-                t.confirm(cfg.timeout).await.map_err(|e| e.to_string())?;
+                t.confirm(cfg.timeout).await.map_err(|e| tls_err(&e))?;
                 if let Some(send) = &cfg.send {
-                    t.send(send).await.map_err(|e| format!("send: {e}"))?;
+                    t.send(send)
+                        .await
+                        .map_err(|e| tls_err(&format!("send: {e}")))?;
                 }
                 while got.len() < want {
                     match t.recv(&mut got).await {
                         Ok(0) => break,
                         Ok(_) => {}
-                        Err(e) => return Err(format!("read: {e}")),
+                        Err(e) => return Err(tls_err(&format!("read: {e}"))),
                     }
                 }
             }
@@ -154,29 +178,34 @@ pub async fn check_once(
         if let Some(expect) = &cfg.expect {
             let n = got.len().min(expect.len());
             if got[..n] != expect[..] {
-                return Err(format!(
-                    "expected {:?}, got {:?}",
-                    String::from_utf8_lossy(expect),
-                    String::from_utf8_lossy(&got[..n])
-                ));
+                return Err(CheckError::Unexpected {
+                    expected: String::from_utf8_lossy(expect).into_owned(),
+                    got: String::from_utf8_lossy(&got[..n]).into_owned(),
+                });
             }
         }
         Ok(())
     };
     match tokio::time::timeout(cfg.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("timeout after {:?}", cfg.timeout)),
+        Err(_) => Err(CheckError::Timeout(cfg.timeout)),
     }
 }
 
-fn record(pool: &Pool, s: &Server, cfg: &HealthConfig, result: Result<(), String>, took: Duration) {
+fn record(
+    pool: &Pool,
+    s: &Server,
+    cfg: &HealthConfig,
+    result: Result<(), CheckError>,
+    took: Duration,
+) {
     let ok = result.is_ok();
     if ok {
         s.stats.checks_ok.fetch_add(1, Relaxed);
     } else {
         s.stats.checks_failed.fetch_add(1, Relaxed);
     }
-    let reason = result.err().unwrap_or_default();
+    let reason = result.err().map(|e| e.to_string()).unwrap_or_default();
     {
         let mut last = s.last_check.lock().unwrap_or_else(|e| e.into_inner());
         *last = LastCheck {

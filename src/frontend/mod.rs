@@ -187,14 +187,11 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
     // client everywhere (ACL, limits, hashing, affinity, logs).
     if let Some(pp) = &l.proxy {
         let header = if !policy::contains(&pp.trusted, st.peer.ip()) {
-            Err(format!(
-                "{} is not a trusted PROXY protocol source",
-                st.peer
-            ))
+            Err(proxy_header::HeaderError::Untrusted(st.peer))
         } else {
             match tokio::time::timeout(pp.timeout, proxy_header::read(sock, pp.accept)).await {
                 Ok(r) => r,
-                Err(_) => Err(format!("no complete PROXY header within {:?}", pp.timeout)),
+                Err(_) => Err(proxy_header::HeaderError::Timeout(pp.timeout)),
             }
         };
         match header {
@@ -206,7 +203,7 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
                 st.destination = Some(destination);
             }
             Ok(Addresses::Local) => {}
-            Err(reason) => return Err(Refusal::handshake(reason)),
+            Err(e) => return Err(Refusal::handshake(e.to_string())),
         }
         st.client_permit = l.admit_client(st.peer.ip()).map_err(|o| Refusal {
             stage: Stage::Admission,
