@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::frontend::{self, Accepted, Failed};
 use crate::listener::{ListenerCtx, Permit};
 use crate::net::{self, Sock};
-use crate::observe::{Outcome, Record};
+use crate::observe::{Outcome, Record, Refusal, Stage};
 use crate::policy::ClientPermit;
 use crate::relay::{self, End, Stream};
 use crate::route::{Alpn, Facts};
@@ -29,30 +29,6 @@ use crate::workers::Assignment;
 /// named) are counted for the server side: nothing reads it.
 static UNPOOLED: std::sync::LazyLock<crate::observe::Counter> =
     std::sync::LazyLock::new(crate::observe::Counter::new);
-
-/// Where in the pipeline a connection was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// The front-end handshake (PROXY header, ClientHello, TLS) failed.
-    Handshake,
-    /// The ACL or a per-client limit refused the real client.
-    Admission,
-    /// No route matched and the listener has no default upstream.
-    Route,
-    /// No server could be claimed or connected to.
-    Connect,
-}
-
-/// Why a connection ends before its relay starts.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub stage: Stage,
-    pub outcome: Outcome,
-    /// More than the outcome says, for the record's `reason`.
-    pub reason: Option<String>,
-    /// The server last tried (stage `Connect`).
-    pub server: Option<SocketAddr>,
-}
 
 /// Admits an accepted connection under the limits (and, without a PROXY header to read,
 /// the ACL and per-client limits) and starts its session on the worker chosen for it (worker `me` accepted it, or

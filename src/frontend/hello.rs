@@ -4,7 +4,7 @@
 use std::io;
 
 use crate::net::Sock;
-use crate::session::Refusal;
+use crate::observe::Refusal;
 use crate::wire::client_hello::{self, ClientHello, Parsed};
 
 /// Reads from `sock` into `buf` until it holds a complete ClientHello (`Some`), or shows

@@ -7,7 +7,7 @@ use crate::frontend::forward::{Forwarding, Reply, Request};
 use crate::frontend::{Talk, fill};
 use crate::net::{self, Sock};
 use crate::observe::Outcome;
-use crate::session::Refusal;
+use crate::observe::Refusal;
 use crate::upstream::dial::Target;
 use crate::wire::http::{self, Host, Parsed, Status};
 

@@ -35,9 +35,9 @@ use std::time::Instant;
 use crate::listener::{FrontEnd, ListenerCtx};
 use crate::net::{self, Sock};
 use crate::observe::Outcome;
+use crate::observe::{Refusal, Stage};
 use crate::policy::{self, ClientPermit};
 use crate::relay::Stream;
-use crate::session::{Refusal, Stage};
 use crate::tls::{TlsInfo, TlsStream};
 use crate::wire::proxy::Addresses;
 

@@ -9,7 +9,7 @@ use socket2::SockRef;
 
 use crate::config::Interception;
 use crate::net::Sock;
-use crate::session::Refusal;
+use crate::observe::Refusal;
 
 /// The original destination of an accepted connection.
 pub(super) fn original_destination(sock: &Sock, how: Interception) -> Result<SocketAddr, Refusal> {

@@ -1,6 +1,8 @@
 //! How a connection ended: the access log's `result` and the metrics' `result` label.
 //! Declared once, here.
 
+use std::net::SocketAddr;
+
 /// The result of one client connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -72,4 +74,28 @@ impl Outcome {
     pub fn slot(self) -> Option<usize> {
         Outcome::FINAL.iter().position(|o| *o == self)
     }
+}
+
+/// Where in the pipeline a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The front-end handshake (PROXY header, ClientHello, TLS) failed.
+    Handshake,
+    /// The ACL or a per-client limit refused the real client.
+    Admission,
+    /// No route matched and the listener has no default upstream.
+    Route,
+    /// No server could be claimed or connected to.
+    Connect,
+}
+
+/// Why a connection ends before its relay starts.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub stage: Stage,
+    pub outcome: Outcome,
+    /// More than the outcome says, for the record's `reason`.
+    pub reason: Option<String>,
+    /// The server last tried (stage `Connect`).
+    pub server: Option<SocketAddr>,
 }

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::net::{self, ConnectError, Sock};
 use crate::observe::Outcome;
+use crate::observe::{Refusal, Stage};
 use crate::relay::Stream;
-use crate::session::{Refusal, Stage};
 use crate::tls::TlsStream;
 use crate::upstream::{AcquireError, Pool, ServerGuard};
 use crate::wire::proxy;
