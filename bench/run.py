@@ -900,13 +900,16 @@ class Ferry(Contender):
     tls = True
 
     def __init__(self, tmp, fd_hard, build_error: str | None, mode: str,
-                 binary: str = FERRY_BIN, name: str = "ferry", forward: str | None = None):
+                 binary: str = FERRY_BIN, name: str = "ferry", forward: str | None = None,
+                 tcp: str = ""):
         """`forward` ("socks5" or "http"): contender ferry-socks5 / ferry-http, a listener in
         mode "socks5" / "http-connect" (forward measurements only)."""
         super().__init__(tmp, fd_hard)
         self.build_error = build_error
         self.mode = mode
         self.binary = binary
+        # `tcp = { ... }` for the listener and the upstream (--ferry-tcp), e.g. socket buffers.
+        self.tcp = f"tcp = {{ {tcp} }}\n" if tcp else ""
         self.name = name
         if forward is not None:
             self.forward = (forward,)
@@ -962,12 +965,12 @@ level = "warn"
 [[listener]]
 name = "bench"
 listen = ["{listen}"]
-{tls}upstream = "backend"
+{tls}{self.tcp}upstream = "backend"
 
 [[upstream]]
 name = "backend"
 servers = ["{backend}"]
-""")
+{self.tcp}""")
         return cfg
 
     def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
@@ -2562,6 +2565,9 @@ def parse_args(argv=None):
                     "ferry-base in the same run, started exactly like ferry")
     ap.add_argument("--out", help="JSON results path (default bench/results/<timestamp>.json)")
     ap.add_argument("--no-build", action="store_true", help="use existing binaries, do not run cargo")
+    ap.add_argument("--ferry-tcp", default="", metavar="KEYS",
+                    help='contender ferry only (config mode): `tcp = { KEYS }` on its listener and '
+                         'upstream, e.g. \'send_buffer = "auto", recv_buffer = "auto"\'')
     ap.add_argument("--ferry-mode", choices=["config", "quick"], default="config",
                     help="start ferry with a TOML config (default) or --listen/--upstream")
     ap.add_argument("--mem-conns", type=int, help="idle connections for the memory test")
@@ -2684,7 +2690,7 @@ def main(argv=None) -> int:
 
         all_c: dict[str, Contender] = {
             "direct": Direct(tmp, fd_hard),
-            "ferry": Ferry(tmp, fd_hard, ferry_err, args.ferry_mode),
+            "ferry": Ferry(tmp, fd_hard, ferry_err, args.ferry_mode, tcp=args.ferry_tcp),
             "ferry-base": Ferry(tmp, fd_hard, None, args.ferry_mode,
                                 binary=args.ferry_baseline or "", name="ferry-base"),
             "haproxy": HAProxy(tmp, fd_hard, splice=False),
