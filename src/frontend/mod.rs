@@ -287,7 +287,8 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
             // written, and the socket closes with a FIN so that the client can read it.
             t.handshake().await.map_err(|e| fail(e.0))?;
             let info = t.info();
-            tls.check_peer(&info, t.peer_certificates()).map_err(fail)?;
+            tls.check_peer(&info, t.peer_certificates())
+                .map_err(|e| fail(e.to_string()))?;
             let counter = if info.resumed {
                 &l.stats.tls_resumed
             } else {

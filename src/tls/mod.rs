@@ -28,6 +28,46 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use crate::config::{ClientAuth, TlsListen, TlsVersion, UpstreamTls};
 use certs::CertInfo;
 
+/// Why a listener's or an upstream's TLS settings cannot be built (a reload is refused,
+/// start-up fails).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{}: unusable CA certificate: {error}", path.display())]
+    UnusableCa {
+        path: std::path::PathBuf,
+        error: rustls::Error,
+    },
+    #[error("{}: {error}", path.display())]
+    ClientVerifier {
+        path: std::path::PathBuf,
+        error: rustls::server::VerifierBuilderError,
+    },
+    #[error("TLS versions: {0}")]
+    Versions(rustls::Error),
+    #[error("cannot make session ticket keys: {0}")]
+    TicketKeys(rustls::Error),
+    #[error(
+        "no `ca` given and the system has no CA certificates (install ca-certificates, or set `ca`)"
+    )]
+    NoSystemRoots,
+    #[error("`sni` {name:?}: {error}")]
+    Sni {
+        name: String,
+        error: rustls::pki_types::InvalidDnsNameError,
+    },
+}
+
+/// Why a client's certificate is refused after the handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no client certificate")]
+    Missing,
+    #[error("empty client certificate chain")]
+    EmptyChain,
+    #[error("resumed session's client certificate: {0}")]
+    Resumed(rustls::Error),
+}
+
 pub use stream::{TlsInfo, TlsStream};
 
 /// Sessions a listener remembers for resumption by session ID (TLS 1.2 clients that do
@@ -85,10 +125,9 @@ pub struct Resumption {
 }
 
 impl Resumption {
-    fn new(client_auth: &Option<ClientAuth>) -> Result<Arc<Resumption>, String> {
+    fn new(client_auth: &Option<ClientAuth>) -> Result<Arc<Resumption>, SetupError> {
         Ok(Arc::new(Resumption {
-            ticketer: rustls::crypto::ring::Ticketer::new()
-                .map_err(|e| format!("cannot make session ticket keys: {e}"))?,
+            ticketer: rustls::crypto::ring::Ticketer::new().map_err(SetupError::TicketKeys)?,
             cache: ServerSessionMemoryCache::new(SESSION_CACHE),
             client_auth: auth_key(client_auth),
         }))
@@ -124,7 +163,7 @@ pub struct ServerTls {
 impl ServerTls {
     /// Builds a listener's TLS settings. `keep` is the listener's resumption state before
     /// a reload: kept if the client-certificate settings did not change.
-    pub fn new(spec: &TlsListen, keep: Option<&Arc<Resumption>>) -> Result<ServerTls, String> {
+    pub fn new(spec: &TlsListen, keep: Option<&Arc<Resumption>>) -> Result<ServerTls, SetupError> {
         let resumption = match keep {
             Some(r) if r.client_auth == auth_key(&spec.client_auth) => r.clone(),
             _ => Resumption::new(&spec.client_auth)?,
@@ -136,22 +175,28 @@ impl ServerTls {
                 for c in &a.roots {
                     roots
                         .add(c.clone())
-                        .map_err(|e| format!("{}: unusable CA certificate: {e}", a.ca.display()))?;
+                        .map_err(|error| SetupError::UnusableCa {
+                            path: a.ca.clone(),
+                            error,
+                        })?;
                 }
                 let mut b =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
                 if !a.required {
                     b = b.allow_unauthenticated();
                 }
-                Some(b.build().map_err(|e| format!("{}: {e}", a.ca.display()))?)
+                Some(b.build().map_err(|error| SetupError::ClientVerifier {
+                    path: a.ca.clone(),
+                    error,
+                })?)
             }
         };
         let resolver: Arc<dyn rustls::server::ResolvesServerCert> =
             Arc::new(resolver::SniResolver::new(spec));
-        let build = |provider: Arc<CryptoProvider>| -> Result<Arc<ServerConfig>, String> {
+        let build = |provider: Arc<CryptoProvider>| -> Result<Arc<ServerConfig>, SetupError> {
             let builder = ServerConfig::builder_with_provider(provider)
                 .with_protocol_versions(versions(spec.min_version))
-                .map_err(|e| format!("TLS versions: {e}"))?;
+                .map_err(SetupError::Versions)?;
             let builder = match &verifier {
                 Some(v) => builder.with_client_cert_verifier(v.clone()),
                 None => builder.with_no_client_auth(),
@@ -198,22 +243,20 @@ impl ServerTls {
         &self,
         info: &TlsInfo,
         chain: Option<&[CertificateDer<'static>]>,
-    ) -> Result<(), String> {
+    ) -> Result<(), PeerError> {
         let Some(verifier) = &self.verifier else {
             return Ok(());
         };
         match chain {
-            None if self.required => Err("no client certificate".into()),
+            None if self.required => Err(PeerError::Missing),
             None => Ok(()),
             Some(_) if !info.resumed => Ok(()),
             Some(chain) => {
-                let (ee, rest) = chain
-                    .split_first()
-                    .ok_or_else(|| "empty client certificate chain".to_string())?;
+                let (ee, rest) = chain.split_first().ok_or(PeerError::EmptyChain)?;
                 verifier
                     .verify_client_cert(ee, rest, UnixTime::now())
                     .map(|_| ())
-                    .map_err(|e| format!("resumed session's client certificate: {e}"))
+                    .map_err(PeerError::Resumed)
             }
         }
     }
@@ -227,10 +270,10 @@ pub struct ClientTls {
 }
 
 impl ClientTls {
-    pub fn new(spec: &UpstreamTls) -> Result<ClientTls, String> {
+    pub fn new(spec: &UpstreamTls) -> Result<ClientTls, SetupError> {
         let builder = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions(TlsVersion::V1_2))
-            .map_err(|e| format!("TLS versions: {e}"))?;
+            .map_err(SetupError::Versions)?;
         let builder = if !spec.verify {
             builder
                 .dangerous()
@@ -240,18 +283,18 @@ impl ClientTls {
             match &spec.ca {
                 Some((path, certs)) => {
                     for c in certs {
-                        roots.add(c.clone()).map_err(|e| {
-                            format!("{}: unusable CA certificate: {e}", path.display())
-                        })?;
+                        roots
+                            .add(c.clone())
+                            .map_err(|error| SetupError::UnusableCa {
+                                path: path.clone(),
+                                error,
+                            })?;
                     }
                 }
                 None => {
                     let (n, _) = roots.add_parsable_certificates(system_roots().iter().cloned());
                     if n == 0 {
-                        return Err(
-                            "no `ca` given and the system has no CA certificates (install ca-certificates, or set `ca`)"
-                                .into(),
-                        );
+                        return Err(SetupError::NoSystemRoots);
                     }
                 }
             }
@@ -268,9 +311,12 @@ impl ClientTls {
         let mut config = builder.with_client_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = spec.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         let sni = match &spec.sni {
-            Some(s) => {
-                Some(ServerName::try_from(s.clone()).map_err(|e| format!("`sni` {s:?}: {e}"))?)
-            }
+            Some(s) => Some(
+                ServerName::try_from(s.clone()).map_err(|error| SetupError::Sni {
+                    name: s.clone(),
+                    error,
+                })?,
+            ),
             None => None,
         };
         Ok(ClientTls {
