@@ -4,16 +4,19 @@
 //! nothing else to do, at the instant they are due, so these tests assert what is open and
 //! what is closed at a given virtual time, however loaded the machine is.
 
+mod common;
+
 use std::future::pending;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::echo_server;
 use ferry::observe::Outcome;
 use ferry::runtime::{Proxy, Stopped};
 use ferry::workers::Workers;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::sleep;
 
 /// Starts the proxy of `text` (with the access log off) on the current runtime.
@@ -24,21 +27,6 @@ async fn start(text: &str) -> Proxy {
     Proxy::start(&cfg, None, Arc::new(Workers::on_current_runtime()))
         .await
         .expect("start the proxy")
-}
-
-/// An echo server on the current runtime.
-async fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    a
 }
 
 fn listener_stats(p: &Proxy, i: usize) -> Arc<ferry::observe::ListenerStats> {
@@ -89,7 +77,7 @@ servers = ["{echo}"]
 
 #[tokio::test(start_paused = true)]
 async fn idle_timeout_closes_at_the_instant_it_is_due() {
-    let echo = echo().await;
+    let echo = echo_server().await;
     let p = start(&config(echo, "idle_timeout = \"30s\"", "")).await;
     let mut c = TcpStream::connect(p.bound[0].1).await.unwrap();
     round_trip(&mut c, b"hello").await;
@@ -113,7 +101,7 @@ async fn idle_timeout_closes_at_the_instant_it_is_due() {
 
 #[tokio::test(start_paused = true)]
 async fn queued_connection_gives_up_at_the_queue_timeout() {
-    let echo = echo().await;
+    let echo = echo_server().await;
     let p = start(&config(
         echo,
         "",
@@ -152,7 +140,7 @@ async fn queued_connection_gives_up_at_the_queue_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn stalled_handshake_is_closed_at_the_deadline() {
-    let echo = echo().await;
+    let echo = echo_server().await;
     let p = start(&format!(
         r#"
 [[listener]]
@@ -180,7 +168,7 @@ destinations = ["{}/32:{}"]
 
 #[tokio::test(start_paused = true)]
 async fn drain_waits_for_open_connections_until_its_timeout() {
-    let echo = echo().await;
+    let echo = echo_server().await;
     let p = start(&format!(
         "[global]\ndrain_timeout = \"60s\"\n{}",
         config(echo, "idle_timeout = \"1h\"", "")
