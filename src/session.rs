@@ -187,12 +187,22 @@ pub fn serve(
             every,
             report: &mut report,
         });
+        let settings = relay::Settings {
+            idle_timeout: l.idle_timeout,
+            engine: l.engine,
+            client_buffers: l.buffers,
+            // A destination a forward-proxy client named is dialled with the defaults.
+            server_buffers: ledger
+                .front
+                .pool
+                .as_ref()
+                .map_or_else(Default::default, |p| p.tcp.buffers),
+        };
         let r = relay::relay(
             client,
             server_end,
-            l.idle_timeout,
+            settings,
             l.stop_token(),
-            l.engine,
             meters,
             progress,
         )

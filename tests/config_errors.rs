@@ -545,7 +545,7 @@ tcp = { send_buffer = 65536, recv_buffer = "auto" }
 [[upstream]]
 name = "pool"
 servers = ["127.0.0.1:9000"]
-tcp = { recv_buffer = 131072 }
+tcp = { recv_buffer = 131072, send_buffer = "adaptive" }
 "#,
     );
     assert_eq!(ok.code, Some(0), "{}", ok.stderr);
@@ -564,6 +564,19 @@ servers = ["127.0.0.1:9000"]
             r#"5:23: `send_buffer` must be a number of bytes (0 or more) or a string like "64KiB""#,
             "5:41: `recv_buffer` must be from 4KiB to 64MiB, not 1024 bytes",
         ],
+    );
+    assert_check_errors(
+        r#"[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+tcp = { send_buffer = "Auto" }
+
+[[upstream]]
+name = "pool"
+servers = ["127.0.0.1:9000"]
+"#,
+        &[r#"5:23: `send_buffer` must be "adaptive", "auto" or a size like "256KiB", not "Auto""#],
     );
 }
 

@@ -419,6 +419,122 @@ async fn servers_that_never_read_pin_bounded_memory() {
     assert_eq!(received.load(SeqCst), SLOW as u64 * PUSH);
 }
 
+/// The default buffers are "adaptive": capped while a peer has taken little (above: the
+/// clients and servers that never read stay within the caps), handed to the kernel's
+/// autotuning once a direction has delivered 4 MiB, so a bulk transfer is not held to the
+/// caps. Only that direction's buffers are released (the source's receive buffer, the
+/// destination's send buffer); buffers given a size stay at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_buffers_are_released_to_a_reading_peer_and_fixed_ones_stay() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    const CAP: u64 = 512 << 10; // 256 KiB, doubled by the kernel
+    const CHUNK: u64 = 8 << 20;
+    let received = Arc::new(AtomicU64::new(0));
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = sink.accept().await {
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 256 << 10];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        received.fetch_add(n as u64, SeqCst);
+                    }
+                });
+            }
+        });
+    }
+    let f = Ferry::start(
+        &format!(
+            r#"
+[[listener]]
+name = "adaptive"
+listen = "127.0.0.1:0"
+upstream = "adaptive"
+
+[[listener]]
+name = "fixed"
+listen = "127.0.0.1:0"
+upstream = "fixed"
+tcp = {{ send_buffer = "256KiB", recv_buffer = "256KiB" }}
+
+[[upstream]]
+name = "adaptive"
+servers = ["{sink_addr}"]
+
+[[upstream]]
+name = "fixed"
+servers = ["{sink_addr}"]
+tcp = {{ send_buffer = "256KiB", recv_buffer = "256KiB" }}
+"#
+        ),
+        2,
+    )
+    .await;
+    // ferry's two sockets of the one connection open at a time: (client side, server side).
+    let sockets = |listener: &str| {
+        let client = socket_buffers(&format!("sport = :{}", f.addr(listener).port()));
+        let server = socket_buffers(&format!("dport = :{}", sink_addr.port()));
+        assert_eq!(
+            (client.len(), server.len()),
+            (1, 1),
+            "{client:?} {server:?}"
+        );
+        (client[0], server[0])
+    };
+    let block = vec![0x3cu8; CHUNK as usize];
+    // Adaptive: push until the client socket's receive buffer and the server socket's send
+    // buffer have grown past the cap (bounded: 64 chunks, 512 MiB).
+    let mut c = connect(f.addr("adaptive")).await;
+    let mut sent = 0;
+    let mut released = false;
+    for _ in 0..64 {
+        within(WAIT, "push a chunk", c.write_all(&block))
+            .await
+            .unwrap();
+        sent += CHUNK;
+        let ((client_rb, client_tb), (server_rb, server_tb)) = sockets("adaptive");
+        // The other direction carried nothing: its buffers stay capped.
+        assert_eq!((client_tb, server_rb), (CAP, CAP), "down direction");
+        if client_rb > CAP && server_tb > CAP {
+            released = true;
+            break;
+        }
+    }
+    assert!(released, "{sent} bytes up and the buffers are still capped");
+    c.shutdown().await.unwrap();
+    drop(c);
+    wait_until(WAIT, "the sink has everything", || {
+        received.load(SeqCst) == sent
+    })
+    .await;
+    wait_until(WAIT, "the connection is gone", || {
+        socket_buffers(&format!("dport = :{}", sink_addr.port())).is_empty()
+    })
+    .await;
+    // Fixed: as many bytes, and the caps hold.
+    received.store(0, SeqCst);
+    let mut c = connect(f.addr("fixed")).await;
+    for _ in 0..sent / CHUNK {
+        within(WAIT, "push a chunk", c.write_all(&block))
+            .await
+            .unwrap();
+    }
+    let (client, server) = sockets("fixed");
+    assert_eq!((client, server), ((CAP, CAP), (CAP, CAP)), "fixed buffers");
+    c.shutdown().await.unwrap();
+    wait_until(WAIT, "the sink has everything", || {
+        received.load(SeqCst) == sent
+    })
+    .await;
+}
+
 /// A DNS server that takes queries and never answers, on a loopback address of its own,
 /// and a `resolv.conf` naming it. `wrapper()` runs ferry in a mount namespace where that
 /// file is `/etc/resolv.conf`.

@@ -370,26 +370,57 @@ pub struct Listener {
     pub per_client: Option<PerClient>,
     /// Read a PROXY header from (trusted) clients.
     pub proxy_protocol: Option<ProxyAccept>,
-    /// The client sockets' buffer caps (`tcp = { send_buffer, recv_buffer }`).
+    /// The client sockets' buffers (`tcp = { send_buffer, recv_buffer }`).
     pub buffers: SocketBuffers,
 }
 
-/// The default cap of a connection's socket buffers, each way and on each side: what a
-/// client that never reads (or a server) can make the kernel hold for one connection.
+/// A socket buffer's starting cap under `"adaptive"` (the default), each way and on each
+/// side: what a client that never reads (or a server) can make the kernel hold for one
+/// connection.
 pub const DEFAULT_SOCKET_BUFFER: usize = 256 * 1024;
 
-/// SO_SNDBUF and SO_RCVBUF of a socket; `None` leaves the kernel's autotuning.
+/// Under `"adaptive"`, the bytes a direction of a relay must have delivered before the
+/// sockets it reads and writes go over to the kernel's autotuning: a peer that has taken
+/// this much is reading, and from here on a cap would only cost throughput.
+pub const ADAPTIVE_AFTER: u64 = 4 << 20;
+
+/// One socket buffer: SO_SNDBUF or SO_RCVBUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferSize {
+    /// `"adaptive"` (the default): capped at [`DEFAULT_SOCKET_BUFFER`] until the relay
+    /// direction it serves has delivered [`ADAPTIVE_AFTER`] bytes, then the kernel's
+    /// autotuning. A peer that never reads (or reads slowly) pins little; a bulk transfer
+    /// runs as with `"auto"`.
+    Adaptive,
+    /// `"auto"`: the kernel's autotuning from the start.
+    Auto,
+    /// A size: fixed for the connection's life.
+    Fixed(usize),
+}
+
+impl BufferSize {
+    /// The size to set when the socket is made; `None` leaves it to the kernel.
+    pub fn initial(self) -> Option<usize> {
+        match self {
+            BufferSize::Adaptive => Some(DEFAULT_SOCKET_BUFFER),
+            BufferSize::Auto => None,
+            BufferSize::Fixed(n) => Some(n),
+        }
+    }
+}
+
+/// SO_SNDBUF and SO_RCVBUF of a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketBuffers {
-    pub send: Option<usize>,
-    pub recv: Option<usize>,
+    pub send: BufferSize,
+    pub recv: BufferSize,
 }
 
 impl Default for SocketBuffers {
     fn default() -> Self {
         SocketBuffers {
-            send: Some(DEFAULT_SOCKET_BUFFER),
-            recv: Some(DEFAULT_SOCKET_BUFFER),
+            send: BufferSize::Adaptive,
+            recv: BufferSize::Adaptive,
         }
     }
 }
@@ -627,8 +658,7 @@ pub const MAX_WEIGHT: u32 = 256;
 pub struct TcpOptions {
     pub nodelay: bool,
     pub keepalive: Option<Duration>,
-    pub send_buffer: Option<usize>,
-    pub recv_buffer: Option<usize>,
+    pub buffers: SocketBuffers,
     /// SO_MARK (a forward listener's `mark`, not a key of `tcp`).
     pub mark: Option<u32>,
 }
@@ -638,8 +668,7 @@ impl Default for TcpOptions {
         TcpOptions {
             nodelay: true,
             keepalive: None,
-            send_buffer: Some(DEFAULT_SOCKET_BUFFER),
-            recv_buffer: Some(DEFAULT_SOCKET_BUFFER),
+            buffers: SocketBuffers::default(),
             mark: None,
         }
     }

@@ -910,10 +910,7 @@ fn listener(
         .and_then(|p| proxy_accept(cx, p));
     let buffers = match t.table(cx, "tcp", "`tcp`") {
         Some(tt) => {
-            let b = SocketBuffers {
-                send: buffer_size(cx, &tt, "send_buffer"),
-                recv: buffer_size(cx, &tt, "recv_buffer"),
-            };
+            let b = socket_buffers(cx, &tt);
             tt.finish(cx, LISTENER_TCP_KEYS, &[]);
             b
         }
@@ -1515,11 +1512,32 @@ fn server_addr(s: &str) -> Result<ServerAddr, String> {
 
 /// A socket buffer size: a size from 4 KiB to 64 MiB, or `"auto"` (the kernel's
 /// autotuning, unbounded up to its `tcp_wmem`/`tcp_rmem` maximum). Absent: the default cap.
-fn buffer_size(cx: &mut Cx<'_>, t: &Tab<'_, '_>, key: &str) -> Option<usize> {
+/// `"adaptive"` (the default), `"auto"`, or a size from 4 KiB to 64 MiB. `None`: an error
+/// was reported.
+fn buffer_size(cx: &mut Cx<'_>, t: &Tab<'_, '_>, key: &str) -> Option<BufferSize> {
     match t.get(key).map(Val::get_ref) {
-        None => Some(DEFAULT_SOCKET_BUFFER),
-        Some(DeValue::String(s)) if s.as_ref() == "auto" => None,
-        Some(_) => t.size_in(cx, key, 4 << 10, 64 << 20),
+        None => Some(BufferSize::Adaptive),
+        Some(DeValue::String(s)) if s.as_ref() == "adaptive" => Some(BufferSize::Adaptive),
+        Some(DeValue::String(s)) if s.as_ref() == "auto" => Some(BufferSize::Auto),
+        Some(DeValue::String(s)) if parse_size(s).is_err() => {
+            let span = t.get(key)?.span();
+            cx.err(
+                span,
+                format!(
+                    "`{key}` must be \"adaptive\", \"auto\" or a size like \"256KiB\", not {s:?}"
+                ),
+            );
+            None
+        }
+        Some(_) => t.size_in(cx, key, 4 << 10, 64 << 20).map(BufferSize::Fixed),
+    }
+}
+
+fn socket_buffers(cx: &mut Cx<'_>, t: &Tab<'_, '_>) -> SocketBuffers {
+    let d = SocketBuffers::default();
+    SocketBuffers {
+        send: buffer_size(cx, t, "send_buffer").unwrap_or(d.send),
+        recv: buffer_size(cx, t, "recv_buffer").unwrap_or(d.recv),
     }
 }
 
@@ -1528,8 +1546,7 @@ fn tcp_options(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> TcpOptions {
     let o = TcpOptions {
         nodelay: t.bool(cx, "nodelay").unwrap_or(d.nodelay),
         keepalive: t.positive_duration(cx, "keepalive"),
-        send_buffer: buffer_size(cx, &t, "send_buffer"),
-        recv_buffer: buffer_size(cx, &t, "recv_buffer"),
+        buffers: socket_buffers(cx, &t),
         mark: None,
     };
     t.finish(cx, TCP_KEYS, &[]);

@@ -17,8 +17,10 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 use crate::config::TcpOptions;
 
+mod buf_lock;
 mod register;
 
+pub(crate) use buf_lock::unlock as unlock_buffers;
 pub(crate) use register::{register, register_listener};
 
 /// A connected TCP socket of the data path.
@@ -98,13 +100,7 @@ pub async fn connect(
     .map_err(|e| ConnectError::Failed(e.into()))?;
     let sref = SockRef::from(&fd);
     let set = |r: io::Result<()>| r.map_err(ConnectError::Failed);
-    set(set_buffers(
-        &fd,
-        crate::config::SocketBuffers {
-            send: opts.send_buffer,
-            recv: opts.recv_buffer,
-        },
-    ))?;
+    set(set_buffers(&fd, opts.buffers))?;
     if opts.nodelay {
         set(sref.set_tcp_nodelay(true))?;
     }
@@ -159,17 +155,17 @@ pub fn close_with_reset<S: std::os::fd::AsFd>(sock: S) {
     drop(sock);
 }
 
-/// Caps a socket's send and receive buffers (which also ends the kernel's autotuning of
-/// them); `None` leaves one to the kernel.
+/// Sets a socket's send and receive buffers to their starting sizes (which also ends the
+/// kernel's autotuning of them, until [`unlock_buffers`]); `"auto"` leaves one to the kernel.
 pub fn set_buffers(
     sock: &impl std::os::fd::AsFd,
     b: crate::config::SocketBuffers,
 ) -> io::Result<()> {
     let sref = SockRef::from(sock);
-    if let Some(n) = b.send {
+    if let Some(n) = b.send.initial() {
         sref.set_send_buffer_size(n)?;
     }
-    if let Some(n) = b.recv {
+    if let Some(n) = b.recv.initial() {
         sref.set_recv_buffer_size(n)?;
     }
     Ok(())

@@ -52,6 +52,7 @@ use tokio::io::Interest;
 use tokio::time::Instant;
 
 use crate::clock::after;
+use crate::config::{ADAPTIVE_AFTER, BufferSize, SocketBuffers};
 use crate::observe::Counter;
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +73,18 @@ pub enum Engine {
     /// `splice(2)` through a pooled pipe of `pipe_size` bytes; falls back to `Copy` per
     /// read if no pipe can be had.
     Splice { pipe_size: usize },
+}
+
+/// How a relay runs: fixed for its life.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// No bytes either way for this long ends the relay.
+    pub idle_timeout: Duration,
+    pub engine: Engine,
+    /// The client socket's buffers as configured (the listener's `tcp`).
+    pub client_buffers: SocketBuffers,
+    /// The server socket's buffers as configured (the upstream's `tcp`).
+    pub server_buffers: SocketBuffers,
 }
 
 /// Bytes read from a socket at a time.
@@ -134,6 +147,13 @@ impl Stream {
 
     /// An end that did not finish cleanly (idle timeout, drain): a TLS peer gets a
     /// close_notify if one can be written at once.
+    fn sock(&self) -> &Sock {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => t.sock(),
+        }
+    }
+
     fn close_abruptly(self) {
         if let Stream::Tls(mut t) = self {
             t.close_now();
@@ -163,12 +183,17 @@ pub struct Progress<'a> {
 pub fn relay<'a>(
     client: Stream,
     server: Stream,
-    idle_timeout: Duration,
+    settings: Settings,
     stop: &'a CancellationToken,
-    engine: Engine,
     meters: Meters<'a>,
     progress: Option<Progress<'a>>,
 ) -> Relay<'a> {
+    let Settings {
+        idle_timeout,
+        engine,
+        client_buffers: cb,
+        server_buffers: sb,
+    } = settings;
     let now = Instant::now();
     let next_report = progress.as_ref().map(|p| after(now, p.every));
     let first = next_report.map_or(after(now, idle_timeout), |r| {
@@ -183,6 +208,7 @@ pub fn relay<'a>(
         server: Some(server),
         up: Half::new(engine),
         down: Half::new(engine),
+        adaptive: adaptive(cb.recv, sb.send) | adaptive(sb.recv, cb.send) << 2,
         last: now,
         idle_timeout,
         next_report,
@@ -219,6 +245,10 @@ pin_project_lite::pin_project! {
         // The drain signal: polled once, to register this task's waker with it; after
         // that an atomic check per wake-up suffices (re-polling would take its lock).
         cancel_registered: bool,
+        // The buffers still capped under `"adaptive"`: the up direction's flags in bits 0-1,
+        // the down direction's in bits 2-3 (see `ADAPTIVE_RECV`). Here rather than in each
+        // `Half`, where a byte more would cost eight.
+        adaptive: u8,
         #[pin]
         cancelled: tokio_util::sync::WaitForCancellationFuture<'a>,
         // Why a TLS session failed, if one did.
@@ -241,6 +271,7 @@ impl Future for Relay<'_> {
             server,
             this.up,
             this.down,
+            this.adaptive,
             this.last,
             this.meters,
             this.reason,
@@ -308,12 +339,22 @@ fn poll_both(
     server: &mut Stream,
     up: &mut Half,
     down: &mut Half,
+    adaptive: &mut u8,
     last: &mut Instant,
     meters: &Meters<'_>,
     reason: &mut Option<Box<str>>,
 ) -> Poll<End> {
+    let (mut up_adaptive, mut down_adaptive) = (*adaptive & 3, *adaptive >> 2);
     let down_done = down.done;
-    let u = match up.poll(cx, client, server, last, down_done, meters.up) {
+    let u = match up.poll(
+        cx,
+        client,
+        server,
+        last,
+        down_done,
+        meters.up,
+        &mut up_adaptive,
+    ) {
         Poll::Ready(Err(f)) => {
             *reason = f.reason;
             return Poll::Ready(match f.side {
@@ -325,7 +366,15 @@ fn poll_both(
         Poll::Pending => false,
     };
     let up_done = up.done;
-    let d = match down.poll(cx, server, client, last, up_done, meters.down) {
+    let d = match down.poll(
+        cx,
+        server,
+        client,
+        last,
+        up_done,
+        meters.down,
+        &mut down_adaptive,
+    ) {
         Poll::Ready(Err(f)) => {
             *reason = f.reason;
             return Poll::Ready(match f.side {
@@ -336,6 +385,7 @@ fn poll_both(
         Poll::Ready(Ok(())) => true,
         Poll::Pending => false,
     };
+    *adaptive = up_adaptive | down_adaptive << 2;
     if u && d {
         Poll::Ready(End::Done)
     } else {
@@ -363,6 +413,26 @@ impl Fail {
         side: Side::Write,
         reason: None,
     };
+}
+
+/// A direction's adaptive flags (`Relay::adaptive`): the source's receive buffer is
+/// `"adaptive"` and still capped.
+const ADAPTIVE_RECV: u8 = 1;
+/// A direction's adaptive flags: the destination's send buffer is `"adaptive"` and still
+/// capped.
+const ADAPTIVE_SEND: u8 = 2;
+
+/// The adaptive flags of a direction that reads a socket whose receive buffer is
+/// `recv` and writes one whose send buffer is `send`.
+fn adaptive(recv: BufferSize, send: BufferSize) -> u8 {
+    let mut flags = 0;
+    if recv == BufferSize::Adaptive {
+        flags |= ADAPTIVE_RECV;
+    }
+    if send == BufferSize::Adaptive {
+        flags |= ADAPTIVE_SEND;
+    }
+    flags
 }
 
 /// Bytes read from the source but not yet written to the destination.
@@ -422,6 +492,21 @@ impl Half {
             eof: false,
             done: false,
             bytes: 0,
+        }
+    }
+
+    /// The destination has taken `ADAPTIVE_AFTER` bytes: it reads, so the caps on the
+    /// source's receive buffer and the destination's send buffer now only cost throughput.
+    /// Both go over to the kernel's autotuning (once; on a kernel without `SO_BUF_LOCK`
+    /// they stay capped).
+    fn release_buffers(adaptive: &mut u8, from: &Stream, to: &Stream) {
+        let flags = std::mem::take(adaptive);
+        let r = net::unlock_buffers(from.sock().get_ref(), false, flags & ADAPTIVE_RECV != 0)
+            .and_then(|()| {
+                net::unlock_buffers(to.sock().get_ref(), flags & ADAPTIVE_SEND != 0, false)
+            });
+        if let Err(e) = r {
+            tracing::debug!("socket buffers stay capped: {e}");
         }
     }
 
@@ -518,10 +603,15 @@ impl Half {
         last: &mut Instant,
         other_done: bool,
         meter: [&Counter; 2],
+        adaptive: &mut u8,
     ) -> Poll<Result<(), Fail>> {
         let mut reads = 0;
         loop {
             ready!(self.flush(cx, to))?;
+            // Nothing is pending: everything read has been written on.
+            if *adaptive != 0 && self.bytes >= ADAPTIVE_AFTER {
+                Half::release_buffers(adaptive, from, to);
+            }
             if self.eof {
                 if !self.done {
                     ready!(self.close_write(cx, to, other_done))?;
@@ -713,12 +803,17 @@ mod tests {
             up: [&c, &c],
             down: [&c, &c],
         };
+        let settings = Settings {
+            idle_timeout: Duration::from_secs(1),
+            engine: Engine::Splice { pipe_size: 1 << 20 },
+            client_buffers: SocketBuffers::default(),
+            server_buffers: SocketBuffers::default(),
+        };
         let f = relay(
             Stream::Plain(a),
             Stream::Plain(b),
-            Duration::from_secs(1),
+            settings,
             &stop,
-            Engine::Splice { pipe_size: 1 << 20 },
             meters,
             None,
         );

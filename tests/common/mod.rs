@@ -42,6 +42,16 @@ pub async fn within<T>(d: Duration, what: &str, fut: impl Future<Output = T>) ->
     }
 }
 
+/// Waits until `cond` holds, checking every 10 ms; panics naming `what` after `d`.
+pub async fn wait_until(d: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    within(d, what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
 // ---------------------------------------------------------------------------------------
 // Lines captured from a child's stdout or stderr.
 
