@@ -22,6 +22,7 @@ pub mod relay;
 pub mod route;
 pub mod runtime;
 pub mod session;
+pub mod socks_udp;
 pub mod tls;
 pub mod upstream;
 pub mod wire;

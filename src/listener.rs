@@ -10,40 +10,10 @@ use crate::net::Listener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyAccept;
-use crate::frontend::{Forwarding, Transparent};
+use crate::frontend::{self, FrontEnd};
 use crate::observe::{AccessLog, ListenerStats, Outcome, Record};
 use crate::policy::{Acl, ClientPermit, ClientTable, clients::Refusal};
 use crate::route::Router;
-use crate::tls::ServerTls;
-
-/// A listener's front-end handshake, by mode (see `frontend`).
-pub enum FrontEnd {
-    /// Plain TCP; the ClientHello is read only if a route needs it.
-    Tcp,
-    /// TLS terminated with these settings.
-    Tls(Arc<ServerTls>),
-    /// A SOCKS5 server; `udp`: UDP ASSOCIATE allowed.
-    Socks5 { forward: Arc<Forwarding>, udp: bool },
-    /// An HTTP proxy (CONNECT and absolute-form requests).
-    HttpConnect {
-        forward: Arc<Forwarding>,
-        sni_must_match: bool,
-    },
-    /// Redirected connections, to their original destination (or the default upstream).
-    Transparent(Arc<Transparent>),
-}
-
-impl FrontEnd {
-    pub fn mode(&self) -> &'static str {
-        match self {
-            FrontEnd::Tcp => "tcp",
-            FrontEnd::Tls(_) => "tls",
-            FrontEnd::Socks5 { .. } => "socks5",
-            FrontEnd::HttpConnect { .. } => "http-connect",
-            FrontEnd::Transparent(_) => "transparent",
-        }
-    }
-}
 
 /// A count of open connections with a ceiling.
 #[derive(Debug)]
@@ -244,6 +214,36 @@ impl ListenerCtx {
         if let Some(t) = &self.clients {
             t.sweep();
         }
+    }
+}
+
+impl frontend::Listener for ListenerCtx {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn front(&self) -> &FrontEnd {
+        &self.front
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    fn proxy(&self) -> Option<&ProxyAccept> {
+        self.proxy.as_ref()
+    }
+
+    fn needs_hello(&self) -> bool {
+        self.router.needs_hello()
+    }
+
+    fn stats(&self) -> &ListenerStats {
+        &self.stats
+    }
+
+    fn admit_client(&self, ip: IpAddr) -> Result<Option<ClientPermit>, Outcome> {
+        ListenerCtx::admit_client(self, ip)
     }
 }
 

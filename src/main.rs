@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
+use ferry::admin;
 use ferry::config::{Balance, Config, ConfigErrors};
 use ferry::runtime::{Proxy, effective_workers};
 use ferry::workers::Workers;
@@ -191,7 +192,7 @@ fn serve_on(
         }
     };
     let code = rt.block_on(async {
-        let proxy = match Proxy::start(&cfg, config_path, workers.clone()).await {
+        let proxy = match Proxy::start(&cfg, config_path, workers.clone(), &admin::Server).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e}");

@@ -337,7 +337,7 @@ enum Next {
 struct UdpDone {
     front: Front,
     outcome: Outcome,
-    counts: crate::relay::socks_udp::Counts,
+    counts: crate::socks_udp::Counts,
 }
 
 struct SetUpFailed {
@@ -466,9 +466,8 @@ async fn set_up(
 /// The forward-proxy modes' connect stage: to the destination the client asked for.
 mod forward {
     use super::*;
-    use crate::frontend::Request;
     use crate::frontend::forward::Reply;
-    use crate::listener::FrontEnd;
+    use crate::frontend::{FrontEnd, Request};
     use crate::upstream::dial::{self, DialError, Host, Policy};
 
     /// Transparent mode: a connection to ferry itself (not redirected, or looping back) is
@@ -548,7 +547,7 @@ mod forward {
         req: Request,
         front: Front,
     ) -> Result<Next, SetUpFailed> {
-        use crate::relay::socks_udp::{Association, End};
+        use crate::socks_udp::{Association, End};
         let FrontEnd::Socks5 { forward, .. } = &l.front else {
             let e = DialError::Denied("UDP ASSOCIATE on a listener that is not SOCKS5".into());
             return Err(refuse(l, a, &req, front, e, None).await);

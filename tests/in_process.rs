@@ -24,9 +24,14 @@ async fn start(text: &str) -> Proxy {
     let text = format!("[log]\naccess = \"off\"\n{text}");
     let cfg = ferry::config::parse_str(&text, "test.toml", std::path::Path::new("/"))
         .unwrap_or_else(|e| panic!("{e}"));
-    Proxy::start(&cfg, None, Arc::new(Workers::on_current_runtime()))
-        .await
-        .expect("start the proxy")
+    Proxy::start(
+        &cfg,
+        None,
+        Arc::new(Workers::on_current_runtime()),
+        &ferry::admin::Server,
+    )
+    .await
+    .expect("start the proxy")
 }
 
 fn listener_stats(p: &Proxy, i: usize) -> Arc<ferry::observe::ListenerStats> {

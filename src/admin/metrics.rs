@@ -16,6 +16,8 @@ use crate::observe::Outcome;
 use crate::runtime::Shared;
 use crate::upstream::ServerState;
 
+use super::Stats;
+
 /// The two text formats `/metrics` speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -58,9 +60,9 @@ impl Format {
     }
 }
 
-/// The metrics, in `format`.
-pub fn render(shared: &Arc<Shared>, format: Format) -> String {
-    let om = render_openmetrics(shared, shared.access_log_dropped());
+/// The metrics, in `format`; `admin`: the admin server's connection counters.
+pub fn render(shared: &Arc<Shared>, admin: &Arc<Stats>, format: Format) -> String {
+    let om = render_openmetrics(shared, admin, shared.access_log_dropped());
     match format {
         Format::OpenMetrics => om,
         Format::Prometheus => openmetrics_to_prometheus(&om),
@@ -106,10 +108,11 @@ fn openmetrics_to_prometheus(om: &str) -> String {
 }
 
 /// The metrics, in the OpenMetrics text format.
-fn render_openmetrics(shared: &Arc<Shared>, access_log_dropped: u64) -> String {
+fn render_openmetrics(shared: &Arc<Shared>, admin: &Arc<Stats>, access_log_dropped: u64) -> String {
     let mut registry = Registry::with_prefix("ferry");
     registry.register_collector(Box::new(Snapshot {
         shared: shared.clone(),
+        admin: admin.clone(),
         access_log_dropped,
     }));
     let mut out = String::new();
@@ -121,6 +124,8 @@ fn render_openmetrics(shared: &Arc<Shared>, access_log_dropped: u64) -> String {
 #[derive(Debug)]
 struct Snapshot {
     shared: Arc<Shared>,
+    /// The admin server's connections.
+    admin: Arc<Stats>,
     access_log_dropped: u64,
 }
 
@@ -215,7 +220,7 @@ impl Collector for Snapshot {
         let tls_listeners: Vec<_> = listeners
             .iter()
             .filter_map(|l| match &l.front {
-                crate::listener::FrontEnd::Tls(t) => Some((l, t.clone())),
+                crate::frontend::FrontEnd::Tls(t) => Some((l, t.clone())),
                 _ => None,
             })
             .collect();
@@ -424,8 +429,8 @@ impl Collector for Snapshot {
             )?;
             counter(self.access_log_dropped).encode(m)?;
         }
-        if self.shared.admin_addr().is_some() {
-            let stats = &self.shared.admin_stats;
+        {
+            let stats = &self.admin;
             let m = enc.encode_descriptor(
                 "admin_connections_active",
                 "Connections open to the admin server",

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::Outcome;
-use crate::runtime::{ReloadOutcome, Shared};
+use crate::runtime::{AdminServer, BoxFuture, ReloadOutcome, Shared};
 use crate::upstream::AdminState;
 
 /// The stats page: one self-contained file, no external assets.
@@ -30,6 +30,25 @@ pub mod metrics;
 mod server;
 
 pub use server::{Resp, Stats};
+
+/// The admin server, as [`Proxy::start`](crate::runtime::Proxy::start) binds and serves it.
+pub struct Server;
+
+impl AdminServer for Server {
+    fn bind(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<TcpListener>> {
+        Box::pin(bind(addr))
+    }
+
+    fn serve(
+        &self,
+        listener: TcpListener,
+        shared: Arc<Shared>,
+        token: Option<String>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(serve(listener, shared, token, stop))
+    }
+}
 
 /// Binds the admin server's socket.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -47,11 +66,13 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let token: Option<Arc<Token>> = token.map(|t| Arc::new(Token::new(&t)));
-    let stats = shared.admin_stats.clone();
-    let handler = move |req: Request<Incoming>| {
-        let shared = shared.clone();
-        let token = token.clone();
-        async move { handle(req, &shared, token.as_deref()).await }
+    let stats = Arc::new(Stats::default());
+    let handler = {
+        let stats = stats.clone();
+        move |req: Request<Incoming>| {
+            let (shared, token, stats) = (shared.clone(), token.clone(), stats.clone());
+            async move { handle(req, &shared, token.as_deref(), &stats).await }
+        }
     };
     server::serve(listener, handler, stats, stop).await;
 }
@@ -138,7 +159,13 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&Token>) -> Resp {
+/// Answers one request; `stats` are this server's connection counters (for `/metrics`).
+async fn handle(
+    req: Request<Incoming>,
+    shared: &Arc<Shared>,
+    token: Option<&Token>,
+    stats: &Arc<Stats>,
+) -> Resp {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -156,7 +183,7 @@ async fn handle(req: Request<Incoming>, shared: &Arc<Shared>, token: Option<&Tok
             respond(
                 StatusCode::OK,
                 format.content_type(),
-                metrics::render(shared, format),
+                metrics::render(shared, stats, format),
             )
         }
         (["metrics"], _) => method_not_allowed("GET"),
@@ -285,7 +312,7 @@ pub fn status(shared: &Shared) -> Value {
             up += u;
             down += d;
             let (mode, tls) = match &ctx.front {
-                crate::listener::FrontEnd::Tls(t) => (
+                crate::frontend::FrontEnd::Tls(t) => (
                     "tls",
                     json!({
                         "handshakes": {
@@ -308,12 +335,12 @@ pub fn status(shared: &Shared) -> Value {
             };
             // Where a forward-proxy listener's clients may go (never its users' secrets).
             let forward = match &ctx.front {
-                crate::listener::FrontEnd::Socks5 { forward, .. }
-                | crate::listener::FrontEnd::HttpConnect { forward, .. } => json!({
+                crate::frontend::FrontEnd::Socks5 { forward, .. }
+                | crate::frontend::FrontEnd::HttpConnect { forward, .. } => json!({
                     "destinations": forward.destinations.rules().iter().map(|r| r.to_string()).collect::<Vec<_>>(),
                     "users": forward.users.len(),
                 }),
-                crate::listener::FrontEnd::Transparent(t) => json!({
+                crate::frontend::FrontEnd::Transparent(t) => json!({
                     "destinations": t.destinations.as_ref().map(|d| d.rules().iter().map(|r| r.to_string()).collect::<Vec<_>>()),
                 }),
                 _ => Value::Null,

@@ -1,11 +1,12 @@
 //! The front-end stage: what happens to an accepted connection before it is routed.
 //!
-//! Per listener mode, one handshake turns the accepted socket into an [`Accepted`]: the
-//! real client (after a PROXY header), what routing may look at (SNI, ALPN), the client
-//! end of the relay (a plain socket or a TLS session), and any bytes already read from
-//! the client that the server must still get (a ClientHello read to route on is replayed,
-//! not peeked: a peek loop on an edge-triggered socket spins). Or a [`Refusal`] with its
-//! stage, outcome and reason, the socket already closed.
+//! Per listener mode ([`FrontEnd`], with the mode's settings), one handshake turns the
+//! accepted socket into an [`Accepted`]: the real client (after a PROXY header), what
+//! routing may look at (SNI, ALPN), the client end of the relay (a plain socket or a TLS
+//! session), and any bytes already read from the client that the server must still get (a
+//! ClientHello read to route on is replayed, not peeked: a peek loop on an edge-triggered
+//! socket spins). Or a [`Refusal`] with its stage, outcome and reason, the socket already
+//! closed.
 //!
 //! - mode `tcp`: the PROXY header if configured; then, only if a route matches on SNI or
 //!   ALPN, the TLS ClientHello (a client that is not TLS takes the default route).
@@ -19,6 +20,9 @@
 //! The whole handshake runs within the listener's `handshake_timeout`: a client that
 //! sends half a header or half a ClientHello and stops is closed (`protocol_error`) and
 //! holds nothing after that.
+//!
+//! The handshake reads its listener's settings through the [`Listener`] trait, which the
+//! listener's context implements.
 
 pub mod forward;
 mod hello;
@@ -29,17 +33,66 @@ mod transparent;
 
 pub use forward::{Forwarding, Request, Transparent};
 
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::listener::{FrontEnd, ListenerCtx};
+use crate::config::ProxyAccept;
 use crate::net::{self, Sock};
-use crate::observe::Outcome;
+use crate::observe::{ListenerStats, Outcome};
 use crate::observe::{Refusal, Stage};
 use crate::policy::{self, ClientPermit};
 use crate::relay::Stream;
-use crate::tls::{TlsInfo, TlsStream};
+use crate::tls::{ServerTls, TlsInfo, TlsStream};
 use crate::wire::proxy::Addresses;
+
+/// A listener's front-end handshake, by mode, with that mode's settings.
+pub enum FrontEnd {
+    /// Plain TCP; the ClientHello is read only if a route needs it.
+    Tcp,
+    /// TLS terminated with these settings.
+    Tls(Arc<ServerTls>),
+    /// A SOCKS5 server; `udp`: UDP ASSOCIATE allowed.
+    Socks5 { forward: Arc<Forwarding>, udp: bool },
+    /// An HTTP proxy (CONNECT and absolute-form requests).
+    HttpConnect {
+        forward: Arc<Forwarding>,
+        sni_must_match: bool,
+    },
+    /// Redirected connections, to their original destination (or the default upstream).
+    Transparent(Arc<Transparent>),
+}
+
+impl FrontEnd {
+    pub fn mode(&self) -> &'static str {
+        match self {
+            FrontEnd::Tcp => "tcp",
+            FrontEnd::Tls(_) => "tls",
+            FrontEnd::Socks5 { .. } => "socks5",
+            FrontEnd::HttpConnect { .. } => "http-connect",
+            FrontEnd::Transparent(_) => "transparent",
+        }
+    }
+}
+
+/// What a handshake needs of the listener it runs for: implemented by the listener's
+/// settings (`listener::ListenerCtx`), which a connection keeps from its accept on.
+pub trait Listener {
+    /// The listener's name, for the process log.
+    fn name(&self) -> &str;
+    /// Its mode, with that mode's settings.
+    fn front(&self) -> &FrontEnd;
+    /// The whole handshake (PROXY header included) runs within this.
+    fn handshake_timeout(&self) -> Duration;
+    /// How a PROXY header is read, if the listener takes one.
+    fn proxy(&self) -> Option<&ProxyAccept>;
+    /// A route matches on SNI or ALPN: mode `tcp` reads the ClientHello.
+    fn needs_hello(&self) -> bool;
+    /// Its counters (TLS handshakes).
+    fn stats(&self) -> &ListenerStats;
+    /// Admits the real client a PROXY header names: the ACL, then the per-client limits.
+    fn admit_client(&self, ip: IpAddr) -> Result<Option<ClientPermit>, Outcome>;
+}
 
 /// A client connection ready to be routed.
 pub struct Accepted {
@@ -118,7 +171,7 @@ pub(crate) async fn fill(
 /// `client_permit` is the accept loop's admission (without a PROXY header to read);
 /// otherwise the real client is admitted here. On failure the socket is closed.
 pub async fn handshake(
-    l: &ListenerCtx,
+    l: &impl Listener,
     sock: Sock,
     peer: SocketAddr,
     client_permit: Option<ClientPermit>,
@@ -133,23 +186,23 @@ pub async fn handshake(
         talk: Talk::default(),
     };
     let started = Instant::now();
-    let r = tokio::time::timeout(l.handshake_timeout, run(l, &mut state)).await;
+    let r = tokio::time::timeout(l.handshake_timeout(), run(l, &mut state)).await;
     let refusal = match r {
         Ok(Ok(a)) => return Ok(a),
         Ok(Err(refusal)) => refusal,
         Err(_) => Refusal::handshake(format!(
             "handshake not complete within {:?}",
-            l.handshake_timeout
+            l.handshake_timeout()
         )),
     };
     // On a TLS listener, every failure from the ClientHello on is a failed TLS handshake
     // (a PROXY header or admission failure before it is not).
     if state.tls_started && refusal.stage == Stage::Handshake {
-        l.stats
+        l.stats()
             .tls_failed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    tracing::debug!(listener = %l.name, client = %state.peer, took = ?started.elapsed(), "front-end handshake failed: {}", refusal.reason.as_deref().unwrap_or(refusal.outcome.as_str()));
+    tracing::debug!(listener = %l.name(), client = %state.peer, took = ?started.elapsed(), "front-end handshake failed: {}", refusal.reason.as_deref().unwrap_or(refusal.outcome.as_str()));
     // A socket still here was not handed to a TLS session (which closes its own): reset
     // it, as every refused connection is, unless it was sent an answer to read.
     if let Some(s) = state.sock.take()
@@ -179,13 +232,13 @@ struct State {
     talk: Talk,
 }
 
-async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
+async fn run(l: &impl Listener, st: &mut State) -> Result<Accepted, Refusal> {
     let Some(sock) = st.sock.as_ref() else {
         return Err(Refusal::handshake("no socket"));
     };
     // The PROXY header, from trusted sources only; its source address then stands for the
     // client everywhere (ACL, limits, hashing, affinity, logs).
-    if let Some(pp) = &l.proxy {
+    if let Some(pp) = l.proxy() {
         let header = if !policy::contains(&pp.trusted, st.peer.ip()) {
             Err(proxy_header::HeaderError::Untrusted(st.peer))
         } else {
@@ -213,11 +266,11 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
         })?;
     }
 
-    match &l.front {
+    match l.front() {
         FrontEnd::Tcp => {
             let mut replay = Vec::new();
             let mut alpn_offered = Vec::new();
-            if l.router.needs_hello() {
+            if l.needs_hello() {
                 // Not TLS (`None`): routes on SNI and ALPN do not match.
                 if let Some(h) = hello::read(sock, &mut replay).await? {
                     st.sni = h.sni.map(Into::into);
@@ -290,12 +343,12 @@ async fn run(l: &ListenerCtx, st: &mut State) -> Result<Accepted, Refusal> {
             tls.check_peer(&info, t.peer_certificates())
                 .map_err(|e| fail(e.to_string()))?;
             let counter = if info.resumed {
-                &l.stats.tls_resumed
+                &l.stats().tls_resumed
             } else {
-                &l.stats.tls_full
+                &l.stats().tls_full
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            l.stats.tls_handshake.observe(started.elapsed());
+            l.stats().tls_handshake.observe(started.elapsed());
             Ok(Accepted {
                 peer: st.peer,
                 destination: st.destination,

@@ -61,7 +61,6 @@ use crate::tls::TlsStream;
 use crate::tls::stream::ReadEnd;
 
 mod pipe;
-pub mod socks_udp;
 
 use pipe::Pipe;
 
@@ -145,8 +144,7 @@ impl Stream {
         }
     }
 
-    /// An end that did not finish cleanly (idle timeout, drain): a TLS peer gets a
-    /// close_notify if one can be written at once.
+    /// The socket under this end.
     fn sock(&self) -> &Sock {
         match self {
             Stream::Plain(s) => s,
@@ -154,6 +152,8 @@ impl Stream {
         }
     }
 
+    /// An end that did not finish cleanly (idle timeout, drain): a TLS peer gets a
+    /// close_notify if one can be written at once.
     fn close_abruptly(self) {
         if let Stream::Tls(mut t) = self {
             t.close_now();

@@ -1,5 +1,6 @@
 //! The running proxy: runtime objects built from a [`Config`], the listeners' accept tasks,
-//! hot reload, signals, and the graceful drain.
+//! hot reload, signals, and the graceful drain. The admin server is not built here: whoever
+//! runs the proxy hands [`Proxy::start`] an [`AdminServer`] to bind and serve.
 //!
 //! Reload runs the new file through the same parse → validate path, then applies only the
 //! difference: an unchanged listener keeps its sockets (its context is swapped if its
@@ -12,24 +13,26 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Users;
 use crate::config::{self, Config, ListenerMode};
-use crate::frontend::{Forwarding, Transparent};
-use crate::listener::{self, Bound, FrontEnd, Gate, ListenerCtx, Slot};
+use crate::frontend::{Forwarding, FrontEnd, Transparent};
+use crate::listener::{self, Bound, Gate, ListenerCtx, Slot};
 use crate::observe::{AccessLog, ListenerStats, Logs};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
 use crate::route::Router;
-use crate::tls::{ClientTls, ServerTls};
+use crate::tls::{ClientTls, ServerTls, SetupError};
 use crate::upstream::Pool;
 use crate::upstream::dial::OwnAddrs;
 use crate::workers::Workers;
@@ -77,7 +80,6 @@ pub struct Shared {
     admin_addr: Option<SocketAddr>,
     /// The admin server, awaited at the end of a drain.
     admin_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    pub admin_stats: Arc<crate::admin::Stats>,
     /// What every access log opened shares: dropped records, writer threads.
     logs: Arc<Logs>,
 }
@@ -176,6 +178,29 @@ pub enum ReloadOutcome {
     Rejected(Vec<String>),
 }
 
+/// A boxed future, as an [`AdminServer`] returns them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The admin server (`[admin]`), as the proxy runs it: [`Proxy::start`] binds it with the
+/// listeners, before anything accepts (an error fails the start), and serves it on the
+/// control plane once the listeners accept; the drain waits for it to shut down (a second
+/// SIGINT aborts it). Implemented by `admin::Server`, which whoever runs the proxy passes
+/// to [`Proxy::start`].
+pub trait AdminServer: Sync {
+    /// Binds the admin server's socket on `addr` (`[admin] listen`).
+    fn bind(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<TcpListener>>;
+
+    /// Serves the proxy `shared` on `listener` until `stop` (with `token`: POSTs must
+    /// carry it), then returns once its connections have closed.
+    fn serve(
+        &self,
+        listener: TcpListener,
+        shared: Arc<Shared>,
+        token: Option<String>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, ()>;
+}
+
 fn engine(cfg: &Config) -> Engine {
     if cfg.global.splice {
         Engine::Splice {
@@ -209,8 +234,9 @@ fn bind_all(lc: &config::Listener, workers: usize, own: &[SocketAddr]) -> io::Re
 
 impl Proxy {
     /// Builds the runtime objects and binds every listener; `workers` accept and serve the
-    /// connections. Must run inside a tokio runtime: the control plane (admin server,
-    /// health checks, DNS, housekeeping, reload) runs on it.
+    /// connections. With `[admin]`, binds `admin_server` too and serves it. Must run inside
+    /// a tokio runtime: the control plane (admin server, health checks, DNS, housekeeping,
+    /// reload) runs on it.
     ///
     /// Fails (nothing left bound) if an address cannot be bound or the access log cannot be
     /// opened.
@@ -218,6 +244,7 @@ impl Proxy {
         cfg: &Config,
         config_path: Option<PathBuf>,
         workers: Arc<Workers>,
+        admin_server: &dyn AdminServer,
     ) -> io::Result<Proxy> {
         let logs = Arc::new(Logs::default());
         let access_log = open_log(cfg, &logs)?;
@@ -243,7 +270,7 @@ impl Proxy {
             sockets.push(bind_all(lc, n_workers, &[])?);
         }
         let admin = match &cfg.admin {
-            Some(a) => Some((crate::admin::bind(a.listen).await?, a.token.clone())),
+            Some(a) => Some((admin_server.bind(a.listen).await?, a.token.clone())),
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|(s, _)| s.local_addr().ok());
@@ -279,7 +306,6 @@ impl Proxy {
             own: Arc::new(ArcSwap::from_pointee(own)),
             admin_addr,
             admin_task: std::sync::Mutex::new(None),
-            admin_stats: Arc::default(),
             logs,
         });
 
@@ -304,7 +330,7 @@ impl Proxy {
                 tracing::info!("admin listening on http://{a}/");
                 admin_addr = Some(a);
             }
-            let task = tokio::spawn(crate::admin::serve(
+            let task = tokio::spawn(admin_server.serve(
                 sock,
                 shared.clone(),
                 token,
@@ -613,7 +639,7 @@ impl Shared {
         // anything changes.
         let tls = match build_tls(&cfg, Some(&live)) {
             Ok(t) => t,
-            Err(e) => return ReloadOutcome::Rejected(vec![e]),
+            Err(e) => return ReloadOutcome::Rejected(vec![e.to_string()]),
         };
 
         // An access log file is reopened on every reload, so that log rotation works as
@@ -944,12 +970,22 @@ struct TlsSet {
     upstreams: HashMap<String, Arc<ClientTls>>,
 }
 
+/// Why a config's TLS settings cannot be built (start-up fails, a reload is refused): the
+/// listener or upstream, and what is wrong with its settings.
+#[derive(Debug, thiserror::Error)]
+enum TlsSetError {
+    #[error("listener {name:?}: {error}")]
+    Listener { name: String, error: SetupError },
+    #[error("upstream {name:?}: {error}")]
+    Upstream { name: String, error: SetupError },
+}
+
 /// Builds every listener's and upstream's TLS settings for `cfg`. With `live` (a reload),
 /// a listener whose TLS settings did not change keeps them as they are; one whose
 /// certificates changed gets new ones but keeps its session-resumption state while its
 /// client-certificate settings stay the same; an unchanged upstream keeps its own (and its
 /// sessions with the servers). Warns about certificates that expire soon.
-fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
+fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, TlsSetError> {
     let mut listeners = HashMap::new();
     for lc in &cfg.listeners {
         let ListenerMode::Tls(spec) = &lc.mode else {
@@ -963,8 +999,10 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
             Some(t) => t,
             None => {
                 let keep = prev.and_then(|p| p.tls.as_ref()).map(|t| &t.resumption);
-                let t = ServerTls::new(spec, keep)
-                    .map_err(|e| format!("listener {:?}: {e}", lc.name))?;
+                let t = ServerTls::new(spec, keep).map_err(|error| TlsSetError::Listener {
+                    name: lc.name.clone(),
+                    error,
+                })?;
                 let keys =
                     std::iter::once(&spec.default_cert).chain(spec.certs.iter().map(|(_, c)| c));
                 for c in keys {
@@ -988,9 +1026,10 @@ fn build_tls(cfg: &Config, live: Option<&Live>) -> Result<TlsSet, String> {
             .and_then(|p| p.pool.tls.clone());
         let t = match prev {
             Some(t) => t,
-            None => {
-                Arc::new(ClientTls::new(spec).map_err(|e| format!("upstream {:?}: {e}", u.name))?)
-            }
+            None => Arc::new(ClientTls::new(spec).map_err(|error| TlsSetError::Upstream {
+                name: u.name.clone(),
+                error,
+            })?),
         };
         // At start and at every reload, changed or not.
         if !spec.verify {
