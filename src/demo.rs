@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use std::time::Duration;
-
-use crate::config::{AccessTarget, Admin, Config, HealthConfig, LogFormat};
+use crate::config::{Config, ConfigErrors, parse_str};
 
 /// The address the demo listener tries first; if taken, an ephemeral port is used.
 pub const DEMO_ADDR: &str = "127.0.0.1:7000";
@@ -55,29 +53,45 @@ pub async fn start_echo_servers(n: usize) -> std::io::Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// The demo's config: one listener in front of `servers` with health checks, the admin
-/// server on `admin`, access log as text on stdout.
-pub fn config(listen: SocketAddr, admin: SocketAddr, servers: Vec<SocketAddr>) -> Config {
-    let mut cfg = Config::quick(vec![listen], servers);
-    cfg.listeners[0].name = "demo".into();
-    cfg.upstreams[0].name = "echo".into();
-    cfg.upstreams[0].health = Some(HealthConfig {
-        active: true,
-        interval: Duration::from_secs(2),
-        timeout: Duration::from_secs(1),
-        rise: 2,
-        fall: 3,
-        send: None,
-        expect: Some(b"hello from echo".to_vec()),
-        passive: None,
-        fail_open: false,
-        send_proxy: false,
-    });
-    cfg.admin = Some(Admin {
-        listen: admin,
-        token: None,
-    });
-    cfg.log.access = AccessTarget::Stdout;
-    cfg.log.format = LogFormat::Text;
-    cfg
+/// The demo's config as a file would say it: one listener in front of `servers` with
+/// health checks, the admin server on `admin`, access log as text on stdout.
+pub fn config_text(listen: SocketAddr, admin: SocketAddr, servers: &[SocketAddr]) -> String {
+    let servers: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        r#"[admin]
+listen = "{admin}"
+
+[log]
+access = "stdout"
+format = "text"
+
+[[listener]]
+name = "demo"
+listen = "{listen}"
+upstream = "echo"
+
+[[upstream]]
+name = "echo"
+servers = [{servers}]
+
+[upstream.health]
+interval = "2s"
+timeout = "1s"
+expect = "hello from echo"
+"#,
+        servers = servers.join(", ")
+    )
+}
+
+/// The demo's config ([`config_text`]), read by the config parser.
+pub fn config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    servers: &[SocketAddr],
+) -> Result<Config, ConfigErrors> {
+    parse_str(
+        &config_text(listen, admin, servers),
+        "(demo)",
+        std::path::Path::new("."),
+    )
 }

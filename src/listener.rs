@@ -291,6 +291,41 @@ pub struct Bound {
     pub socket: std::net::TcpListener,
 }
 
+/// Where listening sockets come from: the system ([`SystemBinder`]), or, in tests, sockets
+/// made or refused on purpose; the runtime binds every listener (at start and at reloads)
+/// through the one it was given.
+pub trait Binder: Send + Sync {
+    /// A listening socket on `addr`, non-blocking and not yet registered with a runtime.
+    /// `reuse_port`: SO_REUSEPORT, so that other sockets may bind the same address;
+    /// `transparent`: IP_TRANSPARENT (TPROXY). `exclusive`: the address must not be in
+    /// use by any other socket, even one with SO_REUSEPORT (`AddrInUse` if it is).
+    fn bind(
+        &self,
+        addr: SocketAddr,
+        reuse_port: bool,
+        transparent: bool,
+        exclusive: bool,
+    ) -> io::Result<std::net::TcpListener>;
+}
+
+/// Binds with the system's sockets.
+pub struct SystemBinder;
+
+impl Binder for SystemBinder {
+    fn bind(
+        &self,
+        addr: SocketAddr,
+        reuse_port: bool,
+        transparent: bool,
+        exclusive: bool,
+    ) -> io::Result<std::net::TcpListener> {
+        if exclusive {
+            crate::net::check_free(addr)?;
+        }
+        crate::net::bind_listener(addr, reuse_port, transparent)
+    }
+}
+
 /// Binds every address of a listener, with a socket for each worker: with `reuse_port`, a
 /// socket of its own per worker (the kernel spreads new connections over them); without,
 /// one socket per address whose descriptor every worker accepts on. Port 0 binds an
@@ -301,6 +336,7 @@ pub struct Bound {
 /// mistake must fail, not quietly take half the connections. Addresses in `own` (held by
 /// this process's current listeners, during a reload) are not checked.
 pub fn bind(
+    binder: &dyn Binder,
     addrs: &[SocketAddr],
     reuse_port: bool,
     transparent: bool,
@@ -309,16 +345,14 @@ pub fn bind(
 ) -> io::Result<Vec<Bound>> {
     let mut out = Vec::new();
     for addr in addrs {
-        if reuse_port && addr.port() != 0 && !own.contains(addr) {
-            crate::net::check_free(*addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        }
-        let first = crate::net::bind_listener(*addr, reuse_port, transparent)
+        let exclusive = reuse_port && addr.port() != 0 && !own.contains(addr);
+        let first = binder
+            .bind(*addr, reuse_port, transparent, exclusive)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let actual = first.local_addr()?;
         for worker in 1..workers.max(1) {
             let socket = if reuse_port {
-                crate::net::bind_listener(actual, true, transparent)?
+                binder.bind(actual, true, transparent, false)?
             } else {
                 first.try_clone()?
             };

@@ -83,7 +83,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let mut cfg = Config::quick(listen, upstream);
+            let mut cfg = match Config::quick(listen, upstream) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            };
             cfg.upstreams[0].balance = balance;
             serve(cfg, None)
         }
@@ -192,7 +198,15 @@ fn serve_on(
         }
     };
     let code = rt.block_on(async {
-        let proxy = match Proxy::start(&cfg, config_path, workers.clone(), &admin::Server).await {
+        let proxy = match Proxy::start(
+            &cfg,
+            config_path,
+            workers.clone(),
+            &admin::Server,
+            Arc::new(ferry::listener::SystemBinder),
+        )
+        .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("{e}");
@@ -235,7 +249,13 @@ fn demo() -> ExitCode {
     // Take the well-known demo ports if they are free, else any port.
     let listen = ferry::demo::free_or_ephemeral(ferry::demo::DEMO_ADDR);
     let admin = ferry::demo::free_or_ephemeral(ferry::demo::DEMO_ADMIN_ADDR);
-    let cfg = ferry::demo::config(listen, admin, servers);
+    let cfg = match ferry::demo::config(listen, admin, &servers) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ferry demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
     serve_on(rt, cfg, None, |proxy| {
         let addr = proxy.bound[0].1;
         println!("started ferry listener \"demo\" on {addr}, round robin over the echo servers");

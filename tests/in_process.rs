@@ -12,26 +12,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::echo_server;
+use ferry::listener::{Binder, SystemBinder};
 use ferry::observe::Outcome;
-use ferry::runtime::{Proxy, Stopped};
+use ferry::runtime::{Proxy, ReloadOutcome, Stopped};
 use ferry::workers::Workers;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::sleep;
 
-/// Starts the proxy of `text` (with the access log off) on the current runtime.
-async fn start(text: &str) -> Proxy {
+/// `text` (with the access log off), parsed.
+fn parse(text: &str) -> ferry::config::Config {
     let text = format!("[log]\naccess = \"off\"\n{text}");
-    let cfg = ferry::config::parse_str(&text, "test.toml", std::path::Path::new("/"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    ferry::config::parse_str(&text, "test.toml", std::path::Path::new("/"))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts the proxy of `text` on the current runtime, binding through `binder`.
+async fn start_with(text: &str, binder: Arc<dyn Binder>) -> std::io::Result<Proxy> {
     Proxy::start(
-        &cfg,
+        &parse(text),
         None,
         Arc::new(Workers::on_current_runtime()),
         &ferry::admin::Server,
+        binder,
     )
     .await
-    .expect("start the proxy")
+}
+
+/// Starts the proxy of `text` (with the access log off) on the current runtime.
+async fn start(text: &str) -> Proxy {
+    start_with(text, Arc::new(SystemBinder))
+        .await
+        .expect("start the proxy")
 }
 
 fn listener_stats(p: &Proxy, i: usize) -> Arc<ferry::observe::ListenerStats> {
@@ -206,4 +218,139 @@ async fn drain_waits_for_open_connections_until_its_timeout() {
     assert_eq!(stopped, Stopped::TimedOut);
     assert!(closed(&staying));
     assert_eq!(listener_stats(&p, 0).finished(Outcome::Drained), 1);
+}
+
+/// Binds with the system's sockets, except on the ports in `refuse` (as if the address
+/// were not available), and remembers every address it bound.
+struct FaultyBinder {
+    refuse: Vec<u16>,
+    bound: std::sync::Mutex<Vec<SocketAddr>>,
+}
+
+impl FaultyBinder {
+    fn new(refuse: &[u16]) -> Arc<FaultyBinder> {
+        Arc::new(FaultyBinder {
+            refuse: refuse.to_vec(),
+            bound: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn bound(&self) -> Vec<SocketAddr> {
+        self.bound.lock().unwrap().clone()
+    }
+}
+
+impl Binder for FaultyBinder {
+    fn bind(
+        &self,
+        addr: SocketAddr,
+        reuse_port: bool,
+        transparent: bool,
+        exclusive: bool,
+    ) -> std::io::Result<std::net::TcpListener> {
+        if self.refuse.contains(&addr.port()) {
+            return Err(std::io::ErrorKind::AddrNotAvailable.into());
+        }
+        let s = SystemBinder.bind(addr, reuse_port, transparent, exclusive)?;
+        self.bound.lock().unwrap().push(addr);
+        Ok(s)
+    }
+}
+
+/// A port nothing listens on now (bound, then closed).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// True if `port` on loopback can be bound now: nothing holds it.
+fn is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+const TWO_LISTENERS: &str = r#"
+[[listener]]
+name = "a"
+listen = "127.0.0.1:PORT_A"
+upstream = "echo"
+
+[[listener]]
+name = "b"
+listen = "127.0.0.1:PORT_B"
+upstream = "echo"
+
+[[upstream]]
+name = "echo"
+servers = ["ECHO"]
+"#;
+
+fn two_listeners(a: u16, b: u16, echo: SocketAddr) -> String {
+    TWO_LISTENERS
+        .replace("PORT_A", &a.to_string())
+        .replace("PORT_B", &b.to_string())
+        .replace("ECHO", &echo.to_string())
+}
+
+/// A start that cannot bind one address fails, and leaves nothing bound: the address
+/// bound before it is closed again.
+#[tokio::test]
+async fn start_that_cannot_bind_leaves_nothing_bound() {
+    let echo = echo_server().await;
+    let (a, b) = (free_port(), free_port());
+    let binder = FaultyBinder::new(&[b]);
+    let e = start_with(&two_listeners(a, b, echo), binder.clone())
+        .await
+        .err()
+        .expect("the start fails");
+    assert!(
+        e.to_string()
+            .contains(&format!("cannot listen on 127.0.0.1:{b}")),
+        "{e}"
+    );
+    assert_eq!(binder.bound(), vec![SocketAddr::from(([127, 0, 0, 1], a))]);
+    assert!(is_free(a), "127.0.0.1:{a} was left bound");
+}
+
+/// A reload that cannot bind one of its new addresses is rejected, leaves nothing bound
+/// (the new address bound before the failure is closed again) and changes nothing: the
+/// running listener still serves.
+#[tokio::test]
+async fn reload_that_cannot_bind_leaves_nothing_bound() {
+    let echo = echo_server().await;
+    let (a, b) = (free_port(), free_port());
+    let binder = FaultyBinder::new(&[b]);
+    let p = start_with(&config(echo, "", ""), binder.clone())
+        .await
+        .expect("start");
+    let running = p.bound[0].1;
+    let before = binder.bound().len();
+    // The running listener as it is, and two new ones.
+    let mut text = config(echo, "", "");
+    text.push_str(
+        two_listeners(a, b, echo)
+            .split("[[upstream]]")
+            .next()
+            .unwrap(),
+    );
+    match p.shared.apply(parse(&text)).await {
+        ReloadOutcome::Rejected(errors) => assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(&format!("cannot listen on 127.0.0.1:{b}"))),
+            "{errors:?}"
+        ),
+        ReloadOutcome::Applied(changes) => panic!("applied: {changes:?}"),
+    }
+    assert_eq!(
+        binder.bound()[before..],
+        [SocketAddr::from(([127, 0, 0, 1], a))],
+        "what the reload bound"
+    );
+    assert!(is_free(a), "127.0.0.1:{a} was left bound");
+    assert_eq!(p.shared.view.load().listeners.len(), 1);
+    let mut c = TcpStream::connect(running).await.unwrap();
+    round_trip(&mut c, b"still served").await;
 }

@@ -690,51 +690,24 @@ impl Config {
         parse_str(&text, &path.display().to_string(), base)
     }
 
-    /// The quick-mode config: one listener on `listen`, one round-robin pool of `servers`.
-    pub fn quick(listen: Vec<SocketAddr>, servers: Vec<SocketAddr>) -> Config {
-        Config {
-            global: Global::default(),
-            admin: None,
-            log: LogConfig::default(),
-            listeners: vec![Listener {
-                name: "quick".into(),
-                listen,
-                mode: ListenerMode::Tcp,
-                upstream: Some(0),
-                routes: Vec::new(),
-                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
-                idle_timeout: DEFAULT_IDLE_TIMEOUT,
-                max_connections: None,
-                reuse_port: true,
-                allow: None,
-                deny: Vec::new(),
-                per_client: None,
-                proxy_protocol: None,
-                buffers: SocketBuffers::default(),
-            }],
-            upstreams: vec![Upstream {
-                name: "quick".into(),
-                balance: Balance::RoundRobin,
-                servers: servers
-                    .into_iter()
-                    .map(|addr| ServerSpec {
-                        addr: ServerAddr::Ip(addr),
-                        weight: 1,
-                        backup: false,
-                    })
-                    .collect(),
-                resolve_interval: DEFAULT_RESOLVE_INTERVAL,
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                retries: DEFAULT_RETRIES,
-                max_connections_per_server: None,
-                queue: None,
-                sticky: None,
-                health: None,
-                tcp: TcpOptions::default(),
-                proxy_protocol: None,
-                tls: None,
-            }],
-        }
+    /// The quick-mode config: one listener on `listen`, one round-robin pool of `servers`,
+    /// everything else at its default. Made by the config parser from the file it stands
+    /// for, so quick mode and a config file cannot disagree on a default.
+    pub fn quick(
+        listen: Vec<SocketAddr>,
+        servers: Vec<SocketAddr>,
+    ) -> Result<Config, ConfigErrors> {
+        let list = |addrs: Vec<SocketAddr>| {
+            let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+            quoted.join(", ")
+        };
+        let text = format!(
+            "[[listener]]\nname = \"quick\"\nlisten = [{}]\nupstream = \"quick\"\n\n\
+             [[upstream]]\nname = \"quick\"\nservers = [{}]\n",
+            list(listen),
+            list(servers)
+        );
+        parse_str(&text, "(command line)", Path::new("."))
     }
 
     /// A one-paragraph summary for `ferry check`.

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Users;
 use crate::config::{self, Config, ListenerMode};
 use crate::frontend::{Forwarding, FrontEnd, Transparent};
-use crate::listener::{self, Bound, Gate, ListenerCtx, Slot};
+use crate::listener::{self, Binder, Bound, Gate, ListenerCtx, Slot};
 use crate::observe::{AccessLog, ListenerStats, Logs};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
@@ -82,6 +82,8 @@ pub struct Shared {
     admin_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// What every access log opened shares: dropped records, writer threads.
     logs: Arc<Logs>,
+    /// Where listening sockets come from, at start and at reloads.
+    binder: Arc<dyn Binder>,
 }
 
 /// The parts of the running proxy that only reload and drain change.
@@ -228,13 +230,10 @@ fn open_log(cfg: &Config, logs: &Arc<Logs>) -> io::Result<Arc<AccessLog>> {
     })
 }
 
-fn bind_all(lc: &config::Listener, workers: usize, own: &[SocketAddr]) -> io::Result<Vec<Bound>> {
-    listener::bind(&lc.listen, lc.reuse_port, tproxy(lc), workers, own)
-}
-
 impl Proxy {
-    /// Builds the runtime objects and binds every listener; `workers` accept and serve the
-    /// connections. With `[admin]`, binds `admin_server` too and serves it. Must run inside
+    /// Builds the runtime objects and binds every listener through `binder` (now and at
+    /// reloads); `workers` accept and serve the connections. With `[admin]`, binds
+    /// `admin_server` too and serves it. Must run inside
     /// a tokio runtime: the control plane (admin server, health checks, DNS, housekeeping,
     /// reload) runs on it.
     ///
@@ -245,6 +244,7 @@ impl Proxy {
         config_path: Option<PathBuf>,
         workers: Arc<Workers>,
         admin_server: &dyn AdminServer,
+        binder: Arc<dyn Binder>,
     ) -> io::Result<Proxy> {
         let logs = Arc::new(Logs::default());
         let access_log = open_log(cfg, &logs)?;
@@ -267,7 +267,14 @@ impl Proxy {
         // starts nothing.
         let mut sockets = Vec::new();
         for lc in &cfg.listeners {
-            sockets.push(bind_all(lc, n_workers, &[])?);
+            sockets.push(listener::bind(
+                &*binder,
+                &lc.listen,
+                lc.reuse_port,
+                tproxy(lc),
+                n_workers,
+                &[],
+            )?);
         }
         let admin = match &cfg.admin {
             Some(a) => Some((admin_server.bind(a.listen).await?, a.token.clone())),
@@ -307,6 +314,7 @@ impl Proxy {
             admin_addr,
             admin_task: std::sync::Mutex::new(None),
             logs,
+            binder,
         });
 
         let mut bound = Vec::new();
@@ -671,7 +679,14 @@ impl Shared {
             if wanted.is_empty() {
                 continue;
             }
-            match listener::bind(wanted, lc.reuse_port, tproxy(lc), workers, &own) {
+            match listener::bind(
+                &*self.binder,
+                wanted,
+                lc.reuse_port,
+                tproxy(lc),
+                workers,
+                &own,
+            ) {
                 Ok(s) => {
                     new_sockets.insert(lc.name.clone(), s);
                 }
