@@ -82,7 +82,7 @@ pub fn admit(
 /// loop already checked the client (without a PROXY header to read).
 ///
 /// Written as a function returning an `async move` block, and with the set-up's result
-/// split at once into the two ends and a [`Ledger`], so that an open connection's task
+/// split at once into the two ends and a `Ledger`, so that an open connection's task
 /// keeps each value once: its size is most of what an idle connection costs. (As an
 /// `async fn`, parameters that are moved later are kept twice, as the argument and as the
 /// local bound to it.)

@@ -3,11 +3,11 @@
 //!
 //! - Up to [`KEEP`] connections are kept; a new one beyond that closes the connection that
 //!   has been idle longest (between requests, or still sending its first one). Only when
-//!   [`MAX_OPEN`] connections are all in the middle of a request is a new one closed.
-//! - A request head must arrive within [`HEADER_TIMEOUT`] of the connection opening or of
+//!   `MAX_OPEN` connections are all in the middle of a request is a new one closed.
+//! - A request head must arrive within `HEADER_TIMEOUT` of the connection opening or of
 //!   the previous response (so an idle connection closes then too), and fit
 //!   [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`]; a response that cannot be written for
-//!   [`WRITE_TIMEOUT`] ends its connection; a connection serves at most [`MAX_REQUESTS`]
+//!   `WRITE_TIMEOUT` ends its connection; a connection serves at most [`MAX_REQUESTS`]
 //!   requests.
 //! - At shutdown, idle connections close, requests in progress finish (up to
 //!   [`SHUTDOWN_GRACE`]), and [`serve`] returns only then.
@@ -54,12 +54,12 @@ pub struct Stats {
     pub open: AtomicU64,
     /// Closed to make room for a new connection.
     pub evicted: AtomicU64,
-    /// Closed without a whole request head within [`HEADER_TIMEOUT`] (idle, or slow).
+    /// Closed without a whole request head within `HEADER_TIMEOUT` (idle, or slow).
     pub timeout: AtomicU64,
     /// Closed because the client sent a bad or oversized request head, or did not read
-    /// its response within [`WRITE_TIMEOUT`].
+    /// its response within `WRITE_TIMEOUT`.
     pub failed: AtomicU64,
-    /// New connections closed at once: [`MAX_OPEN`] all busy.
+    /// New connections closed at once: `MAX_OPEN` all busy.
     pub refused: AtomicU64,
 }
 

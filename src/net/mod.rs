@@ -156,7 +156,7 @@ pub fn close_with_reset<S: std::os::fd::AsFd>(sock: S) {
 }
 
 /// Sets a socket's send and receive buffers to their starting sizes (which also ends the
-/// kernel's autotuning of them, until [`unlock_buffers`]); `"auto"` leaves one to the kernel.
+/// kernel's autotuning of them, until `unlock_buffers`); `"auto"` leaves one to the kernel.
 pub fn set_buffers(
     sock: &impl std::os::fd::AsFd,
     b: crate::config::SocketBuffers,

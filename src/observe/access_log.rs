@@ -213,7 +213,7 @@ impl Logs {
     }
 }
 
-/// The access-log sink. Cheap to share (`Arc`); [`AccessLog::close`] flushes it.
+/// The access-log sink. Cheap to share (`Arc`); [`AccessLog::flush`] writes out what is queued.
 pub struct AccessLog {
     format: LogFormat,
     /// `[log] interval`: progress records for long connections.

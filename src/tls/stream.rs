@@ -12,8 +12,8 @@
 //!   delivered before anything else is read.
 //!
 //! An idle session therefore holds only rustls's connection state (keys, the handshake
-//! outcome). Handshake and data path share one state machine ([`TlsStream::pump`]); every
-//! state rustls can report is handled in one place ([`handle`]).
+//! outcome). Handshake and data path share one state machine (`TlsStream::pump`); every
+//! state rustls can report is handled in one place (`handle`).
 
 use std::cell::RefCell;
 use std::io::{self, Write};

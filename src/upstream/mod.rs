@@ -298,7 +298,7 @@ impl balance::Servers for View<'_> {
 }
 
 impl Pool {
-    /// Builds a pool. Servers given by name are added by [`Pool::resolve`], which the
+    /// Builds a pool. Servers given by name are added by [`dns::resolve_all`], which the
     /// runtime calls before accepting connections and then every `resolve_interval`.
     ///
     /// With `old` (a reload), servers that stay keep their `Server` object, and with it
