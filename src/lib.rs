@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod session;
 pub mod socks_udp;
 pub mod tls;
+pub mod udp;
 pub mod upstream;
 pub mod wire;
 pub mod workers;
