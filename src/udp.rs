@@ -215,6 +215,7 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
         let id = next_id;
         next_id += 1;
         let started = Instant::now();
+        let started_at = SystemTime::now();
         if let Err(why) = send(&server, data) {
             report.dropped(why);
         }
@@ -248,7 +249,7 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                 client,
                 server: server_addr,
                 guard,
-                started: SystemTime::now() - started.elapsed(),
+                started: started_at,
                 duration: started.elapsed(),
                 datagrams_up: counts.0,
                 datagrams_down: counts.1,
@@ -308,6 +309,9 @@ impl Session {
         let (mut down, mut down_bytes) = (0u64, 0u64);
         let mut last_down_ms = 0u64;
         let idle = self.settings.idle_timeout;
+        // One timer for the session's life, moved only when its deadline does.
+        let sleep = tokio::time::sleep_until(after(self.started, idle));
+        tokio::pin!(sleep);
         let end = loop {
             // Idle since the later of the last datagram each way.
             let last = self.up.last_ms.load(Relaxed).max(last_down_ms);
@@ -318,9 +322,12 @@ impl Session {
             if self.done(down) {
                 break (Outcome::Ok, None);
             }
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
             tokio::select! {
                 () = stop.cancelled() => break (Outcome::Drained, None),
-                () = tokio::time::sleep_until(deadline) => continue,
+                () = &mut sleep => continue,
                 // ERROR too: an ICMP error (port unreachable) makes the socket neither
                 // readable nor writable, only erroneous.
                 r = self.server.ready(Interest::READABLE | Interest::ERROR) => match r {
