@@ -1,13 +1,18 @@
 //! UDP listeners: one session per client address (IP and port), relaying datagrams
 //! unchanged between the client and one server.
 //!
-//! A worker serves each of its listening sockets with [`serve`]. The first datagram from a
-//! client address asks the listener's [`Route`] for a server (the pool's balancer, so every
-//! `balance` applies and a session counts as a connection on its server), opens a socket
-//! connected to that server, and spawns the session's task, which passes replies back to
-//! the client from the listening socket. Later datagrams from that address go straight to
-//! the session's socket. With `SO_REUSEPORT`, the kernel hashes a client's datagrams to the
-//! same socket every time, so each worker's session table is its own: no lock is shared.
+//! A worker serves each of its listening sockets with [`serve`], reading datagrams in
+//! batches (`recvmmsg`, and UDP GRO where the kernel has it, through `quinn-udp`, which
+//! also reports the address each datagram was sent to). The first datagram from a client
+//! address asks the listener's [`Route`] whether it may start a session and with which
+//! server (the ACL and limits, then the pool's balancer, so every `balance` applies and a
+//! session counts as a connection on its server), opens a socket connected to that server,
+//! and spawns the session's task, which passes replies back to the client from the
+//! listening socket, from the address the client sent to (`IP_PKTINFO`/`IPV6_PKTINFO`, for
+//! a listener bound to a wildcard address). Later datagrams from that address go straight
+//! to the session's socket. With `SO_REUSEPORT`, the kernel hashes a client's datagrams to
+//! the same socket every time, so each worker's session table is its own: no lock is
+//! shared.
 //!
 //! A session ends after `idle_timeout` without a datagram either way; with `responses = N`,
 //! once it has had N replies for every datagram the client sent (DNS: 1), which is `ok`;
@@ -16,19 +21,20 @@
 //! idle timeout. A server that answers with ICMP port unreachable ends it as
 //! `connect_failed`.
 //!
-//! Datagrams are received into one buffer per listening socket and one per worker thread
+//! Datagrams are received into buffers of the listening socket and one per worker thread
 //! for replies, each large enough for any UDP datagram (so none is ever truncated), and
 //! sent on at once: nothing is allocated per datagram, and a datagram the other side
 //! cannot take now (its socket buffer is full) is dropped and counted, as a router would.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -41,12 +47,18 @@ use crate::observe::Outcome;
 /// Large enough for any UDP payload (IPv4: 65,507 bytes; IPv6 without jumbograms: 65,527).
 pub const MAX_DATAGRAM: usize = 65_536;
 
+/// Datagrams read from a listening socket per `recvmmsg`.
+const BATCH: usize = 32;
+
+/// Batches read from a listening socket per wake-up before the worker's other tasks run.
+const BATCHES_PER_WAKE: usize = 8;
+
 thread_local! {
     /// Replies are read here and sent on at once.
     static REPLY: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
 }
 
-/// A UDP listener's session settings.
+/// How a UDP listener's sessions end (read when a session starts; it keeps them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
     /// No datagram either way for this long ends a session.
@@ -56,30 +68,90 @@ pub struct Settings {
     /// Client datagrams per session: after this many, the client's next datagram starts a
     /// new session.
     pub requests: Option<u32>,
-    /// Sessions at once on one listening socket; a datagram that would start another is
-    /// dropped.
-    pub max_sessions: usize,
 }
 
-/// Why a datagram was dropped.
+/// Why a datagram was dropped (the `reason` label of `ferry_udp_dropped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
-    /// It would have started a session beyond `max_sessions`.
+    /// The client is not allowed (`allow`/`deny`).
+    Denied,
+    /// It would have started a session beyond `max_sessions` (the listener's or the global
+    /// limit).
     SessionLimit,
-    /// No server for a new session (the route refused; it says why).
+    /// It would have started a session beyond the client's `per_client` limits.
+    ClientLimit,
+    /// The client is over its `per_client` datagram rate.
+    Rate,
+    /// No server for a new session: none up, or every one full.
     NoServer,
+    /// The listener is stopping: no new sessions.
+    Stopping,
     /// The socket it was to leave by had no room for it.
     Full,
     /// Sending it failed.
     SendFailed,
 }
 
-/// Picks the server for a new session; what it returns is held for the session's life
-/// (a pool's server guard: the session counts as a connection on its server).
+impl Dropped {
+    pub const ALL: [Dropped; 8] = [
+        Dropped::Denied,
+        Dropped::SessionLimit,
+        Dropped::ClientLimit,
+        Dropped::Rate,
+        Dropped::NoServer,
+        Dropped::Stopping,
+        Dropped::Full,
+        Dropped::SendFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::Denied => "denied",
+            Dropped::SessionLimit => "session_limit",
+            Dropped::ClientLimit => "client_limit",
+            Dropped::Rate => "rate",
+            Dropped::NoServer => "no_server",
+            Dropped::Stopping => "stopping",
+            Dropped::Full => "full",
+            Dropped::SendFailed => "send_failed",
+        }
+    }
+
+    /// The access-log `result` of a session this refused, if it refuses one.
+    pub fn outcome(self) -> Option<Outcome> {
+        match self {
+            Dropped::Denied => Some(Outcome::Denied),
+            Dropped::SessionLimit | Dropped::ClientLimit | Dropped::Rate => Some(Outcome::Limited),
+            Dropped::NoServer => Some(Outcome::NoServer),
+            Dropped::Stopping | Dropped::Full | Dropped::SendFailed => None,
+        }
+    }
+}
+
+/// A new session, as the [`Route`] starts it.
+pub struct Admitted<G> {
+    pub server: SocketAddr,
+    /// Held for the session's life (the pool's server guard, the limits' permits).
+    pub guard: G,
+    pub settings: Settings,
+    /// A PROXY protocol v2 header to put before the session's first datagram, or before
+    /// every one.
+    pub header: Option<(Vec<u8>, bool)>,
+}
+
+/// Starts sessions: a listener's limits and its pool.
 pub trait Route: Send + Sync + 'static {
-    type Guard: Send + 'static;
-    /// The server for a session of `client`, or why there is none.
-    fn route(&self, client: SocketAddr) -> Result<(SocketAddr, Self::Guard), Outcome>;
+    type Guard: Send + Sync + 'static;
+    /// A session for `client`, which sent to `local`: its server, or why there is none.
+    fn admit(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Admitted<Self::Guard>, Dropped>;
+    /// Whether a datagram of a session of `client` may pass (`per_client.rate`).
+    fn pass(&self, _client: SocketAddr) -> bool {
+        true
+    }
 }
 
 /// A session that ended, for its access-log record and the counters.
@@ -99,13 +171,67 @@ pub struct Ended<G> {
     pub reason: Option<String>,
 }
 
-/// What a listening socket's sessions report: each ended session, and each datagram
-/// dropped. Called on the worker that serves the socket.
+/// Which way a datagram went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to server.
+    Up,
+    /// Server to client.
+    Down,
+}
+
+/// What a listening socket's sessions report. Called on the worker that serves the socket.
 pub trait Report<G>: Send + Sync + 'static {
     fn ended(&self, session: Ended<G>);
-    fn dropped(&self, why: Dropped);
-    /// A session of `client` could not start: no server (`outcome` says why).
-    fn refused(&self, client: SocketAddr, outcome: Outcome);
+    /// A datagram of `client` was dropped.
+    fn dropped(&self, client: SocketAddr, why: Dropped);
+    /// A datagram of `bytes` was passed on.
+    fn relayed(&self, way: Direction, bytes: usize);
+}
+
+/// A listening socket: registered with the worker that serves it.
+pub struct Listening {
+    sock: UdpSocket,
+    state: UdpSocketState,
+    local: SocketAddr,
+    /// Bound to a wildcard address: each reply names its source address.
+    wildcard: bool,
+}
+
+impl Listening {
+    /// Registers `sock` with the current runtime, for batched reads that report where each
+    /// datagram was sent to.
+    pub fn new(sock: std::net::UdpSocket) -> io::Result<Listening> {
+        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        let local = sock.local_addr()?;
+        crate::net::allow_fragments(&sock, local)?;
+        Ok(Listening {
+            sock: UdpSocket::from_std(sock)?,
+            state,
+            local,
+            wildcard: local.ip().is_unspecified(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Sends `data` to `to` from `from` (the address it sent to) now, or says why not.
+    fn reply(&self, to: SocketAddr, from: Option<IpAddr>, data: &[u8]) -> Result<(), Dropped> {
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: from.filter(|_| self.wildcard),
+        };
+        match self.state.try_send(UdpSockRef::from(&self.sock), &t) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Dropped::Full),
+            Err(_) => Err(Dropped::SendFailed),
+        }
+    }
 }
 
 /// The client-side half of a session's counters; the session's task keeps the rest.
@@ -126,77 +252,164 @@ struct Binding {
     started: Instant,
     /// Tells the session's end from a later session of the same address.
     id: u64,
+    /// A PROXY header to put before every datagram.
+    header: Option<Box<[u8]>>,
+    requests: Option<u32>,
 }
 
-/// Serves one listening socket until `stop`: sessions are created, fed and ended as above.
-/// Returns when `stop` is cancelled; the sessions end then too (`drained`).
+/// Tells [`serve`] when to stop.
+#[derive(Clone, Default)]
+pub struct Stop {
+    /// No new sessions: the socket is served until its sessions have ended, then closed.
+    pub sessions: CancellationToken,
+    /// Everything ends now (`drained`).
+    pub now: CancellationToken,
+}
+
+/// Serves one listening socket: sessions are created, fed and ended as above. Once
+/// `stop.sessions` is cancelled, new clients' datagrams are dropped and it returns when
+/// the last session has ended; `stop.now` ends every session (`drained`). It returns only
+/// once every session it started has reported its end.
 pub async fn serve<R: Route, P: Report<R::Guard>>(
-    sock: Arc<UdpSocket>,
-    settings: Settings,
+    listening: Arc<Listening>,
     route: Arc<R>,
     report: Arc<P>,
-    stop: CancellationToken,
+    stop: Stop,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
-    let mut sessions: HashMap<SocketAddr, Binding> = HashMap::new();
-    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
-    let mut next_id = 0u64;
+    let mut bufs = vec![0u8; BATCH * MAX_DATAGRAM].into_boxed_slice();
+    let mut meta = [RecvMeta::default(); BATCH];
+    let mut s = Serving {
+        listening,
+        route,
+        report,
+        sessions: HashMap::new(),
+        live: 0,
+        next_id: 0,
+        stop: stop.clone(),
+        ended: mpsc::unbounded_channel(),
+    };
     loop {
-        let (n, client) = tokio::select! {
+        if s.stopping() && s.live == 0 {
+            return;
+        }
+        tokio::select! {
             biased;
-            () = stop.cancelled() => return,
-            Some((client, id)) = ended_rx.recv() => {
-                if sessions.get(&client).is_some_and(|b| b.id == id) {
-                    sessions.remove(&client);
+            Some((client, id)) = s.ended.1.recv() => {
+                s.live -= 1;
+                if s.sessions.get(&client).is_some_and(|b| b.id == id) {
+                    s.sessions.remove(&client);
                 }
                 continue;
             }
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                // An ICMP error for an earlier reply, or a transient failure: the socket
-                // itself goes on.
-                Err(_) => continue,
-            },
-        };
-        let data = &buf[..n];
-        if sessions
+            // Told to stop: sessions end (at once, for `now`); their reports are awaited
+            // above.
+            () = stop.now.cancelled(), if !stop.now.is_cancelled() => continue,
+            () = stop.sessions.cancelled(), if !stop.sessions.is_cancelled() => continue,
+            r = s.listening.sock.readable() => if r.is_err() { continue },
+        }
+        for _ in 0..BATCHES_PER_WAKE {
+            let mut slices: [IoSliceMut<'_>; BATCH] = {
+                let mut chunks = bufs.chunks_mut(MAX_DATAGRAM);
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
+            };
+            let l = &s.listening;
+            let n = match l.sock.try_io(Interest::READABLE, || {
+                l.state
+                    .recv(UdpSockRef::from(&l.sock), &mut slices, &mut meta)
+            }) {
+                Ok(n) => n,
+                // Nothing more; or an ICMP error for an earlier reply, or a transient
+                // failure: the socket itself goes on.
+                Err(_) => break,
+            };
+            for (m, buf) in meta.iter().zip(slices.iter()).take(n) {
+                // With GRO, one read holds several datagrams of `stride` bytes each.
+                let stride = m.stride.max(1);
+                for data in buf[..m.len].chunks(stride) {
+                    s.datagram(data, m.addr, m.dst_ip);
+                }
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+    }
+}
+
+/// A session's end as its task tells the socket's loop: its client and id.
+type Ends = (SocketAddr, u64);
+
+/// One listening socket's state while it is served.
+struct Serving<R: Route, P> {
+    listening: Arc<Listening>,
+    route: Arc<R>,
+    report: Arc<P>,
+    sessions: HashMap<SocketAddr, Binding>,
+    /// Sessions started and not yet reported ended.
+    live: usize,
+    next_id: u64,
+    stop: Stop,
+    /// Sessions report their end here: (client, session id).
+    ended: (mpsc::UnboundedSender<Ends>, mpsc::UnboundedReceiver<Ends>),
+}
+
+impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
+    /// No new sessions.
+    fn stopping(&self) -> bool {
+        self.stop.sessions.is_cancelled() || self.stop.now.is_cancelled()
+    }
+
+    /// A datagram from `client`, sent to `dst` (when the socket is bound to a wildcard).
+    fn datagram(&mut self, data: &[u8], client: SocketAddr, dst: Option<IpAddr>) {
+        let n = data.len();
+        if self
+            .sessions
             .get(&client)
             .is_some_and(|b| b.up.closed.load(Relaxed))
         {
-            sessions.remove(&client);
+            self.sessions.remove(&client);
         }
-        if let Some(b) = sessions.get(&client) {
+        if let Some(b) = self.sessions.get(&client) {
+            if !self.route.pass(client) {
+                self.report.dropped(client, Dropped::Rate);
+                return;
+            }
             let up = &b.up;
             let count = up.datagrams.fetch_add(1, Relaxed) + 1;
             up.bytes.fetch_add(n as u64, Relaxed);
             up.last_ms.store(millis(b.started.elapsed()), Relaxed);
-            if let Err(why) = send(&b.server, data) {
-                report.dropped(why);
+            match send(&b.server, b.header.as_deref(), data) {
+                Ok(()) => self.report.relayed(Direction::Up, n),
+                Err(why) => self.report.dropped(client, why),
             }
-            if settings.requests.is_some_and(|r| count >= u64::from(r)) {
-                sessions.remove(&client);
+            if b.requests.is_some_and(|r| count >= u64::from(r)) {
+                self.sessions.remove(&client);
             }
-            continue;
+            return;
         }
-        if sessions.len() >= settings.max_sessions {
-            report.dropped(Dropped::SessionLimit);
-            continue;
+        if self.stopping() {
+            self.report.dropped(client, Dropped::Stopping);
+            return;
         }
-        let (server_addr, guard) = match route.route(client) {
-            Ok(r) => r,
-            Err(outcome) => {
-                report.refused(client, outcome);
-                report.dropped(Dropped::NoServer);
-                continue;
+        let local = SocketAddr::new(
+            dst.unwrap_or(self.listening.local.ip()),
+            self.listening.local.port(),
+        );
+        let a = match self.route.admit(client, local) {
+            Ok(a) => a,
+            Err(why) => {
+                self.report.dropped(client, why);
+                return;
             }
         };
-        let server = match connect(server_addr) {
+        let settings = a.settings;
+        let server = match connect(a.server) {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                report.ended(Ended {
+                self.report.ended(Ended {
                     client,
-                    server: server_addr,
-                    guard,
+                    server: a.server,
+                    guard: a.guard,
                     started: SystemTime::now(),
                     duration: Duration::ZERO,
                     datagrams_up: 0,
@@ -206,45 +419,55 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                     outcome: Outcome::ConnectFailed,
                     reason: Some(e.to_string()),
                 });
-                continue;
+                return;
             }
         };
         let up = Arc::new(Up::default());
         up.datagrams.store(1, Relaxed);
         up.bytes.store(n as u64, Relaxed);
-        let id = next_id;
-        next_id += 1;
+        let id = self.next_id;
+        self.next_id += 1;
         let started = Instant::now();
         let started_at = SystemTime::now();
-        if let Err(why) = send(&server, data) {
-            report.dropped(why);
+        let (first, every) = match a.header {
+            Some((h, every)) => (Some(h), every),
+            None => (None, false),
+        };
+        match send(&server, first.as_deref(), data) {
+            Ok(()) => self.report.relayed(Direction::Up, n),
+            Err(why) => self.report.dropped(client, why),
         }
         let session = Session {
             client,
+            dst,
             server: server.clone(),
-            listener: sock.clone(),
+            listening: self.listening.clone(),
             up: up.clone(),
             started,
             settings,
         };
         let unbound = settings.requests.is_some_and(|r| r <= 1);
         if !unbound {
-            sessions.insert(
+            self.sessions.insert(
                 client,
                 Binding {
                     server,
                     up,
                     started,
                     id,
+                    header: first.filter(|_| every).map(Vec::into_boxed_slice),
+                    requests: settings.requests,
                 },
             );
         }
-        let report = report.clone();
-        let ended_tx = ended_tx.clone();
-        let stop = stop.clone();
+        self.live += 1;
+        let report = self.report.clone();
+        let ended_tx = self.ended.0.clone();
+        let stop = self.stop.now.clone();
+        let server_addr = a.server;
+        let guard = a.guard;
         tokio::spawn(async move {
-            let (end, counts) = session.run(&stop).await;
-            let _ = ended_tx.send((client, id));
+            let (end, counts) = session.run(&*report, &stop).await;
             report.ended(Ended {
                 client,
                 server: server_addr,
@@ -258,6 +481,7 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                 outcome: end.0,
                 reason: end.1,
             });
+            let _ = ended_tx.send((client, id));
         });
     }
 }
@@ -266,11 +490,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Sends `data` on a connected socket now, or says why not. A direct `send`: a datagram
-/// that cannot go now is dropped, never waited for, so the reactor's idea of the socket's
-/// writability (unknown on a socket just made) does not matter.
-fn send(sock: &UdpSocket, data: &[u8]) -> Result<(), Dropped> {
-    match socket2::SockRef::from(sock).send(data) {
+/// Sends `data` (after `header`, if any) on a connected socket now, or says why not. A
+/// direct `send`: a datagram that cannot go now is dropped, never waited for, so the
+/// reactor's idea of the socket's writability (unknown on a socket just made) does not
+/// matter.
+fn send(sock: &UdpSocket, header: Option<&[u8]>, data: &[u8]) -> Result<(), Dropped> {
+    let s = socket2::SockRef::from(sock);
+    let r = match header {
+        None => s.send(data),
+        Some(h) => s.send_vectored(&[IoSlice::new(h), IoSlice::new(data)]),
+    };
+    match r {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Dropped::Full),
         Err(_) => Err(Dropped::SendFailed),
@@ -294,8 +524,10 @@ fn connect(server: SocketAddr) -> io::Result<UdpSocket> {
 /// One session's task: replies back to the client until it ends.
 struct Session {
     client: SocketAddr,
+    /// Where the client sent to (a wildcard listener): replies leave from there.
+    dst: Option<IpAddr>,
     server: Arc<UdpSocket>,
-    listener: Arc<UdpSocket>,
+    listening: Arc<Listening>,
     up: Arc<Up>,
     started: Instant,
     settings: Settings,
@@ -305,7 +537,11 @@ struct Session {
 type Counts = (u64, u64, u64, u64);
 
 impl Session {
-    async fn run(self, stop: &CancellationToken) -> ((Outcome, Option<String>), Counts) {
+    async fn run<G>(
+        self,
+        report: &impl Report<G>,
+        stop: &CancellationToken,
+    ) -> ((Outcome, Option<String>), Counts) {
         let (mut down, mut down_bytes) = (0u64, 0u64);
         let mut last_down_ms = 0u64;
         let idle = self.settings.idle_timeout;
@@ -352,8 +588,10 @@ impl Session {
                             down += 1;
                             down_bytes += n as u64;
                             // A reply that cannot be sent now is dropped; the client retries.
-                            let _ = socket2::SockRef::from(&*self.listener)
-                                .send_to(&buf[..n], &self.client.into());
+                            match self.listening.reply(self.client, self.dst, &buf[..n]) {
+                                Ok(()) => report.relayed(Direction::Down, n),
+                                Err(why) => report.dropped(self.client, why),
+                            }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                         Err(e) => return Err(e),
@@ -388,31 +626,62 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
 
-    /// Routes every session to one server and counts the sessions.
-    struct To(SocketAddr, AtomicUsize);
+    /// Routes every session to one server, up to `limit` at once, and counts them.
+    struct To {
+        server: SocketAddr,
+        settings: Settings,
+        limit: usize,
+        header: Option<bool>,
+        started: AtomicUsize,
+        active: Arc<AtomicUsize>,
+    }
+
+    /// A session's place under `To`'s limit.
+    #[derive(Debug)]
+    struct Held(Arc<AtomicUsize>);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Relaxed);
+        }
+    }
 
     impl Route for To {
-        type Guard = ();
-        fn route(&self, _client: SocketAddr) -> Result<(SocketAddr, ()), Outcome> {
-            self.1.fetch_add(1, Relaxed);
-            Ok((self.0, ()))
+        type Guard = Held;
+        fn admit(&self, client: SocketAddr, local: SocketAddr) -> Result<Admitted<Held>, Dropped> {
+            if self.active.load(Relaxed) >= self.limit {
+                return Err(Dropped::SessionLimit);
+            }
+            self.active.fetch_add(1, Relaxed);
+            self.started.fetch_add(1, Relaxed);
+            Ok(Admitted {
+                server: self.server,
+                guard: Held(self.active.clone()),
+                settings: self.settings,
+                header: self
+                    .header
+                    .map(|every| (crate::wire::proxy::encode_datagram(client, local), every)),
+            })
         }
     }
 
     #[derive(Default)]
     struct Log {
-        ended: Mutex<Vec<Ended<()>>>,
+        ended: Mutex<Vec<Ended<Held>>>,
         dropped: Mutex<Vec<Dropped>>,
+        relayed: AtomicU64,
     }
 
-    impl Report<()> for Log {
-        fn ended(&self, session: Ended<()>) {
+    impl Report<Held> for Log {
+        fn ended(&self, session: Ended<Held>) {
             self.ended.lock().unwrap().push(session);
         }
-        fn dropped(&self, why: Dropped) {
+        fn dropped(&self, _client: SocketAddr, why: Dropped) {
             self.dropped.lock().unwrap().push(why);
         }
-        fn refused(&self, _client: SocketAddr, _outcome: Outcome) {}
+        fn relayed(&self, _way: Direction, _bytes: usize) {
+            self.relayed.fetch_add(1, Relaxed);
+        }
     }
 
     impl Log {
@@ -445,27 +714,47 @@ mod tests {
         addr: SocketAddr,
         route: Arc<To>,
         log: Arc<Log>,
-        stop: CancellationToken,
+        stop: Stop,
+        served: tokio::task::JoinHandle<()>,
+    }
+
+    impl Running {
+        fn sessions(&self) -> usize {
+            self.route.started.load(Relaxed)
+        }
     }
 
     async fn start(ip: &str, server: SocketAddr, settings: Settings) -> Running {
-        let sock = Arc::new(UdpSocket::bind((ip, 0)).await.unwrap());
-        let addr = sock.local_addr().unwrap();
-        let route = Arc::new(To(server, AtomicUsize::new(0)));
-        let log = Arc::new(Log::default());
-        let stop = CancellationToken::new();
-        tokio::spawn(serve(
-            sock,
+        start_with(ip, server, settings, usize::MAX, None).await
+    }
+
+    async fn start_with(
+        ip: &str,
+        server: SocketAddr,
+        settings: Settings,
+        limit: usize,
+        header: Option<bool>,
+    ) -> Running {
+        let sock = std::net::UdpSocket::bind((ip, 0)).unwrap();
+        let listening = Arc::new(Listening::new(sock).unwrap());
+        let addr = listening.local_addr();
+        let route = Arc::new(To {
+            server,
             settings,
-            route.clone(),
-            log.clone(),
-            stop.clone(),
-        ));
+            limit,
+            header,
+            started: AtomicUsize::new(0),
+            active: Arc::new(AtomicUsize::new(0)),
+        });
+        let log = Arc::new(Log::default());
+        let stop = Stop::default();
+        let served = tokio::spawn(serve(listening, route.clone(), log.clone(), stop.clone()));
         Running {
             addr,
             route,
             log,
             stop,
+            served,
         }
     }
 
@@ -474,7 +763,6 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             responses: None,
             requests: None,
-            max_sessions: 1000,
         }
     }
 
@@ -527,8 +815,8 @@ mod tests {
                 sent[k] += len as u64;
             }
         }
-        assert_eq!(r.route.1.load(Relaxed), 10, "one session per client");
-        r.stop.cancel();
+        assert_eq!(r.sessions(), 10, "one session per client");
+        r.stop.now.cancel();
         ended(&r.log, 10).await;
         let ended = r.log.ended.lock().unwrap();
         for e in ended.iter() {
@@ -557,7 +845,7 @@ mod tests {
             round_trip(&c, &[i; 40]).await;
             ended(&r.log, usize::from(i) + 1).await;
         }
-        assert_eq!(r.route.1.load(Relaxed), 3);
+        assert_eq!(r.sessions(), 3);
         assert_eq!(r.log.outcomes(), vec![Outcome::Ok; 3]);
         for e in r.log.ended.lock().unwrap().iter() {
             assert_eq!((e.datagrams_up, e.datagrams_down), (1, 1));
@@ -576,17 +864,14 @@ mod tests {
         for i in 0..4u8 {
             round_trip(&c, &[i; 10]).await;
         }
-        assert_eq!(r.route.1.load(Relaxed), 2);
+        assert_eq!(r.sessions(), 2);
     }
 
-    /// Beyond `max_sessions`, a new client's datagram is dropped and counted, not answered.
+    /// Beyond the route's limit, a new client's datagram is dropped and counted, not
+    /// answered.
     #[tokio::test]
     async fn a_session_beyond_the_limit_is_dropped() {
-        let s = Settings {
-            max_sessions: 2,
-            ..settings()
-        };
-        let r = start("127.0.0.1", echo("127.0.0.1").await, s).await;
+        let r = start_with("127.0.0.1", echo("127.0.0.1").await, settings(), 2, None).await;
         let (a, b) = (
             client("127.0.0.1", r.addr).await,
             client("127.0.0.1", r.addr).await,
@@ -596,12 +881,7 @@ mod tests {
         let third = client("127.0.0.1", r.addr).await;
         third.send(b"c").await.unwrap();
         // The drop is reported once the datagram is taken; then the others still work.
-        for _ in 0..1000 {
-            if !r.log.dropped.lock().unwrap().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        dropped(&r.log, 1).await;
         assert_eq!(*r.log.dropped.lock().unwrap(), vec![Dropped::SessionLimit]);
         round_trip(&a, b"a again").await;
         let mut buf = [0u8; 16];
@@ -609,7 +889,105 @@ mod tests {
             third.try_recv(&mut buf).is_err(),
             "the third client got an answer"
         );
-        assert_eq!(r.route.1.load(Relaxed), 2);
+        assert_eq!(r.sessions(), 2);
+    }
+
+    /// Waits (bounded) until `n` datagrams have been dropped.
+    async fn dropped(log: &Log, n: usize) {
+        for _ in 0..1000 {
+            if log.dropped.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{:?} dropped, not {n}", log.dropped.lock().unwrap());
+    }
+
+    /// Told to stop taking sessions, the socket still serves the sessions it has, drops a
+    /// new client's datagrams, and returns once the last session has ended.
+    #[tokio::test(start_paused = true)]
+    async fn stopping_keeps_the_sessions_it_has_until_they_end() {
+        let r = start("127.0.0.1", echo("127.0.0.1").await, settings()).await;
+        let a = client("127.0.0.1", r.addr).await;
+        round_trip(&a, b"before").await;
+        r.stop.sessions.cancel();
+        round_trip(&a, b"after").await;
+        let b = client("127.0.0.1", r.addr).await;
+        b.send(b"new").await.unwrap();
+        dropped(&r.log, 1).await;
+        assert_eq!(*r.log.dropped.lock().unwrap(), vec![Dropped::Stopping]);
+        assert!(!r.served.is_finished());
+        // The session's idle timeout ends it; then the socket is let go.
+        tokio::time::timeout(Duration::from_secs(60), r.served)
+            .await
+            .expect("serve returns once its sessions have ended")
+            .unwrap();
+        assert_eq!(r.log.outcomes(), vec![Outcome::IdleTimeout]);
+        assert_eq!(r.route.started.load(Relaxed), 1);
+    }
+
+    /// A listener bound to a wildcard address replies from the address each client sent
+    /// to: a client whose socket is connected to 127.0.0.2 (and so takes datagrams from
+    /// there only) gets its answers, and so does one of 127.0.0.3.
+    #[tokio::test]
+    async fn a_wildcard_listener_replies_from_the_address_sent_to() {
+        let r = start("0.0.0.0", echo("127.0.0.1").await, settings()).await;
+        for ip in ["127.0.0.2", "127.0.0.3"] {
+            let to = SocketAddr::new(ip.parse().unwrap(), r.addr.port());
+            let c = client("127.0.0.1", to).await;
+            round_trip(&c, ip.as_bytes()).await;
+        }
+    }
+
+    /// A PROXY protocol v2 header (DGRAM, the client and the address it sent to) before the
+    /// first datagram of a session, or before every one.
+    #[tokio::test]
+    async fn proxy_header_on_the_first_or_every_datagram() {
+        for every in [false, true] {
+            let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let r = start_with(
+                "127.0.0.1",
+                server.local_addr().unwrap(),
+                settings(),
+                usize::MAX,
+                Some(every),
+            )
+            .await;
+            let c = client("127.0.0.1", r.addr).await;
+            let header = crate::wire::proxy::encode_datagram(c.local_addr().unwrap(), r.addr);
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            for (i, msg) in [&b"one"[..], b"two"].iter().enumerate() {
+                c.send(msg).await.unwrap();
+                let (n, _) = tokio::time::timeout(WAIT, server.recv_from(&mut buf))
+                    .await
+                    .expect("a datagram")
+                    .unwrap();
+                let mut want = if i == 0 || every {
+                    header.clone()
+                } else {
+                    Vec::new()
+                };
+                want.extend_from_slice(msg);
+                assert_eq!(&buf[..n], &want[..], "every = {every}, datagram {i}");
+            }
+            // v2, PROXY; IPv4 over DGRAM (0x12); the client, and the address it sent to.
+            assert_eq!((header[12], header[13]), (0x21, 0x12));
+            use crate::wire::proxy::{Accept, Addresses, Parsed, parse};
+            match parse(&header, Accept::V2) {
+                Parsed::Complete {
+                    addresses:
+                        Addresses::Proxied {
+                            source,
+                            destination,
+                        },
+                    ..
+                } => {
+                    assert_eq!(source, c.local_addr().unwrap());
+                    assert_eq!(destination, r.addr);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     /// A session ends `idle_timeout` after the last datagram either way, not before.
@@ -634,7 +1012,7 @@ mod tests {
         assert_eq!(r.log.outcomes(), vec![Outcome::IdleTimeout]);
         // The client's next datagram starts a new session.
         round_trip(&c, b"back").await;
-        assert_eq!(r.route.1.load(Relaxed), 2);
+        assert_eq!(r.sessions(), 2);
     }
 
     /// A server that is not there (ICMP port unreachable) ends the session as

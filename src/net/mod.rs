@@ -18,9 +18,11 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use crate::config::TcpOptions;
 
 mod buf_lock;
+mod fragment;
 mod register;
 
 pub(crate) use buf_lock::unlock as unlock_buffers;
+pub(crate) use fragment::allow as allow_fragments;
 pub(crate) use register::{register, register_listener};
 
 /// A connected TCP socket of the data path.
@@ -220,6 +222,32 @@ pub fn check_free(addr: SocketAddr) -> io::Result<()> {
     }
     probe.set_reuse_address(true)?;
     probe.bind(&addr.into())
+}
+
+/// Fails (`AddrInUse`) if a UDP socket is bound to `addr`, even one with SO_REUSEPORT.
+pub fn check_free_udp(addr: SocketAddr) -> io::Result<()> {
+    let domain = socket2::Domain::for_address(addr);
+    let probe = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.bind(&addr.into())
+}
+
+/// A UDP listening socket on `addr`, non-blocking; with `reuse_port`, others may bind the
+/// same address (the kernel hashes each client address to one of them).
+pub fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Accepts one connection if one is waiting: `Ok(None)` when none is (readiness cleared).

@@ -155,6 +155,19 @@ pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> 
     }
 }
 
+/// Encodes a PROXY protocol v2 header telling a server that `source` sent a datagram to
+/// `destination` (transport DGRAM).
+pub fn encode_datagram(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let (source, destination) = same_family(source, destination);
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Datagram,
+        (source, destination),
+    )
+    .build()
+    .unwrap_or_default()
+}
+
 fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
     let v6 = |s: SocketAddr| match s {
         SocketAddr::V4(v) => SocketAddr::from((v.ip().to_ipv6_mapped(), v.port())),

@@ -1,0 +1,41 @@
+//! Letting the kernel fragment what a UDP socket sends.
+//!
+//! `quinn-udp`, which reads a UDP listener's datagrams in batches, sets its socket to never
+//! fragment (QUIC probes the path MTU itself). A relay must pass any datagram on, so
+//! ferry allows fragmentation again on its listening sockets: a reply larger than the
+//! path MTU leaves in fragments, as it would from the server itself. rustix sets the IPv4
+//! option; `IPV6_DONTFRAG` is in neither rustix nor socket2, so this module calls
+//! `setsockopt` for it.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+
+/// Allows fragmentation of what `sock` (bound to `local`) sends.
+pub(crate) fn allow(sock: &impl AsFd, local: SocketAddr) -> io::Result<()> {
+    use rustix::net::sockopt;
+    if local.is_ipv4() {
+        return Ok(sockopt::set_ip_mtu_discover(
+            sock,
+            sockopt::Ipv4PathMtuDiscovery::DONT,
+        )?);
+    }
+    sockopt::set_ipv6_mtu_discover(sock, sockopt::Ipv6PathMtuDiscovery::DONT)?;
+    let off: libc::c_int = 0;
+    // SAFETY: the descriptor is open for the call (`sock` holds it); the kernel reads
+    // `size_of::<c_int>()` bytes from `off`, an initialized c_int.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DONTFRAG,
+            (&raw const off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
