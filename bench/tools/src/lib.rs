@@ -308,3 +308,136 @@ pub async fn proxy_handshake(s: &mut TcpStream, kind: ProxyKind, dest: SocketAdd
         }
     }
 }
+
+/// Options of [`udp_socket`].
+#[derive(Clone, Debug, Default)]
+pub struct UdpSocketOpts {
+    /// SO_REUSEPORT before bind (several sockets on one address, the kernel spreads the
+    /// senders over them).
+    pub reuseport: bool,
+    /// SO_RCVBUF and SO_SNDBUF in bytes: SO_*BUFFORCE first (root may exceed
+    /// net.core.rmem_max/wmem_max), else the plain option (capped by the kernel).
+    pub buffer: Option<usize>,
+    /// O_NONBLOCK.
+    pub nonblocking: bool,
+}
+
+/// An IPv4/IPv6 UDP socket, bound to `bind` (if given) and connected to `connect` (if
+/// given), with the options set before the bind. The options' failures are ignored
+/// (best effort), bind's and connect's are returned.
+pub fn udp_socket(
+    bind: Option<SocketAddr>,
+    connect: Option<SocketAddr>,
+    opts: &UdpSocketOpts,
+) -> io::Result<std::net::UdpSocket> {
+    use std::os::fd::FromRawFd;
+    let v6 = bind.or(connect).map(|a| a.is_ipv6()).unwrap_or(false);
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    let mut ty = libc::SOCK_DGRAM | libc::SOCK_CLOEXEC;
+    if opts.nonblocking {
+        ty |= libc::SOCK_NONBLOCK;
+    }
+    // SAFETY: plain socket(2) call; the fd is owned by the UdpSocket made from it below.
+    let fd = unsafe { libc::socket(family, ty, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| -> bool {
+        // SAFETY: valid fd and a pointer to a c_int of the stated size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) == 0
+        }
+    };
+    if opts.reuseport {
+        set(libc::SOL_SOCKET, libc::SO_REUSEPORT, 1);
+    }
+    if let Some(b) = opts.buffer {
+        let b = b.min(i32::MAX as usize / 2) as libc::c_int;
+        if !set(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, b) {
+            set(libc::SOL_SOCKET, libc::SO_RCVBUF, b);
+        }
+        if !set(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, b) {
+            set(libc::SOL_SOCKET, libc::SO_SNDBUF, b);
+        }
+    }
+    if let Some(a) = bind {
+        sock.bind_addr(a)?;
+    }
+    if let Some(a) = connect {
+        sock.connect(a)?;
+    }
+    Ok(sock)
+}
+
+/// `bind(2)` for a std UdpSocket made from a raw fd (std only binds while creating).
+trait BindAddr {
+    fn bind_addr(&self, a: SocketAddr) -> io::Result<()>;
+}
+
+impl BindAddr for std::net::UdpSocket {
+    fn bind_addr(&self, a: SocketAddr) -> io::Result<()> {
+        let (storage, len) = sockaddr_of(a);
+        // SAFETY: valid fd; storage holds a sockaddr of `len` bytes.
+        let r = unsafe {
+            libc::bind(
+                self.as_raw_fd(),
+                (&storage as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// A SocketAddr as a C sockaddr (in a sockaddr_storage) and its length.
+pub fn sockaddr_of(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut st as *mut libc::sockaddr_storage).cast(), sin) };
+            (
+                st,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut st as *mut libc::sockaddr_storage).cast(), sin6) };
+            (
+                st,
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        }
+    }
+}
