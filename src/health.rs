@@ -1,5 +1,7 @@
 //! Active health checks: per server, a TCP connect (and the TLS handshake, for a pool that
-//! speaks TLS to its servers), optionally a `send` and an `expect`ed prefix of the answer, every `interval` (with jitter, so that checks of many servers do
+//! speaks TLS to its servers), optionally a `send` and an `expect`ed prefix of the answer;
+//! for a UDP pool, `send` as a datagram and a reply (starting with `expect`), or without
+//! `send` a TCP connect to the check's `port`; every `interval` (with jitter, so that checks of many servers do
 //! not align). `fall` consecutive failures mark an up server down, `rise` consecutive
 //! successes mark a down server up; each transition is logged with its reason.
 //!
@@ -76,7 +78,10 @@ async fn check_loop(
         }
         let started = Instant::now();
         let proxy = pool.proxy_protocol.filter(|_| cfg.send_proxy);
-        let result = check_once(&s, &cfg, proxy, pool.tls.as_deref()).await;
+        let result = match pool.protocol {
+            crate::config::Protocol::Udp if cfg.send.is_some() => check_udp(&s, &cfg).await,
+            _ => check_once(&s, &cfg, proxy, pool.tls.as_deref()).await,
+        };
         record(&pool, &s, &cfg, result, started.elapsed());
         next = crate::clock::later(jitter(cfg.interval, 0.9, 1.1));
     }
@@ -118,7 +123,7 @@ pub async fn check_once(
     proxy: Option<crate::wire::proxy::Version>,
     tls: Option<&ClientTls>,
 ) -> Result<(), CheckError> {
-    let addr = server.addr;
+    let addr = checked_addr(server, cfg);
     let work = async {
         let opts = crate::config::TcpOptions::default();
         let s = crate::net::connect(addr, cfg.timeout, &opts)
@@ -181,6 +186,48 @@ pub async fn check_once(
                 return Err(CheckError::Unexpected {
                     expected: String::from_utf8_lossy(expect).into_owned(),
                     got: String::from_utf8_lossy(&got[..n]).into_owned(),
+                });
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(cfg.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(CheckError::Timeout(cfg.timeout)),
+    }
+}
+
+/// Where a server is checked: its address, or the check's `port` on its host.
+fn checked_addr(server: &Server, cfg: &HealthConfig) -> SocketAddr {
+    SocketAddr::new(server.addr.ip(), cfg.port.unwrap_or(server.addr.port()))
+}
+
+/// One check of a UDP server: `send` as a datagram from a socket connected to it, then a
+/// reply that starts with `expect` (any reply, without `expect`) within the timeout. An
+/// ICMP port unreachable fails it at once.
+pub async fn check_udp(server: &Server, cfg: &HealthConfig) -> Result<(), CheckError> {
+    let addr = checked_addr(server, cfg);
+    let work = async {
+        let any: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = tokio::net::UdpSocket::bind(any)
+            .await
+            .map_err(CheckError::Connect)?;
+        sock.connect(addr).await.map_err(CheckError::Connect)?;
+        let send = cfg.send.as_deref().unwrap_or_default();
+        sock.send(send).await.map_err(CheckError::Send)?;
+        let mut buf = vec![0u8; crate::udp::MAX_DATAGRAM];
+        // A reply, or the ICMP error (ECONNREFUSED) the server's host sent instead.
+        let n = sock.recv(&mut buf).await.map_err(CheckError::Read)?;
+        if let Some(expect) = &cfg.expect {
+            let got = &buf[..n.min(expect.len())];
+            if got != &expect[..] {
+                return Err(CheckError::Unexpected {
+                    expected: String::from_utf8_lossy(expect).into_owned(),
+                    got: String::from_utf8_lossy(got).into_owned(),
                 });
             }
         }

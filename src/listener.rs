@@ -109,7 +109,7 @@ impl ListenerCtx {
             FrontEnd::Socks5 { forward, .. } | FrontEnd::HttpConnect { forward, .. } => {
                 forward.dial.mark
             }
-            FrontEnd::Tcp | FrontEnd::Tls(_) => None,
+            FrontEnd::Tcp | FrontEnd::Tls(_) | FrontEnd::Udp(_) => None,
         }
     }
 
@@ -288,7 +288,29 @@ pub struct Bound {
     /// The address as configured (port 0: an ephemeral port).
     pub listen: SocketAddr,
     pub worker: usize,
-    pub socket: std::net::TcpListener,
+    pub socket: Socket,
+}
+
+/// A listening socket: TCP, or a UDP listener's.
+pub enum Socket {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+impl Socket {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Socket::Tcp(s) => s.local_addr(),
+            Socket::Udp(s) => s.local_addr(),
+        }
+    }
+
+    fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Udp(s) => Socket::Udp(s.try_clone()?),
+        })
+    }
 }
 
 /// Where listening sockets come from: the system ([`SystemBinder`]), or, in tests, sockets
@@ -306,6 +328,20 @@ pub trait Binder: Send + Sync {
         transparent: bool,
         exclusive: bool,
     ) -> io::Result<std::net::TcpListener>;
+
+    /// A UDP listening socket on `addr`, non-blocking and not yet registered; `reuse_port`
+    /// and `exclusive` as for [`Binder::bind`].
+    fn bind_udp(
+        &self,
+        addr: SocketAddr,
+        reuse_port: bool,
+        exclusive: bool,
+    ) -> io::Result<std::net::UdpSocket> {
+        if exclusive {
+            crate::net::check_free_udp(addr)?;
+        }
+        crate::net::bind_udp(addr, reuse_port)
+    }
 }
 
 /// Binds with the system's sockets.
@@ -326,10 +362,22 @@ impl Binder for SystemBinder {
     }
 }
 
+/// What a listener's sockets are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP; `transparent`: IP_TRANSPARENT (TPROXY).
+    Tcp {
+        transparent: bool,
+    },
+    Udp,
+}
+
 /// Binds every address of a listener, with a socket for each worker: with `reuse_port`, a
-/// socket of its own per worker (the kernel spreads new connections over them); without,
-/// one socket per address whose descriptor every worker accepts on. Port 0 binds an
-/// ephemeral port, shared by that address's sockets.
+/// socket of its own per worker (the kernel spreads new connections, or UDP clients, over
+/// them); without, one TCP socket per address whose descriptor every worker accepts on, or
+/// one UDP socket that the first worker serves (a client's datagrams must all reach the
+/// one worker that holds its session). Port 0 binds an ephemeral port, shared by that
+/// address's sockets.
 ///
 /// With `reuse_port`, an address that some other socket listens on is refused
 /// (`AddrInUse`) even if that socket has SO_REUSEPORT too: a second ferry started by
@@ -339,20 +387,31 @@ pub fn bind(
     binder: &dyn Binder,
     addrs: &[SocketAddr],
     reuse_port: bool,
-    transparent: bool,
+    kind: Kind,
     workers: usize,
     own: &[SocketAddr],
 ) -> io::Result<Vec<Bound>> {
+    let one = |addr: SocketAddr, exclusive: bool| -> io::Result<Socket> {
+        Ok(match kind {
+            Kind::Tcp { transparent } => {
+                Socket::Tcp(binder.bind(addr, reuse_port, transparent, exclusive)?)
+            }
+            Kind::Udp => Socket::Udp(binder.bind_udp(addr, reuse_port, exclusive)?),
+        })
+    };
     let mut out = Vec::new();
     for addr in addrs {
         let exclusive = reuse_port && addr.port() != 0 && !own.contains(addr);
-        let first = binder
-            .bind(*addr, reuse_port, transparent, exclusive)
+        let first = one(*addr, exclusive)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let actual = first.local_addr()?;
+        let shared = kind == Kind::Udp && !reuse_port;
         for worker in 1..workers.max(1) {
+            if shared {
+                break;
+            }
             let socket = if reuse_port {
-                binder.bind(actual, true, transparent, false)?
+                one(actual, false)?
             } else {
                 first.try_clone()?
             };

@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::after;
+pub use crate::observe::Dropped;
 use crate::observe::Outcome;
 
 /// Large enough for any UDP payload (IPv4: 65,507 bytes; IPv6 without jumbograms: 65,527).
@@ -68,64 +69,6 @@ pub struct Settings {
     /// Client datagrams per session: after this many, the client's next datagram starts a
     /// new session.
     pub requests: Option<u32>,
-}
-
-/// Why a datagram was dropped (the `reason` label of `ferry_udp_dropped_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dropped {
-    /// The client is not allowed (`allow`/`deny`).
-    Denied,
-    /// It would have started a session beyond `max_sessions` (the listener's or the global
-    /// limit).
-    SessionLimit,
-    /// It would have started a session beyond the client's `per_client` limits.
-    ClientLimit,
-    /// The client is over its `per_client` datagram rate.
-    Rate,
-    /// No server for a new session: none up, or every one full.
-    NoServer,
-    /// The listener is stopping: no new sessions.
-    Stopping,
-    /// The socket it was to leave by had no room for it.
-    Full,
-    /// Sending it failed.
-    SendFailed,
-}
-
-impl Dropped {
-    pub const ALL: [Dropped; 8] = [
-        Dropped::Denied,
-        Dropped::SessionLimit,
-        Dropped::ClientLimit,
-        Dropped::Rate,
-        Dropped::NoServer,
-        Dropped::Stopping,
-        Dropped::Full,
-        Dropped::SendFailed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dropped::Denied => "denied",
-            Dropped::SessionLimit => "session_limit",
-            Dropped::ClientLimit => "client_limit",
-            Dropped::Rate => "rate",
-            Dropped::NoServer => "no_server",
-            Dropped::Stopping => "stopping",
-            Dropped::Full => "full",
-            Dropped::SendFailed => "send_failed",
-        }
-    }
-
-    /// The access-log `result` of a session this refused, if it refuses one.
-    pub fn outcome(self) -> Option<Outcome> {
-        match self {
-            Dropped::Denied => Some(Outcome::Denied),
-            Dropped::SessionLimit | Dropped::ClientLimit | Dropped::Rate => Some(Outcome::Limited),
-            Dropped::NoServer => Some(Outcome::NoServer),
-            Dropped::Stopping | Dropped::Full | Dropped::SendFailed => None,
-        }
-    }
 }
 
 /// A new session, as the [`Route`] starts it.

@@ -239,22 +239,129 @@ listen = "127.0.0.1:8080"
     );
 }
 
+/// `protocol = "udp"`: the keys of TCP listeners are refused with what to use instead,
+/// and the keys of UDP listeners on TCP ones; an upstream serves TCP or UDP listeners, not
+/// both, and what does not apply to UDP servers is refused where it is written.
 #[test]
-fn not_supported_yet() {
-    // SPEC keys this build does not implement yet get their own message, not "unknown key".
-    // (Update this test as they land.)
+fn udp_listener_and_upstream_errors() {
     assert_check_errors(
         r#"[[listener]]
 name = "dns"
 listen = "127.0.0.1:8053"
 protocol = "udp"
+mode = "tls"
+max_connections = 10
 upstream = "pool"
+per_client = { max_connections = 2 }
+tcp = { send_buffer = "1MiB" }
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8053"
+responses = 1
+upstream = "pool"
+
+[[listener]]
+name = "quic"
+listen = "127.0.0.1:8443"
+protocol = "quic"
+upstream = "tcp"
 
 [[upstream]]
 name = "pool"
 servers = ["127.0.0.1:9000"]
+
+[[upstream]]
+name = "tcp"
+servers = ["127.0.0.1:9000"]
+proxy_protocol = { send = "v2", every = true }
+health = { send_hex = "abc" }
+
+[[listener]]
+name = "dns2"
+listen = "127.0.0.1:8054"
+protocol = "udp"
+upstream = "u2"
+
+[[upstream]]
+name = "u2"
+servers = ["127.0.0.1:9000"]
+tls = {}
+retries = 2
+proxy_protocol = "v1"
+health = { interval = "1s" }
 "#,
-        &["4:1: `protocol` in [[listener]] is not supported yet"],
+        &[
+            r#"5:8: `mode` does not apply to a UDP listener (protocol = "udp"): a UDP listener relays datagrams to its `upstream`"#,
+            r#"6:19: `max_connections` does not apply to a UDP listener (protocol = "udp"): use `max_sessions`"#,
+            r#"8:34: a UDP listener limits `max_sessions` per client"#,
+            r#"9:7: `tcp` does not apply to a UDP listener (protocol = "udp"): a UDP listener's sockets are not TCP"#,
+            r#"14:13: `responses` applies to UDP listeners (protocol = "udp")"#,
+            r#"15:12: upstream "pool" is used by UDP listener "dns" and TCP listener "web": an upstream is one or the other; give each its own"#,
+            r#"20:12: `protocol` must be "tcp" or "udp", not "quic""#,
+            r#"30:41: `every` (a PROXY header on every datagram) applies to upstreams of UDP listeners (upstream "tcp" serves TCP listener "quic")"#,
+            r#"31:23: `send_hex`: an odd number of hex digits"#,
+            r#"42:7: `tls` does not apply to a UDP upstream: datagrams are relayed as they are (upstream "u2" serves UDP listener "dns2")"#,
+            r#"43:11: `retries` does not apply to a UDP upstream: a session's server is not connected to, so there is nothing to retry (upstream "u2" serves UDP listener "dns2")"#,
+            r#"44:18: PROXY protocol v1 has no UDP: use "v2" (upstream "u2" serves UDP listener "dns2")"#,
+            r#"45:10: a UDP upstream's health check needs `send` (or `send_hex`: a datagram whose reply is awaited) or `port` (a TCP port to connect to); or `active = false` (upstream "u2" serves UDP listener "dns2")"#,
+        ],
+    );
+}
+
+/// A UDP listener and a TCP one may share an address; a UDP config with every key checks.
+#[test]
+fn udp_config_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(
+        dir.path(),
+        "ferry.toml",
+        r#"[[listener]]
+name = "dns-tcp"
+listen = ["127.0.0.1:8053"]
+upstream = "dns-tcp"
+
+[[listener]]
+name = "dns"
+protocol = "udp"
+listen = ["127.0.0.1:8053", "[::1]:8053"]
+upstream = "dns"
+idle_timeout = "10s"
+responses = 1
+requests = 1
+max_sessions = 10000
+per_client = { max_sessions = 100, rate = "1000/s", burst = 2000 }
+allow = ["127.0.0.0/8", "::1/128"]
+
+[[upstream]]
+name = "dns-tcp"
+servers = ["127.0.0.1:53"]
+
+[[upstream]]
+name = "dns"
+balance = "maglev"
+servers = ["127.0.0.1:53", { addr = "127.0.0.2:53", backup = true }]
+proxy_protocol = { send = "v2", every = true }
+max_connections_per_server = 5000
+[upstream.health]
+interval = "5s"
+send_hex = "abcd 0100 0001 0000 0000 0000 00 0002 0001"
+expect_hex = "abcd"
+passive = { failures = 3, eject = "30s" }
+"#,
+    );
+    let path = path.display().to_string();
+    let out = run_ferry(&["check", "--config", &path]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"listener "dns" (udp) on 127.0.0.1:8053, [::1]:8053 -> upstream "dns""#),
+        "{stdout}"
     );
 }
 

@@ -21,6 +21,9 @@ fn template(section: &str) -> Option<&'static str> {
         "## `[[listener]]`" => {
             "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n@\n\n[[upstream]]\nname = \"u\"\nservers = [\"127.0.0.1:2\"]\n"
         }
+        "### UDP listeners (`protocol = \"udp\"`)" => {
+            "[[listener]]\nname = \"l\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n@\n\n[[upstream]]\nname = \"u\"\nservers = [\"127.0.0.1:2\"]\n"
+        }
         "## `[[upstream]]`" => {
             "[[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n\n[[upstream]]\nname = \"u\"\nservers = [\"127.0.0.1:2\"]\n@\n"
         }
@@ -84,6 +87,7 @@ fn documented_defaults_are_the_parsers() {
         "[[listener]]",
         "[[upstream]]",
         "[upstream.health]",
+        "UDP listeners",
     ] {
         assert!(
             checked.iter().any(|c| c.contains(section)),

@@ -217,6 +217,54 @@ impl Collector for Snapshot {
                 }
             }
         }
+        let udp_listeners: Vec<_> = listeners
+            .iter()
+            .filter(|l| matches!(l.front, crate::frontend::FrontEnd::Udp(_)))
+            .collect();
+        {
+            let mut m = enc.encode_descriptor(
+                "udp_sessions_active",
+                "UDP sessions open now (one per client address)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &udp_listeners {
+                let labels = [("listener", l.name.as_str())];
+                ConstGauge::new(l.stats.active.load(Relaxed) as i64)
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "udp_datagrams",
+                "UDP datagrams relayed (up: client to server, down: server to client)",
+                None,
+                MetricType::Counter,
+            )?;
+            for l in &udp_listeners {
+                for (dir, v) in [
+                    ("up", &l.stats.datagrams_up),
+                    ("down", &l.stats.datagrams_down),
+                ] {
+                    let labels = [("listener", l.name.as_str()), ("direction", dir)];
+                    counter(v.get()).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "udp_dropped",
+                "UDP datagrams dropped, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for l in &udp_listeners {
+                for why in crate::observe::Dropped::ALL {
+                    let labels = [("listener", l.name.as_str()), ("reason", why.as_str())];
+                    counter(l.stats.dropped(why)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
         let tls_listeners: Vec<_> = listeners
             .iter()
             .filter_map(|l| match &l.front {

@@ -345,6 +345,23 @@ pub fn status(shared: &Shared) -> Value {
                 }),
                 _ => Value::Null,
             };
+            // A UDP listener's sessions (its connections) and datagrams.
+            let udp = match &ctx.front {
+                crate::frontend::FrontEnd::Udp(u) => json!({
+                    "sessions_active": a,
+                    "sessions_total": t,
+                    "idle_timeout_ms": u.idle_timeout.as_millis() as u64,
+                    "responses": u.responses,
+                    "requests": u.requests,
+                    "datagrams_up": st.datagrams_up.get(),
+                    "datagrams_down": st.datagrams_down.get(),
+                    "dropped": crate::observe::Dropped::ALL
+                        .iter()
+                        .map(|d| (d.as_str().to_string(), json!(st.dropped(*d))))
+                        .collect::<serde_json::Map<String, Value>>(),
+                }),
+                _ => Value::Null,
+            };
             let routes: Vec<Value> = ctx
                 .router
                 .counts()
@@ -359,6 +376,7 @@ pub fn status(shared: &Shared) -> Value {
                 "routes": routes,
                 "tls": tls,
                 "forward": forward,
+                "udp": udp,
                 "connections_active": a,
                 "connections_total": t,
                 "bytes_up": u,

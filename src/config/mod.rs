@@ -120,6 +120,9 @@ pub enum ListenerMode {
     /// Connections a firewall rule redirected here, to their original destination (or to
     /// the listener's `upstream`).
     Transparent(Box<TransparentListen>),
+    /// `protocol = "udp"`: datagrams relayed to the `upstream`, a session per client
+    /// address.
+    Udp(Box<UdpListen>),
 }
 
 impl ListenerMode {
@@ -130,6 +133,7 @@ impl ListenerMode {
             ListenerMode::Socks5(_) => "socks5",
             ListenerMode::HttpConnect(_) => "http-connect",
             ListenerMode::Transparent(_) => "transparent",
+            ListenerMode::Udp(_) => "udp",
         }
     }
 }
@@ -228,6 +232,29 @@ pub enum Interception {
     /// TPROXY: the listener has IP_TRANSPARENT and the accepted socket's local address is
     /// the original destination.
     Tproxy,
+}
+
+/// `protocol = "udp"`: how a UDP listener's sessions end. (Its `max_sessions` is the
+/// listener's [`Listener::max_connections`]; its `per_client.max_sessions`,
+/// [`PerClient::max_connections`]; its `per_client.rate` counts datagrams.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpListen {
+    /// Replies per client datagram: once all are in, the session ends (`ok`). DNS: 1.
+    pub responses: Option<u32>,
+    /// Client datagrams per session: the client's next one starts a new session.
+    pub requests: Option<u32>,
+}
+
+/// Default `idle_timeout` of a UDP listener.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What an upstream's servers speak: decided by the listeners that use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    /// Used by `protocol = "udp"` listeners: datagrams, UDP health checks.
+    Udp,
 }
 
 /// `tls = { .. }` / `[listener.tls]` of a `mode = "tls"` listener.
@@ -548,10 +575,16 @@ pub struct Upstream {
     pub sticky: Option<StickyConfig>,
     pub health: Option<HealthConfig>,
     pub tcp: TcpOptions,
-    /// Send a PROXY header first on every server connection.
+    /// Send a PROXY header first on every server connection (UDP: on a session's first
+    /// datagram).
     pub proxy_protocol: Option<crate::wire::proxy::Version>,
+    /// UDP: the PROXY header on every datagram, not only a session's first
+    /// (`proxy_protocol = { send = "v2", every = true }`).
+    pub proxy_every_datagram: bool,
     /// Connect to the servers over TLS.
     pub tls: Option<UpstreamTls>,
+    /// TCP, or UDP when `protocol = "udp"` listeners use it.
+    pub protocol: Protocol,
 }
 
 /// `tls = { .. }` of an upstream: TLS to its servers.
@@ -606,8 +639,13 @@ pub struct HealthConfig {
     /// Consecutive failures to mark an up server down.
     pub fall: u32,
     /// Bytes sent after connecting; with `expect`, the prefix the answer must start with.
+    /// UDP: the datagram sent, and the prefix its reply must start with (any reply, without
+    /// `expect`).
     pub send: Option<Vec<u8>>,
     pub expect: Option<Vec<u8>>,
+    /// Check this port rather than the server's (for a UDP upstream without `send`: a TCP
+    /// connect to it).
+    pub port: Option<u16>,
     pub passive: Option<PassiveConfig>,
     /// When every server is down, try them anyway rather than refuse (`no_server`).
     pub fail_open: bool,

@@ -426,9 +426,13 @@ const LISTENER_KEYS: &[&str] = &[
     "transparent",
     "mark",
     "connect_timeout",
+    "protocol",
+    "responses",
+    "requests",
+    "max_sessions",
 ];
 const USER_KEYS: &[&str] = &["name", "password", "password_hash", "destinations"];
-const LISTENER_LATER: &[&str] = &["protocol"];
+const LISTENER_LATER: &[&str] = &[];
 const LISTENER_TCP_KEYS: &[&str] = &["send_buffer", "recv_buffer"];
 const LISTEN_TLS_KEYS: &[&str] = &[
     "cert",
@@ -467,6 +471,9 @@ const HEALTH_KEYS: &[&str] = &[
     "fall",
     "send",
     "expect",
+    "send_hex",
+    "expect_hex",
+    "port",
     "passive",
     "fail_open",
     "send_proxy",
@@ -490,6 +497,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
     // Every upstream name defined, with its index if the upstream itself is valid: a
     // listener naming an invalid upstream is not reported again.
     let mut upstream_names: HashMap<String, Option<usize>> = HashMap::new();
+    let mut fits: Vec<Fit> = Vec::new();
     if let Some(v) = root.get("upstream")
         && let Some(items) = table_array(cx, "upstream", v)
     {
@@ -497,7 +505,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             let Some(t) = as_table(cx, "upstream", item, "[[upstream]]") else {
                 continue;
             };
-            let (name, u) = upstream(cx, t, base);
+            let (name, u, fit) = upstream(cx, t, base);
             let Some((name, name_span)) = name else {
                 continue;
             };
@@ -507,6 +515,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             }
             let index = u.map(|u| {
                 upstreams.push(u);
+                fits.push(fit);
                 upstreams.len() - 1
             });
             upstream_names.insert(name, index);
@@ -515,7 +524,9 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
 
     let mut listeners: Vec<Listener> = Vec::new();
     let mut listener_names = std::collections::HashSet::new();
-    let mut bound: HashMap<SocketAddr, String> = HashMap::new();
+    // Addresses taken, by protocol (a TCP and a UDP listener may share one).
+    let mut bound: HashMap<(Protocol, SocketAddr), String> = HashMap::new();
+    let mut uses: Vec<Use> = Vec::new();
     match root.get("listener") {
         None => cx.err(
             0..0,
@@ -527,7 +538,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
                     let Some(t) = as_table(cx, "listener", item, "[[listener]]") else {
                         continue;
                     };
-                    let (name, l) = listener(cx, t, &upstream_names, &mut bound, base);
+                    let (name, l) = listener(cx, t, &upstream_names, &mut bound, base, &mut uses);
                     let Some((name, name_span)) = name else {
                         continue;
                     };
@@ -542,6 +553,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             }
         }
     }
+    protocols(cx, &mut upstreams, &fits, &uses);
     let admin = root
         .table(cx, "admin", "[admin]")
         .and_then(|t| admin(cx, t));
@@ -553,6 +565,56 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
         listeners,
         upstreams,
     })
+}
+
+/// A listener's use of an upstream: which, over what, where it is named.
+struct Use {
+    upstream: usize,
+    protocol: Protocol,
+    listener: String,
+    span: Range<usize>,
+}
+
+/// Gives each upstream the protocol of the listeners that use it, and reports what does
+/// not fit it: an upstream is TCP or UDP, never both.
+fn protocols(cx: &mut Cx<'_>, upstreams: &mut [Upstream], fits: &[Fit], uses: &[Use]) {
+    for (i, u) in upstreams.iter_mut().enumerate() {
+        let mut mine = uses.iter().filter(|x| x.upstream == i);
+        let Some(first) = mine.next() else { continue };
+        if let Some(other) = mine.find(|x| x.protocol != first.protocol) {
+            let (udp, tcp) = if first.protocol == Protocol::Udp {
+                (first, other)
+            } else {
+                (other, first)
+            };
+            cx.err(
+                other.span.clone(),
+                format!(
+                    "upstream {:?} is used by UDP listener {:?} and TCP listener {:?}: an upstream is one or the other; give each its own",
+                    u.name, udp.listener, tcp.listener
+                ),
+            );
+            continue;
+        }
+        u.protocol = first.protocol;
+        let problems = match u.protocol {
+            Protocol::Udp => &fits[i].udp,
+            Protocol::Tcp => &fits[i].tcp,
+        };
+        for (span, msg) in problems {
+            let what = match u.protocol {
+                Protocol::Udp => "UDP",
+                Protocol::Tcp => "TCP",
+            };
+            cx.err(
+                span.clone(),
+                format!(
+                    "{msg} (upstream {:?} serves {what} listener {:?})",
+                    u.name, first.listener
+                ),
+            );
+        }
+    }
 }
 
 fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Global {
@@ -652,11 +714,66 @@ fn listener(
     cx: &mut Cx<'_>,
     t: Tab<'_, '_>,
     upstreams: &HashMap<String, Option<usize>>,
-    bound: &mut HashMap<SocketAddr, String>,
+    bound: &mut HashMap<(Protocol, SocketAddr), String>,
     base: &Path,
+    uses: &mut Vec<Use>,
 ) -> Named<Listener> {
     let (name, named) = name_of(cx, &t);
     let who = name.unwrap_or("?").to_string();
+    let udp_listener = match t.string(cx, "protocol") {
+        None | Some(("tcp", _)) => false,
+        Some(("udp", _)) => true,
+        Some((other, span)) => {
+            cx.err(
+                span,
+                format!("`protocol` must be \"tcp\" or \"udp\", not {other:?}"),
+            );
+            false
+        }
+    };
+    if udp_listener {
+        // What only TCP listeners have: said once, here, with what to use instead.
+        for (key, instead) in [
+            ("mode", "a UDP listener relays datagrams to its `upstream`"),
+            ("tls", "datagrams are relayed as they are"),
+            (
+                "route",
+                "a UDP listener sends every session to its `upstream`",
+            ),
+            ("handshake_timeout", "UDP has no handshake"),
+            ("proxy_protocol", "clients' datagrams carry no PROXY header"),
+            ("tcp", "a UDP listener's sockets are not TCP"),
+            ("max_connections", "use `max_sessions`"),
+            (
+                "destinations",
+                "a UDP listener sends every session to its `upstream`",
+            ),
+            ("users", "a UDP listener has no authentication"),
+            ("udp", "it applies to mode \"socks5\""),
+            ("sni_must_match", "it applies to mode \"http-connect\""),
+            ("transparent", "it applies to mode \"transparent\""),
+            ("mark", "it applies to the forward-proxy modes"),
+            ("connect_timeout", "a UDP session has no connect"),
+        ] {
+            if let Some(v) = t.get(key) {
+                cx.err(
+                    v.span(),
+                    format!(
+                        "`{key}` does not apply to a UDP listener (protocol = \"udp\"): {instead}"
+                    ),
+                );
+            }
+        }
+    } else {
+        for key in ["responses", "requests", "max_sessions"] {
+            if let Some(v) = t.get(key) {
+                cx.err(
+                    v.span(),
+                    format!("`{key}` applies to UDP listeners (protocol = \"udp\")"),
+                );
+            }
+        }
+    }
 
     let mut listen = Vec::new();
     if let Some(v) = t.required(cx, "listen") {
@@ -669,14 +786,19 @@ fn listener(
                 Ok(a) => {
                     // Port 0 (an ephemeral port) never clashes.
                     if a.port() != 0 {
-                        if let Some(other) = bound.get(&a) {
+                        let proto = if udp_listener {
+                            Protocol::Udp
+                        } else {
+                            Protocol::Tcp
+                        };
+                        if let Some(other) = bound.get(&(proto, a)) {
                             cx.err(
                                 span,
                                 format!("address {a} is already used by listener {other:?}"),
                             );
                             continue;
                         }
-                        bound.insert(a, who.clone());
+                        bound.insert((proto, a), who.clone());
                     }
                     if listen.contains(&a) {
                         cx.err(span, format!("address {a} is listed twice"));
@@ -689,9 +811,17 @@ fn listener(
         }
     }
 
-    let tls_v = t.get("tls");
-    let mode_v = t.string(cx, "mode");
-    let mode_name = mode_v.as_ref().map_or("tcp", |m| m.0);
+    let tls_v = t.get("tls").filter(|_| !udp_listener);
+    let mode_v = if udp_listener {
+        None
+    } else {
+        t.string(cx, "mode")
+    };
+    let mode_name = if udp_listener {
+        "udp"
+    } else {
+        mode_v.as_ref().map_or("tcp", |m| m.0)
+    };
     let forward_mode = matches!(mode_name, "socks5" | "http-connect" | "transparent");
     // The forward-proxy keys, each read whatever the mode (so that it is reported where it
     // does not apply rather than as unknown).
@@ -699,6 +829,10 @@ fn listener(
         let v = t.get(key)?;
         if modes.contains(&mode_name) {
             return Some(v);
+        }
+        if udp_listener {
+            // Reported above.
+            return None;
         }
         let list = modes
             .iter()
@@ -810,6 +944,15 @@ fn listener(
                 dial,
             })))
         }
+        "udp" => {
+            let count = |cx: &mut Cx<'_>, key: &str| {
+                t.uint(cx, key, 1, u64::from(u32::MAX)).map(|n| n as u32)
+            };
+            Some(ListenerMode::Udp(Box::new(UdpListen {
+                responses: count(cx, "responses"),
+                requests: count(cx, "requests"),
+            })))
+        }
         other => {
             cx.err(
                 mode_span.clone(),
@@ -836,9 +979,22 @@ fn listener(
     };
     // `Some(None)`: given but invalid (already reported).
     let upstream = t.get("upstream").map(|v| upstream_ref(cx, v));
+    let protocol = if udp_listener {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
+    if let (Some(Some(u)), Some(v)) = (upstream, t.get("upstream")) {
+        uses.push(Use {
+            upstream: u,
+            protocol,
+            listener: who.clone(),
+            span: v.span(),
+        });
+    }
     let mut routes = Vec::new();
     let mut routes_ok = true;
-    if let Some(v) = t.get("route")
+    if let Some(v) = t.get("route").filter(|_| !udp_listener)
         && let Some(items) = table_array(cx, "route", v)
     {
         for item in items.iter() {
@@ -847,7 +1003,15 @@ fn listener(
                 continue;
             };
             match route(cx, rt, item.span(), &upstream_ref) {
-                Some(r) => routes.push(r),
+                Some(r) => {
+                    uses.push(Use {
+                        upstream: r.upstream,
+                        protocol,
+                        listener: who.clone(),
+                        span: item.span(),
+                    });
+                    routes.push(r)
+                }
                 None => routes_ok = false,
             }
         }
@@ -876,6 +1040,16 @@ fn listener(
                 open_proxy(cx, mode_span.clone());
             }
         }
+        "udp" => {
+            if upstream.is_none() {
+                cx.err(
+                    t.span.clone(),
+                    format!(
+                        "UDP listener {who:?} has nowhere to send datagrams: give it `upstream`"
+                    ),
+                );
+            }
+        }
         _ => {
             if upstream.is_none() && routes.is_empty() && routes_ok {
                 cx.err(
@@ -892,9 +1066,23 @@ fn listener(
         .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
     let idle_timeout = t
         .positive_duration(cx, "idle_timeout")
-        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        .unwrap_or(if udp_listener {
+            DEFAULT_UDP_IDLE_TIMEOUT
+        } else {
+            DEFAULT_IDLE_TIMEOUT
+        });
+    // A UDP listener's sessions are its connections.
     let max_connections = t
-        .uint(cx, "max_connections", 1, 10_000_000)
+        .uint(
+            cx,
+            if udp_listener {
+                "max_sessions"
+            } else {
+                "max_connections"
+            },
+            1,
+            10_000_000,
+        )
         .map(|n| n as usize);
     let reuse_port = t.bool(cx, "reuse_port").unwrap_or(true);
     let allow = t.get("allow").map(|v| cidr_list(cx, "allow", v));
@@ -904,11 +1092,14 @@ fn listener(
         .unwrap_or_default();
     let per_client = t
         .table(cx, "per_client", "`per_client`")
-        .map(|p| per_client(cx, p));
-    let proxy_protocol = t
-        .table(cx, "proxy_protocol", "`proxy_protocol`")
-        .and_then(|p| proxy_accept(cx, p));
-    let buffers = match t.table(cx, "tcp", "`tcp`") {
+        .map(|p| per_client(cx, p, udp_listener));
+    let proxy_protocol = if udp_listener {
+        None
+    } else {
+        t.table(cx, "proxy_protocol", "`proxy_protocol`")
+            .and_then(|p| proxy_accept(cx, p))
+    };
+    let buffers = match t.table(cx, "tcp", "`tcp`").filter(|_| !udp_listener) {
         Some(tt) => {
             let b = socket_buffers(cx, &tt);
             tt.finish(cx, LISTENER_TCP_KEYS, &[]);
@@ -1247,7 +1438,7 @@ fn upstream_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<Upstream
     })
 }
 
-fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Named<Upstream> {
+fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> NamedUpstream {
     let (name, named) = name_of(cx, &t);
     let factor = t
         .uint(cx, "hash_balance_factor", 101, 10_000)
@@ -1353,18 +1544,82 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Named<Upstream> {
         .table(cx, "tcp", "`tcp`")
         .map(|tt| tcp_options(cx, tt))
         .unwrap_or_default();
-    let proxy_protocol = match t.string(cx, "proxy_protocol") {
-        None => None,
-        Some(("v1", _)) => Some(crate::wire::proxy::Version::V1),
-        Some(("v2", _)) => Some(crate::wire::proxy::Version::V2),
-        Some((other, span)) => {
+    // `proxy_protocol = "v2"`, or `{ send = "v2", every = true }` (UDP: on every datagram).
+    let mut proxy_every_datagram = false;
+    let version = |cx: &mut Cx<'_>, key: &str, v: &str, span: Range<usize>| match v {
+        "v1" => Some(crate::wire::proxy::Version::V1),
+        "v2" => Some(crate::wire::proxy::Version::V2),
+        other => {
             cx.err(
                 span,
-                format!("`proxy_protocol` must be \"v1\" or \"v2\", not {other:?}"),
+                format!("`{key}` must be \"v1\" or \"v2\", not {other:?}"),
             );
             None
         }
     };
+    let mut fit = Fit::default();
+    let proxy_protocol = match t.get("proxy_protocol").map(|v| v.get_ref()) {
+        None => None,
+        Some(DeValue::Table(_)) => t
+            .table(cx, "proxy_protocol", "`proxy_protocol`")
+            .and_then(|p| {
+                let v = p
+                    .required(cx, "send")
+                    .and_then(|_| p.string(cx, "send"))
+                    .and_then(|(v, span)| version(cx, "send", v, span));
+                proxy_every_datagram = p.bool(cx, "every").unwrap_or(false);
+                if proxy_every_datagram && let Some(e) = p.get("every") {
+                    fit.tcp.push((
+                        e.span(),
+                        "`every` (a PROXY header on every datagram) applies to upstreams of UDP listeners".into(),
+                    ));
+                }
+                p.finish(cx, &["send", "every"], &[]);
+                v
+            }),
+        Some(_) => t
+            .string(cx, "proxy_protocol")
+            .and_then(|(v, span)| version(cx, "proxy_protocol", v, span)),
+    };
+    if proxy_protocol == Some(crate::wire::proxy::Version::V1)
+        && let Some(v) = t.get("proxy_protocol")
+    {
+        fit.udp
+            .push((v.span(), "PROXY protocol v1 has no UDP: use \"v2\"".into()));
+    }
+    for (key, why) in [
+        ("tls", "datagrams are relayed as they are"),
+        ("queue", "a datagram does not wait for a server"),
+        ("tcp", "its servers are reached over UDP"),
+        (
+            "retries",
+            "a session's server is not connected to, so there is nothing to retry",
+        ),
+        ("connect_timeout", "a session's server is not connected to"),
+    ] {
+        if let Some(v) = t.get(key) {
+            fit.udp.push((
+                v.span(),
+                format!("`{key}` does not apply to a UDP upstream: {why}"),
+            ));
+        }
+    }
+    if let Some(h) = &health
+        && let Some(v) = t.get("health")
+    {
+        if h.active && h.send.is_none() && h.port.is_none() {
+            fit.udp.push((
+                v.span(),
+                "a UDP upstream's health check needs `send` (or `send_hex`: a datagram whose reply is awaited) or `port` (a TCP port to connect to); or `active = false`".into(),
+            ));
+        }
+        if h.send_proxy {
+            fit.udp.push((
+                v.span(),
+                "`send_proxy` does not apply to a UDP upstream's health checks".into(),
+            ));
+        }
+    }
     if health.as_ref().is_some_and(|h| h.send_proxy) && proxy_protocol.is_none() {
         let span = t.get("health").map(|v| v.span()).unwrap_or(0..0);
         cx.err(
@@ -1391,10 +1646,23 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Named<Upstream> {
             health,
             tcp,
             proxy_protocol,
+            proxy_every_datagram,
             tls,
+            protocol: Protocol::Tcp,
         })
     })();
-    (named, u)
+    (named, u, fit)
+}
+
+/// An upstream as [`Named`] says, and what would not fit it.
+type NamedUpstream = (Option<(String, Range<usize>)>, Option<Upstream>, Fit);
+
+/// What would be wrong with an upstream if it served UDP listeners, or TCP ones: reported
+/// once the listeners that use it are known.
+#[derive(Default)]
+struct Fit {
+    udp: Vec<(Range<usize>, String)>,
+    tcp: Vec<(Range<usize>, String)>,
 }
 
 fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
@@ -1406,13 +1674,37 @@ fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
         .unwrap_or(Duration::from_secs(1));
     let rise = h.uint(cx, "rise", 1, 1000).unwrap_or(2) as u32;
     let fall = h.uint(cx, "fall", 1, 1000).unwrap_or(3) as u32;
-    let send = h.string(cx, "send").map(|(s, _)| s.as_bytes().to_vec());
-    let expect = h.string(cx, "expect").map(|(s, span)| {
-        if s.is_empty() {
-            cx.err(span, "`expect` must not be empty");
+    // Text, or bytes in hex (`send_hex`, `expect_hex`: a DNS query, a binary protocol).
+    let bytes = |cx: &mut Cx<'_>, key: &str| -> Option<Vec<u8>> {
+        let hex_key = format!("{key}_hex");
+        let text = h
+            .string(cx, key)
+            .map(|(s, span)| (s.as_bytes().to_vec(), span));
+        let hex = h
+            .string(cx, &hex_key)
+            .and_then(|(s, span)| match parse_hex(s) {
+                Ok(b) => Some((b, span)),
+                Err(e) => {
+                    cx.err(span, format!("`{hex_key}`: {e}"));
+                    None
+                }
+            });
+        match (text, hex) {
+            (Some(_), Some((_, span))) => {
+                cx.err(span, format!("give `{key}` or `{hex_key}`, not both"));
+                None
+            }
+            (t, x) => t.or(x).map(|(b, _)| b),
         }
-        s.as_bytes().to_vec()
-    });
+    };
+    let send = bytes(cx, "send");
+    let expect = bytes(cx, "expect");
+    if let Some(v) = h.get("expect").or_else(|| h.get("expect_hex"))
+        && expect.as_ref().is_some_and(|e| e.is_empty())
+    {
+        cx.err(v.span(), "`expect` must not be empty");
+    }
+    let port = h.uint(cx, "port", 1, 65535).map(|n| n as u16);
     let passive = h.table(cx, "passive", "`passive`").map(|p| {
         let failures = p.uint(cx, "failures", 1, 1000).unwrap_or(5) as u32;
         let eject = p
@@ -1433,10 +1725,32 @@ fn health(cx: &mut Cx<'_>, h: Tab<'_, '_>) -> Option<HealthConfig> {
         fall,
         send,
         expect,
+        port,
         passive,
         fail_open,
         send_proxy,
     })
+}
+
+/// Bytes written as hex digits, optionally separated by spaces: `"0001 0100"`.
+fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    let digits: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if digits.is_empty() {
+        return Err("no bytes".into());
+    }
+    if !digits.len().is_multiple_of(2) {
+        return Err("an odd number of hex digits".into());
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .filter(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| format!("{:?} is not a hex byte", String::from_utf8_lossy(pair)))
+        })
+        .collect()
 }
 
 fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
@@ -1714,10 +2028,22 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(r)
 }
 
-fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> PerClient {
-    let max_connections = p
-        .uint(cx, "max_connections", 1, 10_000_000)
-        .map(|n| n as u32);
+/// `per_client`; a UDP listener's counts sessions (`max_sessions`) and datagrams (`rate`).
+fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>, udp: bool) -> PerClient {
+    let (concurrent, other) = if udp {
+        ("max_sessions", "max_connections")
+    } else {
+        ("max_connections", "max_sessions")
+    };
+    if let Some(v) = p.get(other) {
+        let msg = if udp {
+            "a UDP listener limits `max_sessions` per client"
+        } else {
+            "`max_sessions` applies to UDP listeners; a TCP listener limits `max_connections` per client"
+        };
+        cx.err(v.span(), msg);
+    }
+    let max_connections = p.uint(cx, concurrent, 1, 10_000_000).map(|n| n as u32);
     let rate = p
         .string(cx, "rate")
         .and_then(|(s, span)| match parse_rate(s) {
@@ -1741,6 +2067,7 @@ fn per_client(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> PerClient {
         cx,
         &[
             "max_connections",
+            "max_sessions",
             "rate",
             "burst",
             "max_tracked",

@@ -61,6 +61,8 @@ pub enum FrontEnd {
     },
     /// Redirected connections, to their original destination (or the default upstream).
     Transparent(Arc<Transparent>),
+    /// A UDP listener: no handshake; `udp::serve` starts its sessions with these settings.
+    Udp(crate::udp::Settings),
 }
 
 impl FrontEnd {
@@ -71,6 +73,7 @@ impl FrontEnd {
             FrontEnd::Socks5 { .. } => "socks5",
             FrontEnd::HttpConnect { .. } => "http-connect",
             FrontEnd::Transparent(_) => "transparent",
+            FrontEnd::Udp(_) => "udp",
         }
     }
 }
@@ -267,6 +270,8 @@ async fn run(l: &impl Listener, st: &mut State) -> Result<Accepted, Refusal> {
     }
 
     match l.front() {
+        // Its sockets are UDP: no connection is ever accepted on it.
+        FrontEnd::Udp(_) => Err(Refusal::handshake("a UDP listener has no connections")),
         FrontEnd::Tcp => {
             let mut replay = Vec::new();
             let mut alpn_offered = Vec::new();

@@ -8,5 +8,5 @@ pub mod stats;
 
 pub use access_log::{AccessLog, Logs, Record};
 pub use counter::Counter;
-pub use outcome::{Outcome, Refusal, Stage};
+pub use outcome::{Dropped, Outcome, Refusal, Stage};
 pub use stats::{ListenerStats, ServerStats};

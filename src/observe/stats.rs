@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use super::{Counter, Outcome};
+use super::{Counter, Dropped, Outcome};
 
 /// Counters of one listener.
 #[derive(Debug)]
@@ -21,6 +21,11 @@ pub struct ListenerStats {
     pub tls_resumed: AtomicU64,
     pub tls_failed: AtomicU64,
     pub tls_handshake: Histogram,
+    /// UDP listeners: datagrams passed on each way, and those dropped by [`Dropped`] (in
+    /// the order of [`Dropped::ALL`]).
+    pub datagrams_up: Counter,
+    pub datagrams_down: Counter,
+    pub dropped: [AtomicU64; Dropped::ALL.len()],
 }
 
 impl Default for ListenerStats {
@@ -34,6 +39,9 @@ impl Default for ListenerStats {
             tls_resumed: AtomicU64::new(0),
             tls_failed: AtomicU64::new(0),
             tls_handshake: Histogram::new(HANDSHAKE_BUCKETS),
+            datagrams_up: Counter::new(),
+            datagrams_down: Counter::new(),
+            dropped: Default::default(),
         }
     }
 }
@@ -48,6 +56,16 @@ impl ListenerStats {
 
     pub fn finished(&self, outcome: Outcome) -> u64 {
         outcome.slot().map_or(0, |i| self.finished[i].load(Relaxed))
+    }
+
+    /// Counts a dropped datagram.
+    pub fn drop_datagram(&self, why: Dropped) {
+        self.dropped[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Datagrams dropped for `why`.
+    pub fn dropped(&self, why: Dropped) -> u64 {
+        self.dropped[why as usize].load(Relaxed)
     }
 }
 

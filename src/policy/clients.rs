@@ -165,6 +165,28 @@ impl ClientTable {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// Whether one more datagram of `ip` (a UDP listener's client with a session, which
+    /// holds its entry) is within the rate; it counts against the rate if it is.
+    pub fn pass(&self, ip: IpAddr) -> bool {
+        if self.limits.rate.is_none() {
+            return true;
+        }
+        let key = key(ip, self.limits.ipv6_prefix);
+        let now = self.now_ns();
+        let mut shard = self.shard(key);
+        // The session's permit keeps the entry; a datagram cannot outlive it, so this is
+        // only a stale view of a session that just ended: let it through.
+        let Some(e) = shard.map.get_mut(&key) else {
+            return true;
+        };
+        let tat = e.tat.max(now);
+        if tat - now > self.tolerance_ns {
+            return false;
+        }
+        e.tat = tat.saturating_add(self.interval_ns);
+        true
+    }
+
     /// Admits a new connection from `ip`, or says why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ClientPermit, Refusal> {
         let key = key(ip, self.limits.ipv6_prefix);

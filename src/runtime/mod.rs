@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Users;
 use crate::config::{self, Config, ListenerMode};
 use crate::frontend::{Forwarding, FrontEnd, Transparent};
-use crate::listener::{self, Binder, Bound, Gate, ListenerCtx, Slot};
+use crate::listener::{self, Binder, Bound, Gate, ListenerCtx, Slot, Socket};
 use crate::observe::{AccessLog, ListenerStats, Logs};
 use crate::policy::{Acl, ClientLimits, ClientTable};
 use crate::relay::Engine;
@@ -38,8 +38,9 @@ use crate::upstream::dial::OwnAddrs;
 use crate::workers::Workers;
 
 pub mod plan;
+mod udp;
 
-use plan::{ListenerPlan, UpstreamPlan, targets, tproxy, unindexed};
+use plan::{ListenerPlan, UpstreamPlan, kind, targets, unindexed};
 
 /// How long connections cut by the drain timeout get to write their log records.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -116,7 +117,11 @@ struct Group {
     /// Where they are bound (the port chosen, for port 0).
     addr: Option<SocketAddr>,
     stop: CancellationToken,
-    /// Waited for after `stop`, so that "stopped" means the sockets are closed.
+    /// UDP: ends the sessions at once (`stop` only stops new ones; the socket serves the
+    /// sessions it has until they end). Cancelled with the drain's connection stop.
+    end: CancellationToken,
+    /// Waited for after `stop`, so that "stopped" means the sockets are closed (TCP; a UDP
+    /// socket closes once its sessions have ended: it is served as a connection).
     accepting: TaskTracker,
 }
 
@@ -132,6 +137,15 @@ impl LiveListener {
     /// Every address it is bound to.
     fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.groups.iter().filter_map(|g| g.addr)
+    }
+
+    /// UDP: ends every session now and closes the sockets (their options changed: they
+    /// must not share the address with the new ones).
+    fn end_sessions(&self) {
+        for g in &self.groups {
+            g.stop.cancel();
+            g.end.cancel();
+        }
     }
 
     /// Stops accepting and waits until the listening sockets are closed.
@@ -271,7 +285,7 @@ impl Proxy {
                 &*binder,
                 &lc.listen,
                 lc.reuse_port,
-                tproxy(lc),
+                kind(lc),
                 n_workers,
                 &[],
             )?);
@@ -445,6 +459,7 @@ impl Shared {
                         listen: b.listen,
                         addr: None,
                         stop: CancellationToken::new(),
+                        end: self.conn_stop.child_token(),
                         accepting: TaskTracker::new(),
                     });
                     groups.len() - 1
@@ -462,15 +477,45 @@ impl Shared {
             );
             let stop = g.stop.clone();
             let name = name.to_string();
-            g.accepting.spawn_on(
-                async move {
-                    listener::accept_loop(b.socket, &name, stop, |stream, peer| {
-                        crate::session::admit(stream, peer, &slot, &tracker, &workers, me)
-                    })
-                    .await
-                },
-                self.workers.handle(b.worker),
-            );
+            match b.socket {
+                Socket::Tcp(socket) => {
+                    g.accepting.spawn_on(
+                        async move {
+                            listener::accept_loop(socket, &name, stop, |stream, peer| {
+                                crate::session::admit(stream, peer, &slot, &tracker, &workers, me)
+                            })
+                            .await
+                        },
+                        self.workers.handle(b.worker),
+                    );
+                }
+                Socket::Udp(socket) => {
+                    let stop = crate::udp::Stop {
+                        sessions: stop,
+                        now: g.end.clone(),
+                    };
+                    let sessions = Arc::new(udp::Sessions {
+                        stats: slot.load().stats.clone(),
+                        slot,
+                    });
+                    // Served as a connection: the drain waits for its sessions.
+                    tracker.spawn_on(
+                        async move {
+                            match crate::udp::Listening::new(socket) {
+                                Ok(l) => {
+                                    crate::udp::serve(Arc::new(l), sessions.clone(), sessions, stop)
+                                        .await
+                                }
+                                Err(e) => tracing::error!(
+                                    listener = %name,
+                                    "cannot register the UDP socket: {e}"
+                                ),
+                            }
+                        },
+                        self.workers.handle(b.worker),
+                    );
+                }
+            }
         }
         groups
     }
@@ -541,6 +586,11 @@ impl Shared {
                 dial: m.dial,
                 own: self.own.clone(),
             })),
+            (ListenerMode::Udp(m), _) => FrontEnd::Udp(crate::udp::Settings {
+                idle_timeout: lc.idle_timeout,
+                responses: m.responses,
+                requests: m.requests,
+            }),
             _ => FrontEnd::Tcp,
         };
         ListenerCtx::new(
@@ -683,7 +733,7 @@ impl Shared {
                 &*self.binder,
                 wanted,
                 lc.reuse_port,
-                tproxy(lc),
+                kind(lc),
                 workers,
                 &own,
             ) {
@@ -814,6 +864,7 @@ impl Shared {
                         tracing::info!("listener {:?} listening on {a}", lc.name);
                     }
                     if let Some(p) = &prev {
+                        p.end_sessions();
                         p.stop_accepting().await;
                         changes.push(format!("listener {:?} has new sockets", lc.name));
                     } else {

@@ -96,8 +96,12 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
         };
         // An address still held by another listener (removed or changed in this reload)
         // cannot be taken over in the same step. Port 0 (an ephemeral port) never clashes.
+        // (A TCP and a UDP listener may share an address.)
+        let udp = |l: &config::Listener| matches!(l.mode, ListenerMode::Udp(_));
         if let Some(other) = old.listeners.iter().find(|l| {
-            l.name != lc.name && l.listen.iter().any(|a| a.port() != 0 && binds.contains(a))
+            l.name != lc.name
+                && udp(l) == udp(lc)
+                && l.listen.iter().any(|a| a.port() != 0 && binds.contains(a))
         }) {
             errors.push(format!(
                 "listener {:?} takes an address of listener {:?}: rename or move in two reloads",
@@ -172,7 +176,17 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
 
 /// Whether a listener's sockets can serve a new config of it: bound with the same options.
 pub fn same_sockets(old: &config::Listener, new: &config::Listener) -> bool {
-    old.reuse_port == new.reuse_port && tproxy(old) == tproxy(new)
+    old.reuse_port == new.reuse_port && kind(old) == kind(new)
+}
+
+/// What a listener's sockets are: TCP (with IP_TRANSPARENT for TPROXY) or UDP.
+pub fn kind(lc: &config::Listener) -> crate::listener::Kind {
+    match lc.mode {
+        ListenerMode::Udp(_) => crate::listener::Kind::Udp,
+        _ => crate::listener::Kind::Tcp {
+            transparent: tproxy(lc),
+        },
+    }
 }
 
 /// A TPROXY listener: its sockets are bound with IP_TRANSPARENT.

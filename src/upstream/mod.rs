@@ -201,6 +201,10 @@ pub struct Pool {
     pub tcp: TcpOptions,
     /// Send a PROXY header first on every server connection.
     pub proxy_protocol: Option<crate::wire::proxy::Version>,
+    /// UDP: the PROXY header on every datagram, not only a session's first.
+    pub proxy_every_datagram: bool,
+    /// TCP, or UDP (its listeners' sessions, its health checks).
+    pub protocol: config::Protocol,
     /// TLS to the servers.
     pub tls: Option<Arc<crate::tls::ClientTls>>,
     pub health: Option<HealthConfig>,
@@ -352,6 +356,8 @@ impl Pool {
             retries: cfg.retries,
             tcp: cfg.tcp,
             proxy_protocol: cfg.proxy_protocol,
+            proxy_every_datagram: cfg.proxy_every_datagram,
+            protocol: cfg.protocol,
             tls,
             health: cfg.health.clone(),
             max_per_server: cfg
