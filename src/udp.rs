@@ -54,9 +54,13 @@ const BATCH: usize = 32;
 /// Batches read from a listening socket per wake-up before the worker's other tasks run.
 const BATCHES_PER_WAKE: usize = 8;
 
+/// Replies read from a session's socket per `recvmmsg`.
+const REPLY_BATCH: usize = 8;
+
 thread_local! {
     /// Replies are read here and sent on at once.
-    static REPLY: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
+    static REPLY: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; REPLY_BATCH * MAX_DATAGRAM].into_boxed_slice());
 }
 
 /// How a UDP listener's sessions end (read when a session starts; it keeps them).
@@ -80,6 +84,8 @@ pub struct Admitted<G> {
     /// A PROXY protocol v2 header to put before the session's first datagram, or before
     /// every one.
     pub header: Option<(Vec<u8>, bool)>,
+    /// Ask [`Route::pass`] about each later datagram of the session (a datagram rate).
+    pub check_each: bool,
 }
 
 /// Starts sessions: a listener's limits and its pool.
@@ -198,6 +204,7 @@ struct Binding {
     /// A PROXY header to put before every datagram.
     header: Option<Box<[u8]>>,
     requests: Option<u32>,
+    check_each: bool,
 }
 
 /// Tells [`serve`] when to stop.
@@ -256,13 +263,11 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                 std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
             };
             let l = &s.listening;
-            let n = match l.sock.try_io(Interest::READABLE, || {
-                l.state
-                    .recv(UdpSockRef::from(&l.sock), &mut slices, &mut meta)
-            }) {
+            let n = match recv_batch(&l.sock, &l.state, &mut slices, &mut meta) {
+                Ok(0) => break,
                 Ok(n) => n,
-                // Nothing more; or an ICMP error for an earlier reply, or a transient
-                // failure: the socket itself goes on.
+                // An ICMP error for an earlier reply, or a transient failure: the socket
+                // itself goes on.
                 Err(_) => break,
             };
             for (m, buf) in meta.iter().zip(slices.iter()).take(n) {
@@ -276,6 +281,32 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                 break;
             }
         }
+    }
+}
+
+/// Reads a batch of datagrams from `sock` (0: none waiting). A batch shorter than `bufs`
+/// emptied the socket's queue, so its read readiness is cleared with it: the next wait is
+/// for new datagrams, not for one more read that would find none. (Readiness that arrived
+/// during the read is kept.)
+fn recv_batch(
+    sock: &UdpSocket,
+    state: &UdpSocketState,
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [RecvMeta],
+) -> io::Result<usize> {
+    let mut short = 0;
+    let r = sock.try_io(Interest::READABLE, || {
+        let n = state.recv(UdpSockRef::from(sock), bufs, meta)?;
+        if n < bufs.len() {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+        Err(e) => Err(e),
     }
 }
 
@@ -313,7 +344,7 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
             self.sessions.remove(&client);
         }
         if let Some(b) = self.sessions.get(&client) {
-            if !self.route.pass(client) {
+            if b.check_each && !self.route.pass(client) {
                 self.report.dropped(client, Dropped::Rate);
                 return;
             }
@@ -400,6 +431,7 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
                     id,
                     header: first.filter(|_| every).map(Vec::into_boxed_slice),
                     requests: settings.requests,
+                    check_each: a.check_each,
                 },
             );
         }
@@ -525,19 +557,26 @@ impl Session {
             }
             // Everything waiting, each datagram sent on as it is read.
             let r = REPLY.with_borrow_mut(|buf| {
+                let mut meta = [RecvMeta::default(); REPLY_BATCH];
                 loop {
-                    match self.server.try_recv(buf) {
-                        Ok(n) => {
-                            down += 1;
-                            down_bytes += n as u64;
-                            // A reply that cannot be sent now is dropped; the client retries.
-                            match self.listening.reply(self.client, self.dst, &buf[..n]) {
-                                Ok(()) => report.relayed(Direction::Down, n),
-                                Err(why) => report.dropped(self.client, why),
-                            }
+                    let mut slices: [IoSliceMut<'_>; REPLY_BATCH] = {
+                        let mut chunks = buf.chunks_mut(MAX_DATAGRAM);
+                        std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()))
+                    };
+                    let l = &self.listening;
+                    let n = recv_batch(&self.server, &l.state, &mut slices, &mut meta)?;
+                    for (m, data) in meta.iter().zip(slices.iter()).take(n) {
+                        let data = &data[..m.len];
+                        down += 1;
+                        down_bytes += data.len() as u64;
+                        // A reply that cannot be sent now is dropped; the client retries.
+                        match l.reply(self.client, self.dst, data) {
+                            Ok(()) => report.relayed(Direction::Down, data.len()),
+                            Err(why) => report.dropped(self.client, why),
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                        Err(e) => return Err(e),
+                    }
+                    if n < REPLY_BATCH {
+                        return Ok::<(), io::Error>(());
                     }
                 }
             });
@@ -604,6 +643,7 @@ mod tests {
                 header: self
                     .header
                     .map(|every| (crate::wire::proxy::encode_datagram(client, local), every)),
+                check_each: false,
             })
         }
     }

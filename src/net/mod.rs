@@ -234,11 +234,21 @@ pub fn check_free_udp(addr: SocketAddr) -> io::Result<()> {
     probe.bind(&addr.into())
 }
 
+/// The receive buffer asked for a UDP listening socket: every client's datagrams queue in
+/// it while its worker is busy, and the kernel's default (~208 KiB) overflows under a
+/// burst of large datagrams. Past `net.core.rmem_max` it takes root (`SO_RCVBUFFORCE`);
+/// without, the kernel gives what `rmem_max` allows.
+pub const UDP_LISTEN_BUFFER: usize = 4 << 20;
+
 /// A UDP listening socket on `addr`, non-blocking; with `reuse_port`, others may bind the
 /// same address (the kernel hashes each client address to one of them).
 pub fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, UDP_LISTEN_BUFFER).is_err()
+    {
+        socket.set_recv_buffer_size(UDP_LISTEN_BUFFER)?;
+    }
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

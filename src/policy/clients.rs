@@ -165,6 +165,11 @@ impl ClientTable {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    /// Whether a rate is set.
+    pub fn limits_rate(&self) -> bool {
+        self.limits.rate.is_some()
+    }
+
     /// Whether one more datagram of `ip` (a UDP listener's client with a session, which
     /// holds its entry) is within the rate; it counts against the rate if it is.
     pub fn pass(&self, ip: IpAddr) -> bool {

@@ -54,7 +54,9 @@ impl udp::Route for Sessions {
                 pool.proxy_every_datagram,
             )
         });
+        let check_each = ctx.clients.as_ref().is_some_and(|t| t.limits_rate());
         Ok(Admitted {
+            check_each,
             server: server.server().addr,
             settings,
             header,
