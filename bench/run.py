@@ -11,7 +11,7 @@ One command, Python standard library only:
                          [--only bulk,bulk-mtu,redis,connrate,memory,
                                  tls-handshake,tls-resume,tls-bulk,tls-memory,
                                  socks-rate,socks-bulk,http-rate,http-bulk,
-                                 udp-64,udp-1400,udp-dns]
+                                 udp-64,udp-1400,udp-dns,udp-memory]
                          [--contenders direct,direct-tls,ferry,...] [--ferry-baseline OLD_FERRY]
                          [--out bench/results/NAME.json]
 
@@ -71,7 +71,7 @@ FORWARD_MEASUREMENTS = {"socks-rate": "socks5", "socks-bulk": "socks5",
 # UDP measurements: datagrams/s through the proxy to an echo backend at these payload sizes,
 # and DNS queries/s (dnsperf against unbound).
 UDP_ECHO_MEASUREMENTS = {"udp-64": 64, "udp-1400": 1400}
-UDP_MEASUREMENTS = list(UDP_ECHO_MEASUREMENTS) + ["udp-dns"]
+UDP_MEASUREMENTS = list(UDP_ECHO_MEASUREMENTS) + ["udp-dns", "udp-memory"]
 ALL_MEASUREMENTS = (["bulk", "bulk-mtu", "redis", "connrate", "memory"] + TLS_MEASUREMENTS
                     + list(FORWARD_MEASUREMENTS) + UDP_MEASUREMENTS)
 # Tools of bench/tools each measurement runs.
@@ -80,7 +80,8 @@ TOOLS_NEEDED = {"connrate": ["echo", "connrate"], "memory": ["echo", "idleconns"
                 "tls-bulk": ["echo", "tlsbulk"], "tls-memory": ["echo", "idleconns"],
                 "socks-rate": ["echo", "connrate"], "socks-bulk": ["echo", "tlsbulk"],
                 "http-rate": ["echo", "connrate"], "http-bulk": ["echo", "tlsbulk"],
-                "udp-64": ["udpecho", "udprate"], "udp-1400": ["udpecho", "udprate"]}
+                "udp-64": ["udpecho", "udprate"], "udp-1400": ["udpecho", "udprate"],
+                "udp-memory": ["udpecho"]}
 # Targets for the forward-proxy modes (printed with the ratios, and kept in the JSON): ferry's
 # value divided by the best peer's of the same protocol.
 FORWARD_TARGETS = {"rate": 1.5, "bulk": 1.3}
@@ -108,12 +109,14 @@ PROFILES = {
                  connrate_secs=5, connrate_workers=64, mem_conns=9_700, socat_mem_conns=1_000,
                  tls_secs=5, tls_workers=64, tls_bulk_secs=5,
                  tunnel_secs=5, tunnel_workers=64, tunnel_bulk_secs=5,
-                 udp_secs=5, udp_sockets=256, udp_window=1, dns_clients=32, dns_outstanding=256),
+                 udp_secs=5, udp_sockets=256, udp_window=1, dns_clients=32, dns_outstanding=256,
+                 udp_mem_sessions=5_000),
     "quick": dict(rounds=1, bulk_secs=2, redis_requests=20_000, redis_clients=50,
                   connrate_secs=2, connrate_workers=64, mem_conns=1_000, socat_mem_conns=500,
                   tls_secs=2, tls_workers=64, tls_bulk_secs=2,
                   tunnel_secs=2, tunnel_workers=64, tunnel_bulk_secs=2,
-                  udp_secs=2, udp_sockets=256, udp_window=1, dns_clients=32, dns_outstanding=256),
+                  udp_secs=2, udp_sockets=256, udp_window=1, dns_clients=32, dns_outstanding=256,
+                  udp_mem_sessions=1_000),
 }
 
 
@@ -2464,6 +2467,59 @@ class Bench:
         finally:
             srv.stop()
 
+    def udp_memory(self) -> None:
+        """Memory per idle UDP session: N client sockets (over 127.0.0.2-9, each its own
+        session) each send one datagram through the contender and get its echo, then stay
+        open (sessions live until the idle timeout, 30 s everywhere); the proxy's memory
+        before and after, per session."""
+        n = min(self.prof["udp_mem_sessions"], max(10, (self.fd_hard - 300) // 2))
+        srv = Backend("udpecho", lambda p: [self.tool("udpecho"), "--listen", f"{LOOP}:{p}",
+                                            "--threads", str(WORKERS)], self.tmp, udp=True)
+        try:
+            def one(c: Contender, r: int):
+                def body(port, pgid):
+                    udp_echo_probe(port)
+                    time.sleep(0.5)
+                    before = memory_kib(pgid)
+                    socks = []
+                    opened = failed = 0
+                    t0 = time.monotonic()
+                    try:
+                        for i in range(n):
+                            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                            socks.append(s)
+                            s.bind((f"127.0.0.{2 + i % 8}", 0))
+                            s.connect((LOOP, port))
+                            s.settimeout(2.0)
+                            payload = b"idle-session-%d" % i
+                            ok = False
+                            for _ in range(3):
+                                s.send(payload)
+                                try:
+                                    ok = s.recv(2048) == payload
+                                    break
+                                except socket.timeout:
+                                    continue
+                            opened += ok
+                            failed += not ok
+                        open_s = time.monotonic() - t0
+                        time.sleep(1.0)  # let the proxy settle
+                        after = memory_kib(pgid)
+                    finally:
+                        for s in socks:
+                            s.close()
+                    out = {"sessions": n, "opened": opened, "failed": failed, "open_s": open_s,
+                           "before": before, "after": after}
+                    if opened:
+                        out["rss_kib_per_session"] = (after["rss_kib"] - before["rss_kib"]) / opened
+                        out["pss_kib_per_session"] = (after["pss_kib"] - before["pss_kib"]) / opened
+                    return out
+                return self.with_proxy(c, srv.port, f"udp-memory-r{r + 1}", body, udp=True)
+
+            self.interleaved("udp-memory", [c for c in self.udp_contenders if c.has_process], one)
+        finally:
+            srv.stop()
+
     def _unbound_conf(self, d: str, port: int) -> str:
         """unbound answering every name under DNS_ZONE with DNS_ANSWER from local data
         (`local-zone: redirect`) and everything else NXDOMAIN (`local-zone: "." static`: it
@@ -2952,6 +3008,13 @@ def render(summary: dict, order: list[str], rounds: dict | None = None) -> str:
         out.append(md_table("Proxy CPU per DNS query (µs/query, lower is better)", proxies, med,
                             [("µs/query", lambda m: m["cpu_us_per_query"], ".2f", ng + fb),
                              ("of which kernel", lambda m: m["sys_us_per_query"], ".2f", [])]))
+    if "udp-memory" in summary:
+        med = summary["udp-memory"]
+        out.append(md_table("Memory per idle UDP session (KiB/session, lower is better)", proxies, med,
+                            [("RSS KiB/session", lambda m: m["rss_kib_per_session"], ".2f", ng + fb),
+                             ("PSS KiB/session", lambda m: m["pss_kib_per_session"], ".2f", ng + fb),
+                             ("sessions", lambda m: m["opened"], ".0f", []),
+                             ("failed", lambda m: m["failed"], ".0f", [])]))
     return "\n".join(x for x in out if x)
 
 
@@ -3114,7 +3177,7 @@ def main(argv=None) -> int:
     needs = {"bulk": ["iperf3"], "bulk-mtu": ["iperf3", "ip", "sysctl"],
              "redis": ["redis-server", "redis-benchmark"], "connrate": [], "memory": [],
              **{m: ["openssl"] for m in TLS_MEASUREMENTS}, **{m: [] for m in FORWARD_MEASUREMENTS},
-             "udp-64": [], "udp-1400": [], "udp-dns": ["dnsperf", "unbound"]}
+             "udp-64": [], "udp-1400": [], "udp-dns": ["dnsperf", "unbound"], "udp-memory": []}
     measurements = []
     skipped_measurements = {}
     for m in args.only:

@@ -43,6 +43,18 @@ async fn udp_server(ip: &str, tag: Option<u8>) -> (SocketAddr, Arc<Mutex<HashSet
     (addr, peers)
 }
 
+/// A loopback port free for both TCP and UDP right now.
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both TCP and UDP");
+}
+
 /// A UDP address nothing listens on (sending there gets ICMP port unreachable).
 fn gone_udp() -> SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0")
@@ -316,16 +328,32 @@ async fn dns_with_dig_and_kdig_to_dnsmasq_one_session_per_query() {
 /// reaches the server, counted by ferry as the server counts them.
 #[tokio::test]
 async fn iperf3_udp_through_ferry() {
-    let port = gone_udp().port();
-    let mut server = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run iperf3");
+    // A port another test's connection may take meanwhile: then iperf3 exits, and another
+    // port is tried.
+    let mut started = None;
+    for _ in 0..10 {
+        let port = free_port();
+        let mut server = Command::new("iperf3")
+            .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run iperf3");
+        within(WAIT, "iperf3 -s listening or gone", async {
+            while !tcp_listening(port) && server.try_wait().unwrap().is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if tcp_listening(port) {
+            started = Some((server, port));
+            break;
+        }
+        let _ = server.wait();
+    }
+    let (mut server, port) = started.expect("iperf3 -s on a free port");
     let iperf: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_until(WAIT, "iperf3 -s listening", || tcp_listening(port)).await;
-    let front_port = gone_udp().port();
+    let front_port = free_port();
     let config = format!(
         r#"
 [log]
@@ -754,5 +782,103 @@ async fn wildcard_listener_answers_from_the_address_sent_to() {
         let to = SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port);
         let c = client("127.0.0.1", to).await;
         assert_eq!(ask(&c, ip.as_bytes()).await, ip.as_bytes());
+    }
+}
+
+/// A UDP upstream checked by a TCP connect to `port`: its server is up while something
+/// listens there and down once nothing does.
+#[tokio::test]
+async fn udp_upstream_checked_by_tcp_port() {
+    let (echo, _) = udp_server("127.0.0.1", None).await;
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let upstream = format!(
+        "[upstream.health]\ninterval = \"100ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\nport = {port}"
+    );
+    let ferry = Ferry::start(&udp_config("127.0.0.1:0", "", &upstream, &[echo]), 1).await;
+    let admin = admin_addr(&ferry).await;
+    let state = || async move { server_status(&status(admin).await, "u", echo)["state"].clone() };
+    // Checks pass while the port listens (the server starts up and stays so).
+    let mut passed = false;
+    for _ in 0..500 {
+        let st = status(admin).await;
+        if server_status(&st, "u", echo)["last_check"]["ok"] == true {
+            passed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(passed, "no passing check");
+    assert_eq!(state().await, "up");
+    let c = client("127.0.0.1", ferry.addr("udp")).await;
+    assert_eq!(ask(&c, b"up").await, b"up");
+    drop(tcp);
+    let mut down = false;
+    for _ in 0..500 {
+        if state().await == "down" {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(down, "the server stayed up with its check port closed");
+}
+
+/// `deny`, the listener's `max_sessions` and a per-client datagram `rate`: each drops the
+/// datagrams it refuses, counted under its own reason, and answers nothing.
+#[tokio::test]
+async fn deny_max_sessions_and_rate_drop_and_count() {
+    let (echo, _) = udp_server("127.0.0.1", None).await;
+    let listener =
+        "deny = [\"127.0.0.9/32\"]\nmax_sessions = 2\nper_client = { rate = \"5/s\", burst = 5 }";
+    let ferry = Ferry::start(&udp_config("0.0.0.0:0", listener, "", &[echo]), 1).await;
+    let admin = admin_addr(&ferry).await;
+    let port = ferry.addr("udp").port();
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dropped = |m: &str, reason: &str| {
+        metric_must(
+            m,
+            "ferry_udp_dropped_total",
+            &[("listener", "udp"), ("reason", reason)],
+        )
+    };
+    let wait_dropped = |reason: &'static str, n: f64| async move {
+        let mut m = metrics(admin).await;
+        for _ in 0..500 {
+            if dropped(&m, reason) >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            m = metrics(admin).await;
+        }
+        assert_eq!(dropped(&m, reason), n, "{reason}");
+    };
+    // Denied.
+    let denied = client("127.0.0.9", front).await;
+    denied.send(b"x").await.unwrap();
+    wait_dropped("denied", 1.0).await;
+    ferry.records_with("denied", 1, WAIT).await;
+    // Two sessions, then the third is over the listener's limit.
+    let a = client("127.0.0.2", front).await;
+    let b = client("127.0.0.3", front).await;
+    assert_eq!(ask(&a, b"a").await, b"a");
+    assert_eq!(ask(&b, b"b").await, b"b");
+    let third = client("127.0.0.4", front).await;
+    third.send(b"c").await.unwrap();
+    wait_dropped("session_limit", 1.0).await;
+    // A burst of 5 a second: `a` has sent 1; 4 more pass, the next ones are dropped.
+    for i in 0..4u8 {
+        assert_eq!(ask(&a, &[i]).await, [i]);
+    }
+    for i in 0..3u8 {
+        a.send(&[100 + i]).await.unwrap();
+    }
+    wait_dropped("rate", 3.0).await;
+    let mut buf = [0u8; 16];
+    for (who, s) in [("denied", &denied), ("third", &third), ("rate-limited", &a)] {
+        assert!(
+            s.try_recv(&mut buf).is_err(),
+            "the {who} client got an answer"
+        );
     }
 }
