@@ -18,12 +18,12 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use crate::config::TcpOptions;
 
 mod buf_lock;
-mod fragment;
 mod register;
+mod udp_opts;
 
 pub(crate) use buf_lock::unlock as unlock_buffers;
-pub(crate) use fragment::allow as allow_fragments;
 pub(crate) use register::{register, register_listener};
+pub(crate) use udp_opts::{allow_fragments, enable_udp_gro};
 
 /// A connected TCP socket of the data path.
 pub type Sock = AsyncFd<std::net::TcpStream>;

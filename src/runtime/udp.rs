@@ -125,13 +125,13 @@ impl udp::Report<Held> for Sessions {
         }
     }
 
-    fn relayed(&self, way: Direction, bytes: usize) {
+    fn relayed(&self, way: Direction, datagrams: u64, bytes: usize) {
         // Counted on the worker's own cache line: no per-datagram contention.
         let (d, b) = match way {
             Direction::Up => (&self.stats.datagrams_up, &self.stats.bytes_up),
             Direction::Down => (&self.stats.datagrams_down, &self.stats.bytes_down),
         };
-        d.add(1);
+        d.add(datagrams);
         b.add(bytes as u64);
     }
 }

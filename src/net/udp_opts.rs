@@ -1,4 +1,5 @@
-//! Letting the kernel fragment what a UDP socket sends.
+//! UDP socket options neither rustix nor socket2 has: letting the kernel fragment what a
+//! listening socket sends, and UDP GRO on a session's socket.
 //!
 //! `quinn-udp`, which reads a UDP listener's datagrams in batches, sets its socket to never
 //! fragment (QUIC probes the path MTU itself). A relay must pass any datagram on, so
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 
 /// Allows fragmentation of what `sock` (bound to `local`) sends.
-pub(crate) fn allow(sock: &impl AsFd, local: SocketAddr) -> io::Result<()> {
+pub(crate) fn allow_fragments(sock: &impl AsFd, local: SocketAddr) -> io::Result<()> {
     use rustix::net::sockopt;
     if local.is_ipv4() {
         return Ok(sockopt::set_ip_mtu_discover(
@@ -31,6 +32,26 @@ pub(crate) fn allow(sock: &impl AsFd, local: SocketAddr) -> io::Result<()> {
             libc::IPPROTO_IPV6,
             libc::IPV6_DONTFRAG,
             (&raw const off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Enables UDP GRO on `sock`: datagrams of one size from one sender arrive coalesced, one
+/// read for many (the size in a control message), to be passed on with one GSO send.
+pub(crate) fn enable_udp_gro(sock: &impl AsFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: as above; the kernel reads one initialized c_int.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&raw const on).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
