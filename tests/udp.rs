@@ -882,3 +882,43 @@ async fn deny_max_sessions_and_rate_drop_and_count() {
         );
     }
 }
+
+/// A UDP listener's metric families pass the reference parser (Prometheus text and
+/// OpenMetrics), typed as documented, with one sample per drop reason.
+#[tokio::test]
+async fn udp_metrics_pass_the_reference_parser() {
+    ops_support::ensure_prometheus_client();
+    let (echo, _) = udp_server("127.0.0.1", None).await;
+    let ferry = Ferry::start(&udp_config("127.0.0.1:0", "", "", &[echo]), 1).await;
+    let admin = admin_addr(&ferry).await;
+    let c = client("127.0.0.1", ferry.addr("udp")).await;
+    assert_eq!(ask(&c, b"m").await, b"m");
+    let text = metrics(admin).await;
+    for openmetrics in [false, true] {
+        let body = if openmetrics {
+            let accept = "application/openmetrics-text;version=1.0.0";
+            ops_support::http(admin, "GET", "/metrics", &[("Accept", accept)], b"")
+                .await
+                .body
+        } else {
+            text.clone()
+        };
+        let fams = ops_support::parse_with_prometheus_client(&body, openmetrics);
+        for (family, ty, samples) in [
+            ("ferry_udp_sessions_active", "gauge", 1),
+            ("ferry_udp_datagrams", "counter", 2),
+            ("ferry_udp_dropped", "counter", 8),
+        ] {
+            assert_eq!(fams[family]["type"], ty, "{family}: {fams:#}");
+            // OpenMetrics counters also have a `_created` sample each (none here).
+            assert!(
+                fams[family]["samples"].as_u64().unwrap_or(0) >= samples,
+                "{family}: {fams:#}"
+            );
+        }
+    }
+    assert_eq!(
+        metric_must(&text, "ferry_udp_sessions_active", &[("listener", "udp")]),
+        1.0
+    );
+}

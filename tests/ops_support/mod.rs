@@ -552,3 +552,76 @@ pub async fn start_nginx(stream_block: &str, ports: &[u16]) -> Peer {
     p.wait_listening(ports).await;
     p
 }
+
+// ---------------------------------------------------------------------------------------
+// The reference Prometheus parser.
+
+/// Makes sure python3 can import prometheus_client, installing it from PyPI if needed.
+pub fn ensure_prometheus_client() {
+    let has = || {
+        Command::new("python3")
+            .args(["-c", "import prometheus_client"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has() {
+        return;
+    }
+    let st = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "prometheus_client",
+        ])
+        .status();
+    assert!(
+        has(),
+        "python3 cannot import prometheus_client and `pip install prometheus_client` failed ({st:?}); run scripts/setup-test-deps"
+    );
+}
+
+/// Parses `text` with prometheus_client's parser in python3, OpenMetrics or the Prometheus
+/// text format; returns `{family: {"type": ..., "samples": n}}`. Panics with the parser's
+/// error if it fails.
+pub fn parse_with_prometheus_client(text: &str, openmetrics: bool) -> Value {
+    let script = format!(
+        r#"
+import json, sys
+from prometheus_client.{} import text_string_to_metric_families
+fams = {{}}"#,
+        if openmetrics {
+            "openmetrics.parser"
+        } else {
+            "parser"
+        }
+    ) + SCRIPT;
+    const SCRIPT: &str = r#"
+for f in text_string_to_metric_families(sys.stdin.read()):
+    fams[f.name] = {"type": f.type, "samples": len(f.samples)}
+print(json.dumps(fams))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().expect("python3");
+    assert!(
+        out.status.success(),
+        "prometheus_client's parser (openmetrics: {openmetrics}) rejected /metrics: {}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("parser output")
+}
