@@ -154,6 +154,7 @@ impl Listening {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let local = sock.local_addr()?;
         crate::net::allow_fragments(&sock, local)?;
+        crate::net::quiet_listener(&sock, local)?;
         Ok(Listening {
             sock: UdpSocket::from_std(sock)?,
             state,

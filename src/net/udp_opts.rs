@@ -60,3 +60,42 @@ pub(crate) fn enable_udp_gro(sock: &impl AsFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Turns off what `quinn-udp` asks the kernel to attach to every datagram a listening
+/// socket receives and a relay has no use for: receive timestamps, the TOS/traffic class
+/// byte, and (on a socket bound to one address) the destination address. Each is a
+/// control message built per datagram.
+pub(crate) fn quiet_listener(sock: &impl AsFd, local: SocketAddr) -> io::Result<()> {
+    let fd = sock.as_fd().as_raw_fd();
+    let off = |level: libc::c_int, name: libc::c_int| -> io::Result<()> {
+        let v: libc::c_int = 0;
+        // SAFETY: as above; the kernel reads one initialized c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&raw const v).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    off(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS)?;
+    let wildcard = local.ip().is_unspecified();
+    if local.is_ipv4() {
+        off(libc::IPPROTO_IP, libc::IP_RECVTOS)?;
+        if !wildcard {
+            off(libc::IPPROTO_IP, libc::IP_PKTINFO)?;
+        }
+    } else {
+        off(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS)?;
+        if !wildcard {
+            off(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
+        }
+    }
+    Ok(())
+}
