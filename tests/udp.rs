@@ -190,6 +190,7 @@ async fn ten_clients_each_get_their_echoes_over_one_session() {
     assert_eq!(l["udp"]["sessions_active"], 0);
     assert_eq!(l["udp"]["datagrams_up"], 1000);
     assert_eq!(l["results"]["idle_timeout"], 10);
+    assert_eq!(l["routes"][0]["matches"], 10, "one match per session: {l}");
 }
 
 /// A DNS server of the test's own: dnsmasq on 127.0.0.1:`port`, answering `*.udp.test`

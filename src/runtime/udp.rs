@@ -46,7 +46,19 @@ impl udp::Route for Sessions {
             Some(t) => Some(t.admit(client.ip()).map_err(|_| Dropped::ClientLimit)?),
         };
         let permit = Permit::try_new(&ctx).ok_or(Dropped::SessionLimit)?;
-        let pool = ctx.router.default().cloned().ok_or(Dropped::NoServer)?;
+        // The listener's upstream (a UDP listener has no routes); counted as its default
+        // route's match, as a TCP listener's connections are.
+        let facts = crate::route::Facts {
+            sni: None,
+            alpn: crate::route::Alpn::Agreed(None),
+            source: client.ip(),
+            port: local.port(),
+        };
+        let pool = ctx
+            .router
+            .route(&facts)
+            .map(|r| r.pool.clone())
+            .ok_or(Dropped::NoServer)?;
         let server = pool.pick(client.ip(), &[]).map_err(|_| Dropped::NoServer)?;
         let header = pool.proxy_protocol.map(|_| {
             (
