@@ -23,6 +23,7 @@ pub mod route;
 pub mod runtime;
 pub mod session;
 pub mod socks_udp;
+pub mod systemd;
 pub mod tls;
 pub mod udp;
 pub mod upstream;

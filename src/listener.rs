@@ -342,6 +342,14 @@ pub trait Binder: Send + Sync {
         }
         crate::net::bind_udp(addr, reuse_port)
     }
+
+    /// Whether the sockets this gives for `addr` are descriptors of one socket rather than
+    /// `SO_REUSEPORT` siblings (a socket systemd passed): the workers then share it, and a
+    /// UDP one is served by one worker alone (each client's datagrams must reach the worker
+    /// that holds its session).
+    fn shared(&self, _addr: SocketAddr, _udp: bool) -> bool {
+        false
+    }
 }
 
 /// Binds with the system's sockets.
@@ -355,10 +363,32 @@ impl Binder for SystemBinder {
         transparent: bool,
         exclusive: bool,
     ) -> io::Result<std::net::TcpListener> {
+        if let Some(s) = crate::systemd::take(addr, false) {
+            return s.map(Into::into);
+        }
         if exclusive {
             crate::net::check_free(addr)?;
         }
         crate::net::bind_listener(addr, reuse_port, transparent)
+    }
+
+    fn bind_udp(
+        &self,
+        addr: SocketAddr,
+        reuse_port: bool,
+        exclusive: bool,
+    ) -> io::Result<std::net::UdpSocket> {
+        if let Some(s) = crate::systemd::take(addr, true) {
+            return s.map(Into::into);
+        }
+        if exclusive {
+            crate::net::check_free_udp(addr)?;
+        }
+        crate::net::bind_udp(addr, reuse_port)
+    }
+
+    fn shared(&self, addr: SocketAddr, udp: bool) -> bool {
+        crate::systemd::take(addr, udp).is_some()
     }
 }
 
@@ -405,7 +435,8 @@ pub fn bind(
         let first = one(*addr, exclusive)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let actual = first.local_addr()?;
-        let shared = kind == Kind::Udp && !reuse_port;
+        let one_socket = binder.shared(actual, kind == Kind::Udp);
+        let shared = kind == Kind::Udp && (!reuse_port || one_socket);
         for worker in 1..workers.max(1) {
             if shared {
                 break;

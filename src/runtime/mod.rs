@@ -346,6 +346,11 @@ impl Proxy {
             shared.publish(&live);
         }
         tokio::spawn(housekeeping(shared.clone()));
+        let inherited_unused =
+            crate::systemd::unused(&bound.iter().map(|b| b.1).collect::<Vec<_>>());
+        for a in inherited_unused {
+            tracing::warn!("systemd passed a socket for {a}, which no listener listens on");
+        }
         let mut admin_addr = None;
         if let Some((sock, token)) = admin {
             if let Ok(a) = sock.local_addr() {
@@ -360,6 +365,10 @@ impl Proxy {
             ));
             *shared.admin_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
+        crate::systemd::notify(&format!(
+            "READY=1\nSTATUS={}",
+            shared.status_line("serving")
+        ));
         Ok(Proxy {
             shared,
             bound,
@@ -650,6 +659,7 @@ impl Shared {
     /// Re-reads the config file and applies the difference. The answer says what changed,
     /// or why nothing did.
     pub async fn reload(&self) -> ReloadOutcome {
+        crate::systemd::reloading();
         let outcome = match &self.config_path {
             None => ReloadOutcome::Rejected(vec![
                 "no config file to reload (quick or demo mode)".into(),
@@ -678,7 +688,27 @@ impl Shared {
                 }
             }
         }
+        let status = match &outcome {
+            ReloadOutcome::Applied(c) => format!("reloaded: {} change(s)", c.len()),
+            ReloadOutcome::Rejected(e) => format!(
+                "reload rejected ({}); serving the previous config",
+                e.first().map_or("", String::as_str)
+            ),
+        };
+        crate::systemd::notify(&format!("READY=1\nSTATUS={}", self.status_line(&status)));
         outcome
+    }
+
+    /// A one-line status for systemd (`systemctl status`): what is served, and `what`.
+    fn status_line(&self, what: &str) -> String {
+        let view = self.view.load();
+        let line = format!(
+            "{what}; {} listener(s), {} upstream(s), {} connection(s) open",
+            view.listeners.len(),
+            view.pools.len(),
+            self.global.active()
+        );
+        line.replace('\n', " ")
     }
 
     /// Applies a validated config to the running proxy: what [`plan::plan`] says changed.
@@ -893,6 +923,10 @@ impl Shared {
         tokio::pin!(interrupt);
         // Stopping the listeners waits for a reload in progress (the reload lock); a second
         // SIGINT does not wait for it.
+        crate::systemd::notify(&format!(
+            "STOPPING=1\nSTATUS=draining: {} connection(s) open",
+            self.global.active()
+        ));
         let stop_accepting = async {
             let live = self.live.lock().await;
             // Every socket told first, so that they all close about together.
