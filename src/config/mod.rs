@@ -69,7 +69,17 @@ pub enum AccessTarget {
     Stdout,
     Stderr,
     File(PathBuf),
+    /// `"syslog"` (the local socket) or `"syslog:udp://HOST:PORT"`: RFC 5424 messages.
+    Syslog(SyslogTarget),
     Off,
+}
+
+/// Where syslog messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogTarget {
+    /// The local syslog socket (`/dev/log`, or a path: `"syslog:unix:/run/x.sock"`).
+    Local(PathBuf),
+    Udp(SocketAddr),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -643,6 +643,14 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
         Some(("stdout", _)) => AccessTarget::Stdout,
         Some(("stderr", _)) => AccessTarget::Stderr,
         Some(("off", _)) => AccessTarget::Off,
+        Some(("syslog", _)) => AccessTarget::Syslog(SyslogTarget::Local("/dev/log".into())),
+        Some((s, span)) if s.starts_with("syslog:") => match syslog_target(s) {
+            Ok(t) => AccessTarget::Syslog(t),
+            Err(e) => {
+                cx.err(span, e);
+                d.access
+            }
+        },
         Some(("", span)) => {
             cx.err(
                 span,
@@ -687,6 +695,23 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
         on_connect,
         interval,
     }
+}
+
+/// `"syslog:udp://HOST:PORT"` (an IP address) or `"syslog:unix:PATH"`.
+fn syslog_target(s: &str) -> Result<SyslogTarget, String> {
+    if let Some(addr) = s.strip_prefix("syslog:udp://") {
+        return socket_addr(addr)
+            .map(SyslogTarget::Udp)
+            .map_err(|e| format!("`access` {s:?}: {e}"));
+    }
+    if let Some(path) = s.strip_prefix("syslog:unix:")
+        && path.starts_with('/')
+    {
+        return Ok(SyslogTarget::Local(path.into()));
+    }
+    Err(format!(
+        "`access` {s:?}: a syslog target is \"syslog\", \"syslog:udp://IP:PORT\" or \"syslog:unix:/PATH\""
+    ))
 }
 
 /// A listener or upstream: its name and where it is (if it has one), and the object if it

@@ -4,6 +4,10 @@
 //! through a bounded channel, so a slow disk or a blocked stdout pipe never stalls the
 //! relay. If the channel is full the record is dropped and counted; the count is reported
 //! on the process log.
+//!
+//! To syslog (`access = "syslog"`, the local `/dev/log`, or `"syslog:udp://HOST:PORT"`),
+//! each record is one RFC 5424 message: facility local0, severity info, app name `ferry`,
+//! message id `access`, the record (JSON or text) as the message.
 
 use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
@@ -234,7 +238,7 @@ impl AccessLog {
         on_connect: bool,
         logs: Arc<Logs>,
     ) -> io::Result<AccessLog> {
-        let out: Box<dyn Write + Send> = match target {
+        let out: Sink = match target {
             AccessTarget::Off => {
                 return Ok(AccessLog {
                     format,
@@ -244,14 +248,15 @@ impl AccessLog {
                     logs,
                 });
             }
-            AccessTarget::Stdout => Box::new(io::stdout()),
-            AccessTarget::Stderr => Box::new(io::stderr()),
-            AccessTarget::File(path) => Box::new(
+            AccessTarget::Stdout => Sink::stream(io::stdout()),
+            AccessTarget::Stderr => Sink::stream(io::stderr()),
+            AccessTarget::File(path) => Sink::stream(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(path)?,
             ),
+            AccessTarget::Syslog(to) => Sink::syslog(to)?,
         };
         let (tx, rx) = sync_channel(QUEUE);
         std::thread::Builder::new()
@@ -319,17 +324,100 @@ impl AccessLog {
     }
 }
 
+/// Where the writer thread puts records.
+enum Sink {
+    /// Lines on a stream (stdout, stderr, a file).
+    Stream(BufWriter<Box<dyn Write + Send>>),
+    /// One syslog message per record; `head` is the RFC 5424 header after the timestamp
+    /// (`HOSTNAME APP-NAME PROCID MSGID STRUCTURED-DATA `).
+    Syslog {
+        to: SyslogSocket,
+        head: String,
+        buf: String,
+    },
+}
+
+enum SyslogSocket {
+    Local(std::os::unix::net::UnixDatagram),
+    Udp(std::net::UdpSocket),
+}
+
+/// `<PRI>`: facility local0 (16), severity informational (6).
+const SYSLOG_PRI: u8 = 16 * 8 + 6;
+
+impl Sink {
+    fn stream(w: impl Write + Send + 'static) -> Sink {
+        Sink::Stream(BufWriter::with_capacity(64 * 1024, Box::new(w)))
+    }
+
+    fn syslog(to: &crate::config::SyslogTarget) -> io::Result<Sink> {
+        let sock = match to {
+            crate::config::SyslogTarget::Local(path) => {
+                let s = std::os::unix::net::UnixDatagram::unbound()?;
+                s.connect(path)?;
+                SyslogSocket::Local(s)
+            }
+            crate::config::SyslogTarget::Udp(addr) => {
+                let any: SocketAddr = if addr.is_ipv4() {
+                    ([0, 0, 0, 0], 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let s = std::net::UdpSocket::bind(any)?;
+                s.connect(addr)?;
+                SyslogSocket::Udp(s)
+            }
+        };
+        // RFC 5424's HOSTNAME: printable ASCII without spaces, or "-".
+        let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(255)
+            .collect();
+        let host = if host.is_empty() { "-".into() } else { host };
+        Ok(Sink::Syslog {
+            to: sock,
+            head: format!("{host} ferry {} access - ", std::process::id()),
+            buf: String::with_capacity(1024),
+        })
+    }
+
+    fn write(&mut self, line: &str) {
+        match self {
+            Sink::Stream(out) => {
+                let _ = out.write_all(line.as_bytes());
+            }
+            Sink::Syslog { to, head, buf } => {
+                buf.clear();
+                let now = humantime::format_rfc3339_millis(SystemTime::now());
+                let _ = write!(buf, "<{SYSLOG_PRI}>1 {now} {head}{}", line.trim_end());
+                // A lost message is a lost record, as with a full queue: never retried.
+                let _ = match to {
+                    SyslogSocket::Local(s) => s.send(buf.as_bytes()),
+                    SyslogSocket::Udp(s) => s.send(buf.as_bytes()),
+                };
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Stream(out) => out.flush(),
+            Sink::Syslog { .. } => Ok(()),
+        }
+    }
+}
+
 /// Dropping the last handle ends the writer thread once it has written what is queued; it
 /// is not waited for (a stalled stdout or disk must not block whoever drops the log).
-fn write_loop(rx: Receiver<Msg>, out: Box<dyn Write + Send>, dropped: &AtomicU64) {
-    let mut out = BufWriter::with_capacity(64 * 1024, out);
+fn write_loop(rx: Receiver<Msg>, mut out: Sink, dropped: &AtomicU64) {
     let mut reported = dropped.load(Relaxed);
     while let Ok(first) = rx.recv() {
         let mut acks = Vec::new();
-        let mut handle = |m: Msg, out: &mut BufWriter<_>| match m {
-            Msg::Line(line) => {
-                let _ = out.write_all(line.as_bytes());
-            }
+        let mut handle = |m: Msg, out: &mut Sink| match m {
+            Msg::Line(line) => out.write(&line),
             Msg::Flush(ack) => acks.push(ack),
         };
         handle(first, &mut out);
