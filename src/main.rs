@@ -1,6 +1,5 @@
 //! The `ferry` command line.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +15,12 @@ use ferry::workers::Workers;
 #[command(
     name = "ferry",
     version,
-    about = "A layer-4 proxy, reverse proxy and load balancer"
+    about = "A layer-4 proxy, reverse proxy and load balancer",
+    after_help = "Examples:\n  \
+        ferry run --config ferry.toml\n  \
+        ferry run --listen :7000 --upstream localhost:6379 --admin 127.0.0.1:9900\n  \
+        ferry check --config ferry.toml\n  \
+        ferry demo"
 )]
 struct Cli {
     /// Serve this config file (same as `ferry run --config FILE`).
@@ -30,12 +34,19 @@ struct Cli {
 enum Command {
     /// Serve a config file, or one listener and one pool given on the command line.
     Run {
-        /// Quick mode: listen here (repeatable).
+        /// Quick mode: listen here (repeatable). `:PORT` is every IPv4 address.
+        ///
+        /// IP:PORT, [IPv6]:PORT, HOST:PORT (every address HOST resolves to at start, e.g.
+        /// localhost:7000), or :PORT for every IPv4 address (0.0.0.0:PORT; add
+        /// `--listen [::]:PORT` for IPv6 too).
         #[arg(long, value_name = "ADDR", conflicts_with = "config")]
-        listen: Vec<SocketAddr>,
-        /// Quick mode: a server of the pool (repeatable).
+        listen: Vec<String>,
+        /// Quick mode: a server of the pool (repeatable), by address or by name.
+        ///
+        /// IP:PORT, [IPv6]:PORT or NAME:PORT (e.g. db.internal:5432). A name is resolved to
+        /// every A/AAAA record and re-resolved every 30s, as a server in a config file is.
         #[arg(long, value_name = "ADDR", requires = "listen")]
-        upstream: Vec<SocketAddr>,
+        upstream: Vec<String>,
         /// Quick mode: balancing algorithm.
         #[arg(
             long,
@@ -45,6 +56,12 @@ enum Command {
             requires = "listen"
         )]
         balance: String,
+        /// Quick mode: serve the admin API, stats page and /metrics here.
+        ///
+        /// IP:PORT, [IPv6]:PORT or HOST:PORT (its first address), e.g. 127.0.0.1:9900. Quick
+        /// mode sets no admin token, so keep it on loopback or a trusted network.
+        #[arg(long, value_name = "ADDR", requires = "listen")]
+        admin: Option<String>,
     },
     /// Validate a config file: a summary and exit 0, or every error and exit 1.
     Check,
@@ -71,28 +88,8 @@ fn main() -> ExitCode {
             listen,
             upstream,
             balance,
-        }) if !listen.is_empty() => {
-            if upstream.is_empty() {
-                eprintln!("ferry: quick mode needs at least one --upstream ADDR");
-                return ExitCode::from(1);
-            }
-            let balance: Balance = match balance.parse() {
-                Ok(b) => b,
-                Err(e) => {
-                    eprintln!("ferry: --balance {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            let mut cfg = match Config::quick(listen, upstream) {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::from(1);
-                }
-            };
-            cfg.upstreams[0].balance = balance;
-            serve(cfg, None)
-        }
+            admin,
+        }) if !listen.is_empty() => quick(&listen, &upstream, &balance, admin.as_deref()),
         Some(Command::Run { .. }) | None => match cli.config {
             Some(path) => match load(&path) {
                 Ok(cfg) => serve(cfg, Some(path)),
@@ -106,6 +103,50 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Quick mode: each value checked on its own (a bad one is named in a one-line error, exit
+/// 1), then the config they stand for (`Config::quick`) served.
+fn quick(listen: &[String], upstream: &[String], balance: &str, admin: Option<&str>) -> ExitCode {
+    let bad = |flag: &str, e: String| {
+        eprintln!("ferry: {flag}: {e}");
+        ExitCode::from(1)
+    };
+    if upstream.is_empty() {
+        eprintln!("ferry: quick mode needs at least one --upstream ADDR");
+        return ExitCode::from(1);
+    }
+    let mut addrs = Vec::new();
+    for l in listen {
+        match ferry::config::quick::listen_addrs(l) {
+            Ok(a) => addrs.extend(a),
+            Err(e) => return bad("--listen", e),
+        }
+    }
+    for u in upstream {
+        if let Err(e) = ferry::config::quick::server(u) {
+            return bad("--upstream", e);
+        }
+    }
+    let admin = match admin.map(ferry::config::quick::admin_addr).transpose() {
+        Ok(a) => a,
+        Err(e) => return bad("--admin", e),
+    };
+    let balance: Balance = match balance.parse() {
+        Ok(b) => b,
+        Err(e) => return bad("--balance", format!("{e}")),
+    };
+    let mut cfg = match Config::quick(&addrs, upstream, admin) {
+        Ok(cfg) => cfg,
+        Err(ConfigErrors(errs)) => {
+            for e in &errs {
+                eprintln!("ferry: {e}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    cfg.upstreams[0].balance = balance;
+    serve(cfg, None)
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {

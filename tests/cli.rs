@@ -236,6 +236,201 @@ fn quick_mode_argument_errors_exit_1() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// Servers by name, as people type them: `--upstream localhost:PORT` is passed to the config
+/// parser as a name (resolved and re-resolved as in a config file) and relays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_upstream_by_name() {
+    let echo = echo_server().await;
+    let by_name = format!("localhost:{}", echo.port());
+    let ferry = Ferry::start_args(
+        &["run", "--listen", "127.0.0.1:0", "--upstream", &by_name],
+        1,
+    )
+    .await;
+    for _ in 0..3 {
+        let mut c = connect(ferry.addr("quick")).await;
+        echo_round_trip(&mut c, b"hello by name").await;
+    }
+    let lines = ferry
+        .stdout
+        .wait_count(3, WAIT, |l| l.starts_with('{'))
+        .await
+        .unwrap_or_else(|| panic!("stdout: {}", ferry.stdout.text()));
+    for r in &parse_records(&lines) {
+        assert_eq!(r["result"], "ok", "{r}");
+        assert_eq!(r["listener"], "quick", "{r}");
+    }
+}
+
+/// A free TCP port on every IPv4 address (bound and let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `--listen :PORT` listens on every IPv4 address (`0.0.0.0:PORT`), loopback included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_listen_on_bare_port() {
+    let echo = echo_server().await;
+    let echo_s = echo.to_string();
+    let port = free_port();
+    let listen = format!(":{port}");
+    let ferry = Ferry::start_args(&["run", "--listen", &listen, "--upstream", &echo_s], 1).await;
+    assert_eq!(
+        ferry.addr("quick"),
+        format!("0.0.0.0:{port}")
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+    );
+    let mut c = connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    echo_round_trip(&mut c, b"on loopback").await;
+}
+
+/// `GET path` on `addr` over HTTP/1.1 (closing): the status line, the headers and the body.
+async fn http_get(addr: &str, path: &str) -> (String, String, String) {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (raw, _) = read_until_closed(&mut c, WAIT).await;
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (
+        status.to_string(),
+        headers.to_ascii_lowercase(),
+        body.to_string(),
+    )
+}
+
+/// `--admin ADDR` adds an `[admin]` section: /metrics and /api/status for a one-liner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_mode_admin() {
+    let echo = echo_server().await;
+    let echo_s = echo.to_string();
+    let ferry = Ferry::start_args(
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &echo_s,
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        1,
+    )
+    .await;
+    let line = ferry
+        .stderr
+        .wait_count(1, WAIT, |l| l.contains("admin listening on http://"))
+        .await
+        .unwrap_or_else(|| panic!("stderr: {}", ferry.stderr.text()))
+        .remove(0);
+    let admin = line
+        .split("admin listening on http://")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .trim_end_matches('/')
+        .to_string();
+    let quick = ferry.addr("quick");
+    let mut c = connect(quick).await;
+    echo_round_trip(&mut c, b"counted").await;
+
+    let (status, headers, body) = http_get(&admin, "/metrics").await;
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(headers.contains("content-type: text/plain"), "{headers}");
+    assert!(body.contains("listener=\"quick\""), "{body}");
+
+    let (status, _, body) = http_get(&admin, "/api/status").await;
+    assert!(status.contains(" 200 "), "{status}");
+    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let l = &st["listeners"][0];
+    assert_eq!(l["name"], "quick", "{st}");
+    assert_eq!(l["addrs"][0], quick.to_string(), "{st}");
+    assert_eq!(l["upstream"], "quick", "{st}");
+}
+
+/// A malformed quick-mode value: exit 1 and one line on stderr naming the option and the
+/// value, before anything is bound.
+#[test]
+fn quick_mode_malformed_values_exit_1() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--listen", ":x", "--upstream", "127.0.0.1:9"], "--listen"),
+        (
+            &["--listen", ":70000", "--upstream", "127.0.0.1:9"],
+            "--listen",
+        ),
+        (
+            &["--listen", "bad host:1", "--upstream", "127.0.0.1:9"],
+            "--listen",
+        ),
+        (
+            &["--listen", "::1:7000", "--upstream", "127.0.0.1:9"],
+            "--listen",
+        ),
+        (
+            &["--listen", ":0", "--upstream", "db.internal"],
+            "--upstream",
+        ),
+        (
+            &["--listen", ":0", "--upstream", "db.internal:0"],
+            "--upstream",
+        ),
+        (
+            &[
+                "--listen",
+                ":0",
+                "--upstream",
+                "x\"]\n[admin]\nlisten = \"0.0.0.0:1:5",
+            ],
+            "--upstream",
+        ),
+        (&["--listen", ":0", "--upstream", "a\nb:1"], "--upstream"),
+        (
+            &[
+                "--listen",
+                ":0",
+                "--upstream",
+                "127.0.0.1:9",
+                "--admin",
+                ":9900",
+            ],
+            "--admin",
+        ),
+        (
+            &[
+                "--listen",
+                ":0",
+                "--upstream",
+                "127.0.0.1:9",
+                "--admin",
+                "nope",
+            ],
+            "--admin",
+        ),
+    ];
+    for (args, flag) in cases {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        let out = run_ferry(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{all:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{all:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("ferry: {flag}: ")),
+            "{all:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{all:?}");
+    }
+}
+
 #[test]
 fn no_arguments_exits_1() {
     let out = run_ferry(&[]);

@@ -100,11 +100,8 @@ fn documented_defaults_are_the_parsers() {
 #[test]
 fn quick_mode_is_the_config_files_defaults() {
     let listen: Vec<std::net::SocketAddr> = vec!["127.0.0.1:7000".parse().unwrap()];
-    let servers: Vec<std::net::SocketAddr> = vec![
-        "127.0.0.1:6379".parse().unwrap(),
-        "[::1]:6380".parse().unwrap(),
-    ];
-    let quick = Config::quick(listen, servers).unwrap();
+    let servers: Vec<String> = vec!["127.0.0.1:6379".into(), "[::1]:6380".into()];
+    let quick = Config::quick(&listen, &servers, None).unwrap();
     let file = parse(
         "[[listener]]\nname = \"quick\"\nlisten = \"127.0.0.1:7000\"\nupstream = \"quick\"\n\n\
          [[upstream]]\nname = \"quick\"\nservers = [\"127.0.0.1:6379\", \"[::1]:6380\"]\n",

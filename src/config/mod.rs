@@ -7,6 +7,7 @@
 //! them are reported at once.
 
 mod parse;
+pub mod quick;
 pub mod units;
 
 use std::fmt;
@@ -736,26 +737,6 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         parse_str(&text, &path.display().to_string(), base)
-    }
-
-    /// The quick-mode config: one listener on `listen`, one round-robin pool of `servers`,
-    /// everything else at its default. Made by the config parser from the file it stands
-    /// for, so quick mode and a config file cannot disagree on a default.
-    pub fn quick(
-        listen: Vec<SocketAddr>,
-        servers: Vec<SocketAddr>,
-    ) -> Result<Config, ConfigErrors> {
-        let list = |addrs: Vec<SocketAddr>| {
-            let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
-            quoted.join(", ")
-        };
-        let text = format!(
-            "[[listener]]\nname = \"quick\"\nlisten = [{}]\nupstream = \"quick\"\n\n\
-             [[upstream]]\nname = \"quick\"\nservers = [{}]\n",
-            list(listen),
-            list(servers)
-        );
-        parse_str(&text, "(command line)", Path::new("."))
     }
 
     /// A one-paragraph summary for `ferry check`.

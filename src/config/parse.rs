@@ -362,7 +362,7 @@ fn table_array<'a, 'i>(cx: &mut Cx<'_>, key: &str, v: &'a Val<'i>) -> Option<&'a
 }
 
 /// Parses `ip:port` (IPv6 as `[::1]:port`). Host names are refused with a hint.
-fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+pub(super) fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -1821,31 +1821,39 @@ fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
 }
 
 /// A server address: `ip:port`, `[v6]:port`, or `name:port` (resolved at run time).
-fn server_addr(s: &str) -> Result<ServerAddr, String> {
+pub(super) fn server_addr(s: &str) -> Result<ServerAddr, String> {
     match socket_addr(s) {
         Ok(a) if a.port() == 0 => Err(format!("{a}: port 0 cannot be connected to")),
         Ok(a) => Ok(ServerAddr::Ip(a)),
-        Err(e) => {
-            let Some((host, port)) = s.rsplit_once(':') else {
-                return Err(e);
-            };
-            let valid_name = !host.is_empty()
-                && host.len() <= 253
-                && host.split('.').all(|l| {
-                    !l.is_empty()
-                        && l.len() <= 63
-                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                })
-                && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
-            match port.parse::<u16>() {
-                Ok(0) => Err(format!("bad address {s:?}: port 0 cannot be connected to")),
-                Ok(port) if valid_name => Ok(ServerAddr::Name {
-                    host: host.to_ascii_lowercase(),
-                    port,
-                }),
-                _ => Err(e),
-            }
-        }
+        Err(e) => match (
+            s.rsplit_once(':').map(|(_, p)| p.parse::<u16>()),
+            name_port(s),
+        ) {
+            (Some(Ok(0)), _) => Err(format!("bad address {s:?}: port 0 cannot be connected to")),
+            (_, Some((host, port))) => Ok(ServerAddr::Name {
+                host: host.to_ascii_lowercase(),
+                port,
+            }),
+            _ => Err(e),
+        },
+    }
+}
+
+/// `name:port` with a valid DNS name (letters, digits, `-`, dot-separated labels; not all
+/// digits and dots, which would be a malformed IPv4 address), or `None`.
+pub(super) fn name_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
+    match port.parse::<u16>() {
+        Ok(port) if valid_name => Some((host, port)),
+        _ => None,
     }
 }
 
