@@ -217,6 +217,20 @@ impl Collector for Snapshot {
                 }
             }
         }
+        {
+            let mut m = enc.encode_descriptor(
+                "server_changes",
+                "Servers added, removed and re-weighted through the admin API",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in &view.pools {
+                for (action, n) in p.runtime_counts() {
+                    let labels = [("upstream", p.name.as_str()), ("action", action)];
+                    counter(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
         let udp_listeners: Vec<_> = listeners
             .iter()
             .filter(|l| matches!(l.front, crate::frontend::FrontEnd::Udp(_)))

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::SystemTime;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -209,6 +209,91 @@ async fn handle(
             }
         }
         (["api", "reload"], _) => method_not_allowed("POST"),
+        (["api", "upstreams", upstream, "servers"], m) => {
+            if m != Method::POST {
+                return method_not_allowed("POST");
+            }
+            if !authorized(&req, token) {
+                return unauthorized();
+            }
+            let Some(upstream) = percent_decode(upstream) else {
+                return error(StatusCode::BAD_REQUEST, "bad percent-encoding in the path");
+            };
+            let body = match read_json(req).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            add_server(shared, &upstream, &body).await
+        }
+        (["api", "upstreams", upstream, "servers", addr], m) => {
+            if m != Method::DELETE {
+                return method_not_allowed("DELETE");
+            }
+            if !authorized(&req, token) {
+                return unauthorized();
+            }
+            let (Some(upstream), Some(addr)) = (percent_decode(upstream), percent_decode(addr))
+            else {
+                return error(StatusCode::BAD_REQUEST, "bad percent-encoding in the path");
+            };
+            let Some(pool) = pool_named(shared, &upstream) else {
+                return error(StatusCode::NOT_FOUND, format!("no upstream {upstream:?}"));
+            };
+            match pool.remove_server(&addr) {
+                Ok(open) => json_resp(
+                    StatusCode::ACCEPTED,
+                    &json!({
+                        "upstream": upstream,
+                        "server": addr,
+                        "state": "draining",
+                        "connections_active": open,
+                        "note": "the server leaves the upstream once its connections have ended",
+                    }),
+                ),
+                Err(e) => runtime_error(&e),
+            }
+        }
+        (["api", "upstreams", upstream, "servers", addr, "weight"], m) => {
+            if m != Method::PUT {
+                return method_not_allowed("PUT");
+            }
+            if !authorized(&req, token) {
+                return unauthorized();
+            }
+            let (Some(upstream), Some(addr)) = (percent_decode(upstream), percent_decode(addr))
+            else {
+                return error(StatusCode::BAD_REQUEST, "bad percent-encoding in the path");
+            };
+            let body = match read_json(req).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            // `{"weight": N}`, or a bare number.
+            let Some(weight) = body
+                .get("weight")
+                .unwrap_or(&body)
+                .as_u64()
+                .filter(|w| (1..=u64::from(crate::config::MAX_WEIGHT)).contains(w))
+            else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the body must be {{\"weight\": N}} with N from 1 to {}",
+                        crate::config::MAX_WEIGHT
+                    ),
+                );
+            };
+            let Some(pool) = pool_named(shared, &upstream) else {
+                return error(StatusCode::NOT_FOUND, format!("no upstream {upstream:?}"));
+            };
+            match pool.set_weight(&addr, weight as u32).await {
+                Ok(()) => json_resp(
+                    StatusCode::OK,
+                    &json!({ "upstream": upstream, "server": addr, "weight": weight }),
+                ),
+                Err(e) => runtime_error(&e),
+            }
+        }
         (["api", "upstreams", upstream, "servers", addr, action], m) => {
             if m != Method::POST {
                 return method_not_allowed("POST");
@@ -234,6 +319,104 @@ async fn handle(
             server_action(shared, &upstream, &addr, state)
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+    }
+}
+
+/// The largest request body the admin API reads.
+const MAX_BODY: usize = 16 * 1024;
+
+/// The request's body as JSON (at most [`MAX_BODY`] bytes), or the answer to give.
+async fn read_json(req: Request<Incoming>) -> Result<Value, Resp> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body must be JSON of at most {MAX_BODY} bytes"),
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+        )
+    })
+}
+
+fn pool_named(shared: &Shared, upstream: &str) -> Option<Arc<crate::upstream::Pool>> {
+    shared
+        .view
+        .load()
+        .pools
+        .iter()
+        .find(|p| p.name == upstream)
+        .cloned()
+}
+
+fn runtime_error(e: &crate::upstream::RuntimeError) -> Resp {
+    use crate::upstream::RuntimeError as E;
+    let status = match e {
+        E::Exists(_) => StatusCode::CONFLICT,
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::Invalid(_) => StatusCode::BAD_REQUEST,
+        // Added all the same.
+        E::Unresolved(_) => StatusCode::ACCEPTED,
+    };
+    error(status, e.to_string())
+}
+
+/// `POST /api/upstreams/{upstream}/servers` with `{"addr", "weight", "backup"}`.
+async fn add_server(shared: &Shared, upstream: &str, body: &Value) -> Resp {
+    let Some(pool) = pool_named(shared, upstream) else {
+        return error(StatusCode::NOT_FOUND, format!("no upstream {upstream:?}"));
+    };
+    let addr = match body.get("addr").and_then(Value::as_str) {
+        Some(a) => match a.parse::<crate::config::ServerAddr>() {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("`addr`: {e}")),
+        },
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the body must be {\"addr\": \"host:port\", \"weight\": 1, \"backup\": false}",
+            );
+        }
+    };
+    let weight = match body.get("weight") {
+        None => 1,
+        Some(w) => match w
+            .as_u64()
+            .filter(|w| (1..=u64::from(crate::config::MAX_WEIGHT)).contains(w))
+        {
+            Some(w) => w as u32,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("`weight` must be 1 to {}", crate::config::MAX_WEIGHT),
+                );
+            }
+        },
+    };
+    let backup = match body.get("backup") {
+        None => false,
+        Some(b) => match b.as_bool() {
+            Some(b) => b,
+            None => return error(StatusCode::BAD_REQUEST, "`backup` must be true or false"),
+        },
+    };
+    let label = addr.to_string();
+    let spec = crate::config::ServerSpec {
+        addr,
+        weight,
+        backup,
+    };
+    match pool.add_server(spec).await {
+        Ok(()) => json_resp(
+            StatusCode::CREATED,
+            &json!({ "upstream": upstream, "server": label, "weight": weight, "backup": backup }),
+        ),
+        Err(e) => runtime_error(&e),
     }
 }
 
@@ -390,9 +573,12 @@ pub fn status(shared: &Shared) -> Value {
         .iter()
         .map(|p| {
             let set = p.servers();
+            let (changes, added, removing) = p.runtime_changes();
             json!({
                 "name": p.name,
                 "balance": p.balance.as_str(),
+                // What the admin API changed; the next reload replaces it with the file.
+                "runtime_changes": changes,
                 "queued": p.queued(),
                 "sticky_entries": p.sticky_entries(),
                 "servers": set.servers.iter().map(|s| {
@@ -401,7 +587,9 @@ pub fn status(shared: &Shared) -> Value {
                         "addr": s.addr.to_string(),
                         "configured": &*s.configured,
                         "state": s.state(p).as_str(),
-                        "weight": s.weight,
+                        "weight": s.weight(),
+                        "source": if added.contains(&s.configured.to_string()) { "api" } else { "file" },
+                        "removing": removing.contains(&s.configured.to_string()),
                         "backup": s.backup,
                         "connections_active": s.stats.active.load(Relaxed),
                         "connections_total": s.stats.total.load(Relaxed),

@@ -845,3 +845,12 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+impl std::str::FromStr for ServerAddr {
+    type Err = String;
+
+    /// A server as a config file gives it: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
+    fn from_str(s: &str) -> Result<ServerAddr, String> {
+        parse::server_addr(s)
+    }
+}

@@ -791,7 +791,7 @@ impl Shared {
             let prev = live.pools.remove(name);
             let client_tls = tls.upstreams.get(name).cloned();
             match (up, prev) {
-                (UpstreamPlan::Same, Some(p)) => {
+                (UpstreamPlan::Same, Some(p)) if !p.pool.changed_at_runtime() => {
                     pools.insert(name.clone(), p);
                 }
                 (_, prev) => {
@@ -800,6 +800,9 @@ impl Shared {
                     }
                     changes.push(match up {
                         UpstreamPlan::Added => format!("upstream {name:?} added"),
+                        UpstreamPlan::Same => format!(
+                            "upstream {name:?}: the servers the admin API changed are the file's again"
+                        ),
                         _ => format!("upstream {name:?} changed"),
                     });
                     let old_pool = prev.as_ref().map(|p| &*p.pool);

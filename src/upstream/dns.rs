@@ -19,7 +19,8 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn resolve_all(pool: &Pool) -> Vec<String> {
     // Every name looked up at once, each within RESOLVE_TIMEOUT.
     let mut lookups = tokio::task::JoinSet::new();
-    for (i, spec) in pool.specs.iter().enumerate() {
+    let specs = pool.specs();
+    for (i, spec) in specs.iter().enumerate() {
         if let ServerAddr::Name { host, port } = &spec.addr {
             let (host, port) = (host.clone(), *port);
             lookups.spawn(async move {
@@ -37,7 +38,7 @@ pub async fn resolve_all(pool: &Pool) -> Vec<String> {
             });
         }
     }
-    let mut found: Vec<Option<Result<Vec<SocketAddr>, String>>> = vec![None; pool.specs.len()];
+    let mut found: Vec<Option<Result<Vec<SocketAddr>, String>>> = vec![None; specs.len()];
     while let Some(done) = lookups.join_next().await {
         if let Ok((i, r)) = done {
             found[i] = Some(r);
@@ -48,15 +49,14 @@ pub async fn resolve_all(pool: &Pool) -> Vec<String> {
     let current = pool.servers();
     let mut wanted: Vec<(Arc<str>, SocketAddr, u32, bool)> = Vec::new();
     // An address given literally is that server; a name resolving to it adds nothing.
-    let literal: Vec<SocketAddr> = pool
-        .specs
+    let literal: Vec<SocketAddr> = specs
         .iter()
         .filter_map(|s| match s.addr {
             ServerAddr::Ip(a) => Some(a),
             ServerAddr::Name { .. } => None,
         })
         .collect();
-    for (spec, found) in pool.specs.iter().zip(found) {
+    for (spec, found) in specs.iter().zip(found) {
         match &spec.addr {
             ServerAddr::Ip(a) => {
                 if !wanted.iter().any(|w| w.1 == *a) {
@@ -108,7 +108,7 @@ fn keep_last(
 ) {
     for s in current.iter().filter(|s| s.configured == *name) {
         if !wanted.iter().any(|w| w.1 == s.addr) {
-            wanted.push((s.configured.clone(), s.addr, s.weight, s.backup));
+            wanted.push((s.configured.clone(), s.addr, s.weight(), s.backup));
         }
     }
 }

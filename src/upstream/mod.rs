@@ -77,7 +77,8 @@ pub struct Server {
     /// The server as configured (`"10.0.0.1:5432"`, or `"db.internal:5432"` for every
     /// address that name resolves to): the `server` label of metrics.
     pub configured: Arc<str>,
-    pub weight: u32,
+    /// Its share of new connections (set anew by the admin API's re-weighting).
+    weight: AtomicU32,
     pub backup: bool,
     pub stats: ServerStats,
     /// Health as decided by active checks (true until a check says otherwise).
@@ -97,7 +98,7 @@ impl Server {
         Server {
             addr,
             configured,
-            weight,
+            weight: AtomicU32::new(weight),
             backup,
             stats: ServerStats::default(),
             healthy: AtomicBool::new(true),
@@ -111,6 +112,10 @@ impl Server {
 
     pub fn healthy(&self) -> bool {
         self.healthy.load(Relaxed)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
     }
 
     pub(crate) fn set_healthy(&self, up: bool) {
@@ -172,7 +177,7 @@ impl Tier {
             .iter()
             .map(|i| {
                 let s = &servers[*i];
-                (balance::hash_str(&s.addr.to_string()), s.weight)
+                (balance::hash_str(&s.addr.to_string()), s.weight())
             })
             .collect();
         let balancer = (!members.is_empty()).then(|| Balancer::build_keyed(kind, &keyed));
@@ -212,11 +217,51 @@ pub struct Pool {
     queue: Option<Arc<Queue>>,
     sticky: Option<StickyTable>,
     /// The configured servers (names are resolved into `set`).
-    pub(crate) specs: Vec<config::ServerSpec>,
+    specs: std::sync::Mutex<Vec<config::ServerSpec>>,
+    /// What the admin API changed since the pool was built from the file.
+    runtime: std::sync::Mutex<RuntimeChanges>,
     pub resolve_interval: Duration,
     /// Time to establish server connections.
     pub connect_hist: crate::observe::stats::Histogram,
     epoch: Instant,
+}
+
+/// The admin API's changes to a pool, for the status and metrics.
+#[derive(Debug, Default)]
+struct RuntimeChanges {
+    /// One line per change, with its time.
+    log: Vec<String>,
+    /// Servers (as configured) the API added, and those it is removing.
+    added: std::collections::BTreeSet<String>,
+    removing: std::collections::BTreeSet<String>,
+    /// Adds, removals, re-weightings.
+    counts: [u64; 3],
+}
+
+impl RuntimeChanges {
+    fn note(&mut self, what: String) {
+        // Bounded: the oldest go first.
+        if self.log.len() >= 100 {
+            self.log.remove(0);
+        }
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        self.log.push(format!("{at} {what}"));
+    }
+}
+
+/// Why a run-time change of a pool's servers was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the upstream already has server {0}")]
+    Exists(String),
+    #[error("the upstream has no server {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "server {0} was added, but its name does not resolve (yet); it is re-resolved with the others"
+    )]
+    Unresolved(String),
 }
 
 /// Why no server was claimed.
@@ -321,11 +366,9 @@ impl Pool {
                     o.servers
                         .iter()
                         .find(|s| {
-                            s.addr == addr
-                                && s.weight == weight
-                                && s.backup == backup
-                                && &*s.configured == configured
+                            s.addr == addr && s.backup == backup && &*s.configured == configured
                         })
+                        .inspect(|s| s.weight.store(weight, Relaxed))
                         .cloned()
                 })
                 .unwrap_or_else(|| Arc::new(Server::new(addr, configured.into(), weight, backup)))
@@ -348,6 +391,16 @@ impl Pool {
                 }
             }
         }
+        // A server the admin API was removing is the file's again: no longer draining.
+        if let Some(old) = old {
+            let r = old.runtime();
+            for s in servers
+                .iter()
+                .filter(|s| r.removing.contains(&*s.configured))
+            {
+                s.set_admin(AdminState::Enabled);
+            }
+        }
         Pool {
             name: cfg.name.clone(),
             balance: cfg.balance,
@@ -365,7 +418,8 @@ impl Pool {
                 .map_or(u64::MAX, |n| n as u64),
             queue: cfg.queue.map(|q| Arc::new(Queue::new(q.size, q.timeout))),
             sticky: cfg.sticky.map(|s| StickyTable::new(s.ttl, s.max_entries)),
-            specs: cfg.servers.clone(),
+            specs: std::sync::Mutex::new(cfg.servers.clone()),
+            runtime: Default::default(),
             resolve_interval: cfg.resolve_interval,
             connect_hist: crate::observe::stats::Histogram::new(
                 crate::observe::stats::CONNECT_BUCKETS,
@@ -381,9 +435,166 @@ impl Pool {
 
     /// Whether any server is given by name (and so needs resolving).
     pub fn has_names(&self) -> bool {
-        self.specs
+        self.specs()
             .iter()
             .any(|s| matches!(s.addr, ServerAddr::Name { .. }))
+    }
+
+    /// The servers as configured, with the admin API's changes.
+    pub(crate) fn specs(&self) -> Vec<config::ServerSpec> {
+        self.specs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn runtime(&self) -> std::sync::MutexGuard<'_, RuntimeChanges> {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the admin API changed the servers since the file's config was applied.
+    pub fn changed_at_runtime(&self) -> bool {
+        !self.runtime().log.is_empty()
+    }
+
+    /// The admin API's changes, oldest first; and the servers it added and is removing
+    /// (as configured).
+    pub fn runtime_changes(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let r = self.runtime();
+        (
+            r.log.clone(),
+            r.added.iter().cloned().collect(),
+            r.removing.iter().cloned().collect(),
+        )
+    }
+
+    /// Changes made through the admin API, by action: added, removed, re-weighted.
+    pub fn runtime_counts(&self) -> [(&'static str, u64); 3] {
+        let r = self.runtime();
+        [
+            ("add", r.counts[0]),
+            ("remove", r.counts[1]),
+            ("weight", r.counts[2]),
+        ]
+    }
+
+    /// Adds a server (admin API): its addresses join the set at once (a name is resolved
+    /// now, within 5 s), open connections untouched.
+    pub async fn add_server(&self, spec: config::ServerSpec) -> Result<(), RuntimeError> {
+        let label = spec.addr.to_string();
+        {
+            let mut specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            if specs.iter().any(|s| s.addr == spec.addr) {
+                return Err(RuntimeError::Exists(label));
+            }
+            if spec.backup && !specs.iter().any(|s| !s.backup) {
+                return Err(RuntimeError::Invalid(
+                    "a backup needs a primary server in the upstream".into(),
+                ));
+            }
+            specs.push(spec.clone());
+        }
+        let failed = dns::resolve_all(self).await;
+        let mut r = self.runtime();
+        r.added.insert(label.clone());
+        r.removing.remove(&label);
+        r.counts[0] += 1;
+        r.note(format!(
+            "added {label} (weight {}{})",
+            spec.weight,
+            if spec.backup { ", backup" } else { "" }
+        ));
+        drop(r);
+        tracing::info!(upstream = %self.name, "server {label} added through the admin API");
+        if failed.contains(&label) {
+            return Err(RuntimeError::Unresolved(label));
+        }
+        Ok(())
+    }
+
+    /// Sets a server's weight (admin API); the balancer is rebuilt, the server keeps its
+    /// health and counters.
+    pub async fn set_weight(&self, configured: &str, weight: u32) -> Result<(), RuntimeError> {
+        {
+            let mut specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(spec) = specs.iter_mut().find(|s| s.addr.to_string() == configured) else {
+                return Err(RuntimeError::NotFound(configured.to_string()));
+            };
+            spec.weight = weight;
+        }
+        dns::resolve_all(self).await;
+        let mut r = self.runtime();
+        r.counts[2] += 1;
+        r.note(format!("weight of {configured} set to {weight}"));
+        drop(r);
+        tracing::info!(upstream = %self.name, "weight of {configured} set to {weight} through the admin API");
+        Ok(())
+    }
+
+    /// Removes a server (admin API): it drains at once (no new connections), and leaves
+    /// the set once its last connection has ended. Returns its open connections.
+    pub fn remove_server(self: &Arc<Self>, configured: &str) -> Result<u64, RuntimeError> {
+        let spec = {
+            let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(spec) = specs
+                .iter()
+                .find(|s| s.addr.to_string() == configured)
+                .cloned()
+            else {
+                return Err(RuntimeError::NotFound(configured.to_string()));
+            };
+            if !spec.backup && specs.iter().filter(|s| !s.backup).count() == 1 {
+                return Err(RuntimeError::Invalid(
+                    "the last primary server cannot be removed".into(),
+                ));
+            }
+            spec
+        };
+        let mine = |set: &ServerSet, configured: &str| -> Vec<Arc<Server>> {
+            set.servers
+                .iter()
+                .filter(|s| *s.configured == *configured)
+                .cloned()
+                .collect()
+        };
+        let draining = mine(&self.servers(), configured);
+        for s in &draining {
+            s.set_admin(AdminState::Draining);
+        }
+        let open: u64 = draining.iter().map(|s| s.stats.active.load(Relaxed)).sum();
+        {
+            let mut r = self.runtime();
+            r.removing.insert(configured.to_string());
+            r.counts[1] += 1;
+            r.note(format!(
+                "removing {configured}: draining {open} connection(s)"
+            ));
+        }
+        tracing::info!(upstream = %self.name, "removing server {configured} through the admin API: draining {open} connection(s)");
+        let pool = self.clone();
+        let configured = configured.to_string();
+        tokio::spawn(async move {
+            // Until its connections have ended (checked every 100 ms), then it goes.
+            loop {
+                let open: u64 = mine(&pool.servers(), &configured)
+                    .iter()
+                    .map(|s| s.stats.active.load(Relaxed))
+                    .sum();
+                if open == 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            pool.specs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|s| s.addr != spec.addr);
+            dns::resolve_all(&pool).await;
+            let mut r = pool.runtime();
+            r.removing.remove(&configured);
+            r.added.remove(&configured);
+            r.note(format!("removed {configured}"));
+            drop(r);
+            tracing::info!(upstream = %pool.name, "server {configured} removed");
+        });
+        Ok(open)
     }
 
     /// Replaces the server set with `addrs` (configured name, address, weight, backup),
@@ -392,7 +603,7 @@ impl Pool {
         let old = self.set.load();
         let same = old.servers.len() == wanted.len()
             && old.servers.iter().zip(&wanted).all(|(s, w)| {
-                s.configured == w.0 && s.addr == w.1 && s.weight == w.2 && s.backup == w.3
+                s.configured == w.0 && s.addr == w.1 && s.weight() == w.2 && s.backup == w.3
             });
         if same {
             return false;
@@ -402,12 +613,8 @@ impl Pool {
             .map(|(configured, addr, weight, backup)| {
                 old.servers
                     .iter()
-                    .find(|s| {
-                        s.configured == configured
-                            && s.addr == addr
-                            && s.weight == weight
-                            && s.backup == backup
-                    })
+                    .find(|s| s.configured == configured && s.addr == addr && s.backup == backup)
+                    .inspect(|s| s.weight.store(weight, Relaxed))
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Server::new(addr, configured, weight, backup)))
             })
