@@ -4,23 +4,46 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use std::io::Write as _;
+
+use clap::{CommandFactory, Parser, Subcommand};
 
 use ferry::admin;
 use ferry::config::{Balance, Config, ConfigErrors};
 use ferry::runtime::{Proxy, effective_workers};
 use ferry::workers::Workers;
 
+/// The examples at the end of `ferry --help`, and the man page's EXAMPLES.
+macro_rules! examples {
+    () => {
+        "Examples:\n  \
+         ferry run --config ferry.toml\n  \
+         ferry run --listen :7000 --upstream localhost:6379 --admin 127.0.0.1:9900\n  \
+         ferry check --config ferry.toml\n  \
+         ferry completions bash > /etc/bash_completion.d/ferry\n  \
+         ferry demo"
+    };
+}
+/// The end of `ferry --help` (not `-h`), and the man page's EXIT STATUS.
+macro_rules! exit_status {
+    () => {
+        "Exit status: 0 clean exit, 1 bad config or arguments, 2 runtime failure (e.g. cannot bind)."
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "ferry",
     version,
     about = "A layer-4 proxy, reverse proxy and load balancer",
-    after_help = "Examples:\n  \
-        ferry run --config ferry.toml\n  \
-        ferry run --listen :7000 --upstream localhost:6379 --admin 127.0.0.1:9900\n  \
-        ferry check --config ferry.toml\n  \
-        ferry demo"
+    long_about = "A layer-4 proxy, reverse proxy and load balancer.\n\n\
+        ferry serves the listeners and pools of a TOML config file (`ferry run --config \
+        FILE`), or one listener and one pool given on the command line (quick mode: `ferry \
+        run --listen ADDR --upstream ADDR`). SIGHUP reloads the config; SIGTERM and SIGINT \
+        drain: listening sockets close at once and open connections get up to \
+        drain_timeout; a second SIGINT exits at once.",
+    after_help = examples!(),
+    after_long_help = concat!(examples!(), "\n\n", exit_status!())
 )]
 struct Cli {
     /// Serve this config file (same as `ferry run --config FILE`).
@@ -69,6 +92,14 @@ enum Command {
     Demo,
     /// Print the nftables rules the config's transparent listeners need (`nft -f` loads them).
     NftRules,
+    /// Print a shell completion script, e.g. `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions {
+        /// The shell the script is for.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, ferry(1), as roff (`ferry man | man -l -` shows it).
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -84,6 +115,18 @@ fn main() -> ExitCode {
         Some(Command::Check) => check(cli.config),
         Some(Command::Demo) => demo(),
         Some(Command::NftRules) => nft_rules(cli.config),
+        Some(Command::Completions { shell }) => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut out);
+            print_out(&out)
+        }
+        Some(Command::Man) => match man_page() {
+            Ok(page) => print_out(&page),
+            Err(e) => {
+                eprintln!("ferry man: {e}");
+                ExitCode::from(2)
+            }
+        },
         Some(Command::Run {
             listen,
             upstream,
@@ -103,6 +146,95 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`ferry man | head`) is no error.
+fn print_out(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: cannot write to stdout: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `ferry man`: one page, ferry(1), made from the command-line definitions (so it always
+/// matches the binary): the name, synopsis, description and global options, then every
+/// command with its own synopsis, description and options, the examples and exit status.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap_mangen::Man;
+    use clap_mangen::roff::{Roff, bold, roman};
+
+    let mut cmd = Cli::command();
+    cmd.build();
+    let top = Man::new(cmd.clone());
+    let mut page = Vec::new();
+    top.render_title(&mut page)?;
+    let mut body = Vec::new();
+    top.render_name_section(&mut body)?;
+    top.render_synopsis_section(&mut body)?;
+    top.render_description_section(&mut body)?;
+    top.render_options_section(&mut body)?;
+
+    let mut commands = Roff::new();
+    commands.control("SH", ["COMMANDS"]);
+    commands.to_writer(&mut body)?;
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        let name = sub.get_bin_name().unwrap_or(sub.get_name()).to_string();
+        let mut heading = Roff::new();
+        heading.control("SS", [name.as_str()]);
+        heading.to_writer(&mut body)?;
+        // `--help` is on every command: the page lists it once, at the top.
+        let man = Man::new(sub.clone().mut_arg("help", |a| a.hide(true)));
+        // Each part without its own `.SH` heading: they are this command's subsection.
+        let mut part = Vec::new();
+        man.render_synopsis_section(&mut part)?;
+        let mut p = Roff::new();
+        p.control("PP", []);
+        p.to_writer(&mut part)?;
+        man.render_description_section(&mut part)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            let mut p = Roff::new();
+            p.control("PP", []).text([bold("Options:")]);
+            p.to_writer(&mut part)?;
+            man.render_options_section(&mut part)?;
+        }
+        let part = String::from_utf8_lossy(&part).into_owned();
+        for line in part.lines().filter(|l| !l.starts_with(".SH ")) {
+            body.extend_from_slice(line.as_bytes());
+            body.push(b'\n');
+        }
+    }
+
+    let mut end = Roff::new();
+    end.control("SH", ["EXAMPLES"]);
+    for ex in examples!().lines().skip(1) {
+        end.control("PP", []).text([roman(ex.trim())]);
+    }
+    end.control("SH", ["EXIT STATUS"]);
+    end.text([roman(
+        exit_status!()
+            .strip_prefix("Exit status: ")
+            .unwrap_or(exit_status!()),
+    )]);
+    end.to_writer(&mut body)?;
+
+    // Every part began with roff's apostrophe preamble; the page needs it once, at the top.
+    let body = String::from_utf8_lossy(&body).into_owned();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with(".ie \\n(.g .ds Aq") && !l.starts_with(".el .ds Aq"))
+    {
+        page.extend_from_slice(line.as_bytes());
+        page.push(b'\n');
+    }
+    Ok(page)
 }
 
 /// Quick mode: each value checked on its own (a bad one is named in a one-line error, exit

@@ -501,3 +501,118 @@ async fn demo_serves_echo() {
         assert_eq!(String::from_utf8(back).unwrap(), want);
     }
 }
+
+/// Whether `cmd` is on the PATH (`command -v`).
+fn have(cmd: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Runs `program args…` with `input` on stdin; the exit status and stderr.
+fn run_with_stdin(program: &str, args: &[&str], input: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `ferry completions SHELL` prints a script generated from the command-line definitions:
+/// every command and `--config` are in it, and the shell accepts its syntax.
+#[test]
+fn completions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run_ferry(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(!script.trim().is_empty(), "{shell}: empty script");
+        for word in ["run", "check", "demo", "nft-rules", "completions", "man"] {
+            assert!(script.contains(word), "{shell}: no {word:?} in\n{script}");
+        }
+        // fish spells a long option `-l config`.
+        let config = if shell == "fish" {
+            "-l config"
+        } else {
+            "--config"
+        };
+        assert!(
+            script.contains(config),
+            "{shell}: no {config:?} in\n{script}"
+        );
+        for flag in ["listen", "upstream", "admin"] {
+            assert!(script.contains(flag), "{shell}: no {flag:?} in\n{script}");
+        }
+        if have(shell) {
+            let (code, stderr) = run_with_stdin(shell, &["-n"], script.as_bytes());
+            assert_eq!(code, Some(0), "{shell} -n: {stderr}");
+            assert!(stderr.is_empty(), "{shell} -n: {stderr}");
+        } else {
+            println!("note: {shell} is not installed; its script's syntax is not checked");
+        }
+    }
+    let out = run_ferry(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = run_ferry(&["completions"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// `ferry man` prints ferry(1), generated from the same definitions: NAME, SYNOPSIS, every
+/// command with its options; man (or groff) renders it without a warning.
+#[test]
+fn man_page() {
+    let out = run_ferry(&["man"]);
+    assert_eq!(out.status.code(), Some(0));
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH ferry 1"), "{page}");
+    for section in [".SH NAME", ".SH SYNOPSIS", ".SH OPTIONS", ".SH COMMANDS"] {
+        assert!(page.contains(section), "no {section:?} in\n{page}");
+    }
+    for cmd in ["run", "check", "demo", "nft-rules", "completions", "man"] {
+        assert!(
+            page.contains(&format!(".SS \"ferry {cmd}\"")),
+            "no command {cmd:?} in\n{page}"
+        );
+    }
+    for flag in ["config", "listen", "upstream", "balance", "admin"] {
+        assert!(
+            page.contains(&format!("\\-\\-{flag}")),
+            "no --{flag} in\n{page}"
+        );
+    }
+    // The roff preamble once, at the top.
+    assert_eq!(page.matches(".ds Aq").count(), 2, "{page}");
+
+    let checkers: [(&str, &[&str]); 2] = [
+        ("man", &["--warnings", "-l", "-"]),
+        ("groff", &["-man", "-Tutf8", "-ww", "-z"]),
+    ];
+    let mut checked = false;
+    for (program, args) in checkers {
+        if !have(program) {
+            println!("note: {program} is not installed");
+            continue;
+        }
+        let (code, stderr) = run_with_stdin(program, args, page.as_bytes());
+        assert_eq!(code, Some(0), "{program} {args:?}: {stderr}");
+        assert!(
+            stderr.trim().is_empty(),
+            "{program} {args:?} warns:\n{stderr}"
+        );
+        checked = true;
+    }
+    if !checked {
+        println!("note: neither man nor groff is installed; the page is not rendered");
+    }
+}
