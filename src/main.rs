@@ -298,6 +298,9 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     };
     match load(&path) {
         Ok(cfg) => {
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
             print!("{}", cfg.summary());
             println!("{}: ok", path.display());
             ExitCode::SUCCESS

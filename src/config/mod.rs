@@ -28,6 +28,9 @@ pub struct Config {
     pub log: LogConfig,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+    /// What is allowed but unwise (a private key or a secret file every user can read):
+    /// printed by `ferry check`, logged at start and at reloads.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// `[admin]`.

@@ -27,6 +27,7 @@ pub fn parse_str(text: &str, file: &str, base: &Path) -> Result<Config, ConfigEr
         src: text,
         file,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
     let (root, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
@@ -37,7 +38,11 @@ pub fn parse_str(text: &str, file: &str, base: &Path) -> Result<Config, ConfigEr
     }
     let cfg = build(&mut cx, root.get_ref(), root.span(), base);
     match cfg {
-        Some(cfg) if cx.errors.is_empty() => Ok(cfg),
+        Some(mut cfg) if cx.errors.is_empty() => {
+            let warnings = std::mem::take(&mut cx.warnings);
+            cfg.warnings = cx.located(warnings);
+            Ok(cfg)
+        }
         _ => Err(cx.into_errors()),
     }
 }
@@ -47,11 +52,69 @@ struct Cx<'s> {
     src: &'s str,
     file: &'s str,
     errors: Vec<(usize, String)>,
+    /// What is allowed but unwise (a private key every user can read).
+    warnings: Vec<(usize, String)>,
 }
 
 impl Cx<'_> {
     fn err(&mut self, span: Range<usize>, msg: impl Into<String>) {
         self.errors.push((span.start, msg.into()));
+    }
+
+    fn warn(&mut self, span: Range<usize>, msg: impl Into<String>) {
+        self.warnings.push((span.start, msg.into()));
+    }
+
+    /// Messages with their `file:line:col`.
+    fn located(&self, mut msgs: Vec<(usize, String)>) -> Vec<ConfigError> {
+        msgs.sort_by_key(|(pos, _)| *pos);
+        msgs.dedup();
+        msgs.into_iter()
+            .map(|(pos, message)| {
+                let (line, col) = line_col(self.src, pos);
+                ConfigError {
+                    file: self.file.to_string(),
+                    line,
+                    col,
+                    message,
+                }
+            })
+            .collect()
+    }
+
+    /// Warns if `path` (a secret: a key, a token, a password) can be read by every user.
+    fn secret_file(&mut self, span: Range<usize>, path: &Path, what: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.permissions().mode() & 0o004 != 0
+        {
+            self.warn(
+                span,
+                format!(
+                    "{what} {} can be read by every user: make it readable by ferry only (chmod 600, or 640 with ferry's group)",
+                    path.display()
+                ),
+            );
+        }
+    }
+
+    /// Reads a secret from `path`: its first line, without the line end; never empty.
+    fn read_secret(&mut self, span: Range<usize>, path: &Path, what: &str) -> Option<String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let line = text.lines().next().unwrap_or("").to_string();
+                if line.is_empty() {
+                    self.err(span, format!("{what} {} is empty", path.display()));
+                    return None;
+                }
+                self.secret_file(span, path, what);
+                Some(line)
+            }
+            Err(e) => {
+                self.err(span, format!("cannot read {what} {}: {e}", path.display()));
+                None
+            }
+        }
     }
 
     fn into_errors(mut self) -> ConfigErrors {
@@ -431,7 +494,13 @@ const LISTENER_KEYS: &[&str] = &[
     "requests",
     "max_sessions",
 ];
-const USER_KEYS: &[&str] = &["name", "password", "password_hash", "destinations"];
+const USER_KEYS: &[&str] = &[
+    "name",
+    "password",
+    "password_file",
+    "password_hash",
+    "destinations",
+];
 const LISTENER_LATER: &[&str] = &[];
 const LISTENER_TCP_KEYS: &[&str] = &["send_buffer", "recv_buffer"];
 const LISTEN_TLS_KEYS: &[&str] = &[
@@ -556,7 +625,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
     protocols(cx, &mut upstreams, &fits, &uses);
     let admin = root
         .table(cx, "admin", "[admin]")
-        .and_then(|t| admin(cx, t));
+        .and_then(|t| admin(cx, t, base));
     root.finish(cx, ROOT_KEYS, &[]);
     Some(Config {
         global,
@@ -564,6 +633,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
         log,
         listeners,
         upstreams,
+        warnings: Vec::new(),
     })
 }
 
@@ -874,7 +944,7 @@ fn listener(
     let destinations_v = only_for(cx, "destinations", FWD);
     let destinations = destinations_v.and_then(|v| destinations(cx, "destinations", v));
     let users = only_for(cx, "users", &["socks5", "http-connect"])
-        .map(|v| users(cx, v))
+        .map(|v| users(cx, v, base))
         .unwrap_or_default();
     let udp = only_for(cx, "udp", &["socks5"]).and_then(|v| as_bool(cx, "udp", v));
     let sni_must_match = only_for(cx, "sni_must_match", &["http-connect"])
@@ -1274,7 +1344,10 @@ fn cert_files(cx: &mut Cx<'_>, t: &Tab<'_, '_>, base: &Path) -> Option<CertFiles
     };
     let (cert, key) = (path_in(base, cert), path_in(base, key));
     match crate::tls::certs::load_cert_key(&cert, &key) {
-        Ok(loaded) => Some(CertFiles { cert, key, loaded }),
+        Ok(loaded) => {
+            cx.secret_file(key_span, &key, "the private key");
+            Some(CertFiles { cert, key, loaded })
+        }
         Err(crate::tls::certs::KeyError::Cert(e)) => {
             cx.err(cert_span, format!("`cert`: {e}"));
             None
@@ -1946,7 +2019,7 @@ fn destinations(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<Destinations>
 }
 
 /// `users = [{ name = "alice", password = "…" }, { name = "bob", password_hash = "$2y$…" }]`.
-fn users(cx: &mut Cx<'_>, v: &Val<'_>) -> Vec<User> {
+fn users(cx: &mut Cx<'_>, v: &Val<'_>, base: &Path) -> Vec<User> {
     let Some(items) = table_array(cx, "users", v) else {
         return Vec::new();
     };
@@ -1980,7 +2053,13 @@ fn users(cx: &mut Cx<'_>, v: &Val<'_>) -> Vec<User> {
             }
             Some(n.to_string())
         });
-        let password = u.get("password");
+        let password = u.get("password").or_else(|| u.get("password_file"));
+        if let (Some(_), Some(f)) = (u.get("password"), u.get("password_file")) {
+            cx.err(
+                f.span(),
+                "give a user `password` or `password_file`, not both",
+            );
+        }
         let hash = u.get("password_hash");
         let secret = match (password, hash) {
             (Some(_), Some(h)) => {
@@ -1993,17 +2072,26 @@ fn users(cx: &mut Cx<'_>, v: &Val<'_>) -> Vec<User> {
             (None, None) => {
                 cx.err(
                     item.span(),
-                    "a user needs `password` or `password_hash` (bcrypt, as `htpasswd -B` writes it)",
+                    "a user needs `password`, `password_file` or `password_hash` (bcrypt, as `htpasswd -B` writes it)",
                 );
                 None
             }
-            (Some(p), None) => as_str(cx, "password", p).and_then(|pw| {
+            (Some(p), None) => {
+                let pw = if u.get("password").is_some() {
+                    as_str(cx, "password", p).map(str::to_string)
+                } else {
+                    as_str(cx, "password_file", p)
+                        .map(|f| path_in(base, f))
+                        .and_then(|f| cx.read_secret(p.span(), &f, "the password file"))
+                };
+                pw.and_then(|pw| {
                 if pw.is_empty() || pw.len() > 255 {
                     cx.err(p.span(), "a password is 1 to 255 bytes (SOCKS5 carries no more)");
                     return None;
                 }
-                Some(Secret::Password(pw.to_string()))
-            }),
+                Some(Secret::Password(pw))
+            })
+            }
             (None, Some(h)) => as_str(cx, "password_hash", h).and_then(|hs| {
                 match hs.parse::<bcrypt::HashParts>() {
                     Ok(_) => Some(Secret::Bcrypt(hs.to_string())),
@@ -2152,7 +2240,7 @@ fn proxy_accept(cx: &mut Cx<'_>, p: Tab<'_, '_>) -> Option<ProxyAccept> {
     })
 }
 
-fn admin(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<Admin> {
+fn admin(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<Admin> {
     let listen = t.required(cx, "listen").and_then(|v| {
         let s = as_str(cx, "listen", v)?;
         match socket_addr(s) {
@@ -2163,7 +2251,7 @@ fn admin(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<Admin> {
             }
         }
     });
-    let token = t.string(cx, "token").and_then(|(s, span)| {
+    let mut token = t.string(cx, "token").and_then(|(s, span)| {
         if s.is_empty() {
             cx.err(
                 span,
@@ -2174,7 +2262,14 @@ fn admin(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Option<Admin> {
             Some(s.to_string())
         }
     });
-    t.finish(cx, &["listen", "token"], &[]);
+    // The token kept outside the config: the file's first line.
+    if let Some((path, span)) = t.string(cx, "token_file") {
+        if t.get("token").is_some() {
+            cx.err(span.clone(), "give `token` or `token_file`, not both");
+        }
+        token = cx.read_secret(span, &path_in(base, path), "the token file");
+    }
+    t.finish(cx, &["listen", "token", "token_file"], &[]);
     Some(Admin {
         listen: listen?,
         token,

@@ -260,6 +260,9 @@ impl Proxy {
         admin_server: &dyn AdminServer,
         binder: Arc<dyn Binder>,
     ) -> io::Result<Proxy> {
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
         let logs = Arc::new(Logs::default());
         let access_log = open_log(cfg, &logs)?;
         let n_workers = workers.len();
@@ -713,6 +716,9 @@ impl Shared {
 
     /// Applies a validated config to the running proxy: what [`plan::plan`] says changed.
     pub async fn apply(&self, cfg: Config) -> ReloadOutcome {
+        for w in &cfg.warnings {
+            tracing::warn!("{w}");
+        }
         let mut live = self.live.lock().await;
         let old = live.cfg.clone();
         let workers = self.workers.len();
