@@ -535,7 +535,7 @@ servers = ["127.0.0.1:9000"]
             r#"12:18: `sni_must_match` applies to mode "http-connect", not to mode "socks5""#,
             r#"13:19: a user name cannot contain ':' (HTTP Basic authentication splits at it)"#,
             r#"13:76: `password_hash` is not a bcrypt hash ("$2y$10$…", as `htpasswd -nB user` prints it)"#,
-            r#"13:86: a user needs `password` or `password_hash` (bcrypt, as `htpasswd -B` writes it)"#,
+            r#"13:86: a user needs `password`, `password_file` or `password_hash` (bcrypt, as `htpasswd -B` writes it)"#,
             r#"13:155: give a user `password` or `password_hash`, not both"#,
             r#"19:16: `destinations` is empty: nothing would be reachable"#,
             r#"20:7: `udp` applies to mode "socks5", not to mode "http-connect""#,
