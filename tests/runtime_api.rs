@@ -33,6 +33,34 @@ async fn call(admin: SocketAddr, method: &str, path: &str, body: &str) -> HttpRe
     .await
 }
 
+/// An echo server that first sends `tag`, so a client knows which server it reached;
+/// counts the connections it accepts.
+async fn tagged_echo(tag: u8) -> (SocketAddr, Arc<AtomicU64>) {
+    let n = Arc::new(AtomicU64::new(0));
+    let count = n.clone();
+    let addr = serve_on("127.0.0.1", move |mut s| {
+        count.fetch_add(1, SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            if s.write_all(&[tag]).await.is_ok() {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        }
+    })
+    .await;
+    (addr, n)
+}
+
+/// Connects through `front`: the tag of the server reached.
+async fn open(front: SocketAddr) -> std::io::Result<(tokio::net::TcpStream, u8)> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::TcpStream::connect(front).await?;
+    let mut tag = [0u8; 1];
+    s.read_exact(&mut tag).await?;
+    Ok((s, tag[0]))
+}
+
 fn servers(st: &Value) -> Vec<Value> {
     st["upstreams"][0]["servers"].as_array().unwrap().clone()
 }
@@ -43,8 +71,8 @@ fn server(list: &[Value], addr: SocketAddr) -> Option<&Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_reweight_and_remove_servers_under_load() {
-    let (a, a_count) = counting_echo_server().await;
-    let (b, b_count) = counting_echo_server().await;
+    let (a, a_count) = tagged_echo(b'A').await;
+    let (b, b_count) = tagged_echo(b'B').await;
     let config = format!(
         r#"
 [log]
@@ -72,19 +100,18 @@ servers = ["{a}"]
         let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
         tokio::spawn(async move {
             while !stop.load(SeqCst) {
-                let ok =
-                    match tokio::time::timeout(WAIT, tokio::net::TcpStream::connect(front)).await {
-                        Ok(Ok(mut s)) => tokio::time::timeout(WAIT, async {
-                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                            s.write_all(b"ping").await?;
-                            let mut b = [0u8; 4];
-                            s.read_exact(&mut b).await?;
-                            Ok::<_, std::io::Error>(b == *b"ping")
-                        })
-                        .await
-                        .is_ok_and(|r| r.is_ok_and(|same| same)),
-                        _ => false,
-                    };
+                let ok = match tokio::time::timeout(WAIT, open(front)).await {
+                    Ok(Ok((mut s, _))) => tokio::time::timeout(WAIT, async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        s.write_all(b"ping").await?;
+                        let mut b = [0u8; 4];
+                        s.read_exact(&mut b).await?;
+                        Ok::<_, std::io::Error>(b == *b"ping")
+                    })
+                    .await
+                    .is_ok_and(|r| r.is_ok_and(|same| same)),
+                    _ => false,
+                };
                 if ok { &done } else { &failed }.fetch_add(1, SeqCst);
             }
         })
@@ -199,10 +226,8 @@ servers = ["{a}"]
     // Remove A while a connection to it is open: it drains, then goes.
     let mut held = None;
     for _ in 0..50 {
-        let before = a_count.load(SeqCst);
-        let mut c = connect(front).await;
-        echo_round_trip(&mut c, b"held").await;
-        if a_count.load(SeqCst) > before {
+        let (c, tag) = within(WAIT, "a connection", open(front)).await.unwrap();
+        if tag == b'A' {
             held = Some(c);
             break;
         }
