@@ -103,6 +103,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Sockets systemd passes are taken (and its variables removed from the environment)
+    // while the process has one thread.
+    ferry::systemd::take_inherited();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

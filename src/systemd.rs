@@ -71,36 +71,68 @@ struct Inherited {
     udp: bool,
 }
 
+/// Takes the sockets systemd passed, if any (and removes its variables from the
+/// environment). `main` calls it first, while the process has one thread; otherwise the
+/// first bind does.
+pub fn take_inherited() {
+    let _ = inherited();
+}
+
 /// The inherited sockets, read from the environment at the first use.
-fn inherited() -> &'static Mutex<Vec<Inherited>> {
-    static SOCKETS: OnceLock<Mutex<Vec<Inherited>>> = OnceLock::new();
+fn inherited() -> &'static Mutex<(Vec<Inherited>, Vec<Note>)> {
+    static SOCKETS: OnceLock<Mutex<(Vec<Inherited>, Vec<Note>)>> = OnceLock::new();
     SOCKETS.get_or_init(|| Mutex::new(take_from_env()))
+}
+
+/// What taking the sockets found, logged once logging is set up ([`log_notes`]).
+struct Note {
+    warning: bool,
+    text: String,
+}
+
+/// Logs what taking the inherited sockets found (which it could not log itself: it runs
+/// before logging is set up).
+pub fn log_notes() {
+    let notes = std::mem::take(&mut inherited().lock().unwrap_or_else(|e| e.into_inner()).1);
+    for n in notes {
+        if n.warning {
+            tracing::warn!("{}", n.text);
+        } else {
+            tracing::info!("{}", n.text);
+        }
+    }
 }
 
 /// The sockets `$LISTEN_FDS` announces for this process (`$LISTEN_PID`); the variables are
 /// removed. Descriptors that are not TCP listening or UDP sockets with an IP address are
 /// closed and logged.
-fn take_from_env() -> Vec<Inherited> {
+fn take_from_env() -> (Vec<Inherited>, Vec<Note>) {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
-    // SAFETY (of removing them): ferry changes its environment only here, before its
-    // threads read it (the first bind runs before any connection is served).
+    // SAFETY (of removing them): ferry changes its environment only here, once, and the
+    // binary does it from `main` before it starts any other thread (`take_inherited`), so
+    // nothing reads the environment meanwhile.
     unsafe {
         std::env::remove_var("LISTEN_PID");
         std::env::remove_var("LISTEN_FDS");
         std::env::remove_var("LISTEN_FDNAMES");
     }
+    let mut notes = Vec::new();
     let (Some(pid), Some(fds)) = (pid, fds) else {
-        return Vec::new();
+        return (Vec::new(), notes);
     };
     if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Vec::new();
+        return (Vec::new(), notes);
     }
+    let mut note = |warning: bool, text: String| notes.push(Note { warning, text });
     let n: RawFd = match fds.parse() {
         Ok(n) if (0..=1024).contains(&n) => n,
         _ => {
-            tracing::warn!("ignoring LISTEN_FDS={fds:?}: not a count of descriptors");
-            return Vec::new();
+            note(
+                true,
+                format!("ignoring LISTEN_FDS={fds:?}: not a count of descriptors"),
+            );
+            return (Vec::new(), notes);
         }
     };
     let mut out = Vec::new();
@@ -122,22 +154,31 @@ fn take_from_env() -> Vec<Inherited> {
         match describe() {
             Ok(Some((addr, udp))) => {
                 if let Err(e) = sock.set_cloexec(true).and(sock.set_nonblocking(true)) {
-                    tracing::warn!("inherited socket {fd} ({addr}): {e}; not used");
+                    note(
+                        true,
+                        format!("inherited socket {fd} ({addr}): {e}; not used"),
+                    );
                     continue;
                 }
-                tracing::info!(
-                    "inherited {} socket {addr} (descriptor {fd})",
-                    if udp { "a UDP" } else { "a listening TCP" }
+                note(
+                    false,
+                    format!(
+                        "inherited {} socket {addr} (descriptor {fd})",
+                        if udp { "a UDP" } else { "a listening TCP" }
+                    ),
                 );
                 out.push(Inherited { sock, addr, udp });
             }
-            Ok(None) => tracing::warn!(
-                "inherited descriptor {fd} is neither a listening TCP socket nor a UDP socket with an IP address; closed"
+            Ok(None) => note(
+                true,
+                format!(
+                    "inherited descriptor {fd} is neither a listening TCP socket nor a UDP socket with an IP address; closed"
+                ),
             ),
-            Err(e) => tracing::warn!("inherited descriptor {fd}: {e}; closed"),
+            Err(e) => note(true, format!("inherited descriptor {fd}: {e}; closed")),
         }
     }
-    out
+    (out, notes)
 }
 
 /// A socket systemd passed for `addr` (TCP listening, or UDP), if there is one: a new
@@ -147,14 +188,15 @@ pub fn take(addr: SocketAddr, udp: bool) -> Option<io::Result<socket2::Socket>> 
         return None;
     }
     let list = inherited().lock().unwrap_or_else(|e| e.into_inner());
-    let s = list.iter().find(|s| s.addr == addr && s.udp == udp)?;
+    let s = list.0.iter().find(|s| s.addr == addr && s.udp == udp)?;
     Some(s.sock.try_clone())
 }
 
 /// Inherited sockets that no listener's address matches, for a warning at start.
 pub fn unused(bound: &[SocketAddr]) -> Vec<SocketAddr> {
     let list = inherited().lock().unwrap_or_else(|e| e.into_inner());
-    list.iter()
+    list.0
+        .iter()
         .map(|s| s.addr)
         .filter(|a| !bound.contains(a))
         .collect()

@@ -263,6 +263,7 @@ impl Proxy {
         for w in &cfg.warnings {
             tracing::warn!("{w}");
         }
+        crate::systemd::log_notes();
         let logs = Arc::new(Logs::default());
         let access_log = open_log(cfg, &logs)?;
         let n_workers = workers.len();
