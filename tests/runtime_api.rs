@@ -314,3 +314,33 @@ servers = ["{a}"]
     );
     assert!(done.load(SeqCst) > 50);
 }
+
+/// A server added by name is resolved at once: every address of the name joins the
+/// upstream, shown as configured by that name.
+#[tokio::test]
+async fn a_server_added_by_name_is_resolved() {
+    let (a, _) = tagged_echo(b'A').await;
+    let (c, _) = tagged_echo(b'C').await;
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n[[listener]]\nname = \"front\"\nlisten = \"127.0.0.1:0\"\nupstream = \"pool\"\n[[upstream]]\nname = \"pool\"\nservers = [\"{a}\"]\nresolve_interval = \"1s\"\n"
+    );
+    let ferry = Ferry::start(&config, 1).await;
+    let admin = admin_addr(&ferry).await;
+    let name = format!("localhost:{}", c.port());
+    let r = call(
+        admin,
+        "POST",
+        "/api/upstreams/pool/servers",
+        &format!(r#"{{"addr":"{name}"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let list = servers(&status(admin).await);
+    let named: Vec<&Value> = list
+        .iter()
+        .filter(|s| s["configured"] == name.as_str())
+        .collect();
+    assert!(!named.is_empty(), "{list:?}");
+    assert!(named.iter().any(|s| s["addr"] == c.to_string()), "{list:?}");
+    assert!(named.iter().all(|s| s["source"] == "api"), "{list:?}");
+}

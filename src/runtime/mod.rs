@@ -1037,9 +1037,8 @@ async fn start_pool(
         crate::upstream::resolve_all(&pool).await;
     }
     let stop = background.child_token();
-    if pool.has_names() {
-        tokio::spawn(crate::upstream::resolve_loop(pool.clone(), stop.clone()));
-    }
+    // Also for a pool without names now: the admin API may add one.
+    tokio::spawn(crate::upstream::resolve_loop(pool.clone(), stop.clone()));
     if pool.health.as_ref().is_some_and(|h| h.active) {
         tokio::spawn(crate::health::run(pool.clone(), stop.clone()));
     }

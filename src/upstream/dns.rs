@@ -120,6 +120,9 @@ pub async fn run(pool: Arc<Pool>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pool.resolve_interval) => {}
         }
-        resolve_all(&pool).await;
+        // Names may come later too: a server added through the admin API.
+        if pool.has_names() {
+            resolve_all(&pool).await;
+        }
     }
 }
