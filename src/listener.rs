@@ -337,10 +337,7 @@ pub trait Binder: Send + Sync {
         reuse_port: bool,
         exclusive: bool,
     ) -> io::Result<std::net::UdpSocket> {
-        if exclusive {
-            crate::net::check_free_udp(addr)?;
-        }
-        crate::net::bind_udp(addr, reuse_port)
+        crate::net::bind_udp(addr, reuse_port, exclusive)
     }
 
     /// Whether the sockets this gives for `addr` are descriptors of one socket rather than
@@ -381,10 +378,7 @@ impl Binder for SystemBinder {
         if let Some(s) = crate::systemd::take(addr, true) {
             return s.map(Into::into);
         }
-        if exclusive {
-            crate::net::check_free_udp(addr)?;
-        }
-        crate::net::bind_udp(addr, reuse_port)
+        crate::net::bind_udp(addr, reuse_port, exclusive)
     }
 
     fn shared(&self, addr: SocketAddr, udp: bool) -> bool {

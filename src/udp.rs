@@ -552,11 +552,7 @@ fn send(sock: &UdpSocket, header: Option<&[u8]>, data: &[u8]) -> Result<(), Drop
         None => s.send(data),
         Some(h) => s.send_vectored(&[IoSlice::new(h), IoSlice::new(data)]),
     };
-    match r {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Dropped::Full),
-        Err(_) => Err(Dropped::SendFailed),
-    }
+    sent(r.map(drop))
 }
 
 /// A socket of the server's address family connected to `server`, registered with the

@@ -241,8 +241,16 @@ pub fn check_free_udp(addr: SocketAddr) -> io::Result<()> {
 pub const UDP_LISTEN_BUFFER: usize = 4 << 20;
 
 /// A UDP listening socket on `addr`, non-blocking; with `reuse_port`, others may bind the
-/// same address (the kernel hashes each client address to one of them).
-pub fn bind_udp(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+/// same address (the kernel hashes each client address to one of them). `exclusive`: the
+/// address must be free even of other sockets with SO_REUSEPORT (`AddrInUse` if not).
+pub fn bind_udp(
+    addr: SocketAddr,
+    reuse_port: bool,
+    exclusive: bool,
+) -> io::Result<std::net::UdpSocket> {
+    if exclusive {
+        check_free_udp(addr)?;
+    }
     let domain = socket2::Domain::for_address(addr);
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, UDP_LISTEN_BUFFER).is_err()
