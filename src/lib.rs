@@ -26,6 +26,7 @@ pub mod socks_udp;
 pub mod systemd;
 pub mod tls;
 pub mod udp;
+pub mod upgrade;
 pub mod upstream;
 pub mod wire;
 pub mod workers;

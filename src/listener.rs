@@ -297,6 +297,15 @@ pub enum Socket {
     Udp(std::net::UdpSocket),
 }
 
+impl std::os::fd::AsFd for Socket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Udp(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Socket {
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
@@ -347,6 +356,13 @@ pub trait Binder: Send + Sync {
     fn shared(&self, _addr: SocketAddr, _udp: bool) -> bool {
         false
     }
+
+    /// More sockets for `addr` beyond one per worker, each of which must be served: the
+    /// members of an `SO_REUSEPORT` group an upgraded-from process had more of than this
+    /// one has workers (the kernel goes on sending each its share of connections).
+    fn leftover(&self, _addr: SocketAddr, _udp: bool) -> Vec<io::Result<Socket>> {
+        Vec::new()
+    }
 }
 
 /// Binds with the system's sockets.
@@ -360,7 +376,9 @@ impl Binder for SystemBinder {
         transparent: bool,
         exclusive: bool,
     ) -> io::Result<std::net::TcpListener> {
-        if let Some(s) = crate::systemd::take(addr, false) {
+        if let Some(s) =
+            crate::upgrade::take(addr, false).or_else(|| crate::systemd::take(addr, false))
+        {
             return s.map(Into::into);
         }
         if exclusive {
@@ -375,14 +393,31 @@ impl Binder for SystemBinder {
         reuse_port: bool,
         exclusive: bool,
     ) -> io::Result<std::net::UdpSocket> {
-        if let Some(s) = crate::systemd::take(addr, true) {
+        if let Some(s) =
+            crate::upgrade::take(addr, true).or_else(|| crate::systemd::take(addr, true))
+        {
             return s.map(Into::into);
         }
         crate::net::bind_udp(addr, reuse_port, exclusive)
     }
 
     fn shared(&self, addr: SocketAddr, udp: bool) -> bool {
-        crate::systemd::take(addr, udp).is_some()
+        crate::upgrade::shared(addr, udp) || crate::systemd::take(addr, udp).is_some()
+    }
+
+    fn leftover(&self, addr: SocketAddr, udp: bool) -> Vec<io::Result<Socket>> {
+        crate::upgrade::leftover(addr, udp)
+            .into_iter()
+            .map(|s| {
+                s.map(|s| {
+                    if udp {
+                        Socket::Udp(s.into())
+                    } else {
+                        Socket::Tcp(s.into())
+                    }
+                })
+            })
+            .collect()
     }
 }
 
@@ -451,6 +486,17 @@ pub fn bind(
             worker: 0,
             socket: first,
         });
+        for (i, socket) in binder
+            .leftover(actual, kind == Kind::Udp)
+            .into_iter()
+            .enumerate()
+        {
+            out.push(Bound {
+                listen: *addr,
+                worker: i % workers.max(1),
+                socket: socket?,
+            });
+        }
     }
     Ok(out)
 }

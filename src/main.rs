@@ -88,6 +88,16 @@ enum Command {
     },
     /// Validate a config file: a summary and exit 0, or every error and exit 1.
     Check,
+    /// Take over from the ferry serving the config file, without refusing a connection.
+    ///
+    /// Starts a new ferry (this binary, which may be a new version) on the config file,
+    /// with the listening sockets of the ferry already serving that file (found through
+    /// its control socket); once this one accepts on every listener, the old one stops
+    /// accepting and drains its open connections. This one stays in the foreground. If it
+    /// fails to start, the old one goes on serving. Under systemd, send SIGUSR2 to the
+    /// service instead (`systemctl kill -s USR2 ferry`): the running ferry starts its
+    /// binary again itself, in the service.
+    Upgrade,
     /// Start echo servers on loopback and a proxy in front of them, and say how to try it.
     Demo,
     /// Print the nftables rules the config's transparent listeners need (`nft -f` loads them).
@@ -106,6 +116,8 @@ fn main() -> ExitCode {
     // Sockets systemd passes are taken (and its variables removed from the environment)
     // while the process has one thread.
     ferry::systemd::take_inherited();
+    // As is the channel of an upgrade started by SIGUSR2.
+    ferry::upgrade::take_env();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -116,6 +128,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => check(cli.config),
+        Some(Command::Upgrade) => upgrade(cli.config),
         Some(Command::Demo) => demo(),
         Some(Command::NftRules) => nft_rules(cli.config),
         Some(Command::Completions { shell }) => {
@@ -312,6 +325,26 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// `ferry upgrade`: the config checked, then the sockets of the ferry serving it taken
+/// over (unless this process was started by SIGUSR2, which passed them already).
+fn upgrade(path: Option<PathBuf>) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("ferry upgrade: --config FILE is required");
+        return ExitCode::from(1);
+    };
+    let cfg = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !ferry::upgrade::pending()
+        && let Err(e) = ferry::upgrade::connect(&path)
+    {
+        eprintln!("ferry upgrade: {e}");
+        return ExitCode::from(2);
+    }
+    serve(cfg, Some(path))
+}
+
 fn nft_rules(path: Option<PathBuf>) -> ExitCode {
     let Some(path) = path else {
         eprintln!("ferry nft-rules: --config FILE is required");
@@ -369,6 +402,14 @@ fn serve_on(
     banner: impl FnOnce(&Proxy),
 ) -> ExitCode {
     init_logging(cfg.log.level);
+    match ferry::upgrade::receive() {
+        Ok(Some(pid)) => tracing::info!("taking over from pid {pid}"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("cannot take over: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let workers = match Workers::start(effective_workers(cfg.global.workers)) {
         Ok(w) => Arc::new(w),
         Err(e) => {
@@ -392,6 +433,11 @@ fn serve_on(
                 return ExitCode::from(2);
             }
         };
+        if let Err(e) = proxy.complete_upgrade().await {
+            tracing::error!("the old process did not hand over ({e}); stopping");
+            proxy.shared.drain(std::future::pending()).await;
+            return ExitCode::from(2);
+        }
         banner(&proxy);
         match proxy.run_until_signal().await {
             Ok(_) => ExitCode::SUCCESS,

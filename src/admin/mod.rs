@@ -50,11 +50,16 @@ impl AdminServer for Server {
     }
 }
 
-/// Binds the admin server's socket.
+/// Binds the admin server's socket (or takes the one an upgraded-from process passed).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot listen on {addr}: {e}")))
+    let err = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("admin: cannot listen on {addr}: {e}"))
+    };
+    if let Some(passed) = crate::upgrade::take(addr, false) {
+        let sock = passed.map_err(err)?;
+        return TcpListener::from_std(sock.into()).map_err(err);
+    }
+    TcpListener::bind(addr).await.map_err(err)
 }
 
 /// Serves the admin API on `listener` until `stop`; returns once its connections have
@@ -611,6 +616,7 @@ pub fn status(shared: &Shared) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": shared.started.elapsed().map_or(0.0, |d| d.as_secs_f64()),
         "process": {
+            "pid": std::process::id(),
             "connections_active": active,
             "connections_total": total,
             "worker_connections": shared.workers().loads(),

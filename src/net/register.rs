@@ -25,3 +25,13 @@ pub(crate) fn register_listener(
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// Registers a non-blocking descriptor ferry owns (the upgrade control socket) with the
+/// runtime's reactor, for reading.
+pub(crate) fn register_readable(
+    inner: std::os::fd::OwnedFd,
+) -> io::Result<AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: as for `register`: the `AsyncFd` owns the descriptor from here on.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::workers::Workers;
 
 pub mod plan;
 mod udp;
+mod upgrade;
 
 use plan::{ListenerPlan, UpstreamPlan, kind, targets, unindexed};
 
@@ -85,6 +87,13 @@ pub struct Shared {
     logs: Arc<Logs>,
     /// Where listening sockets come from, at start and at reloads.
     binder: Arc<dyn Binder>,
+    /// Stops the admin server accepting (at the end of the drain, or at once when an
+    /// upgrade hands its socket to the new process).
+    admin_stop: CancellationToken,
+    /// A descriptor of the admin server's listening socket, for an upgrade.
+    admin_fd: std::sync::Mutex<Option<OwnedFd>>,
+    /// An upgrade to a new process, and its control socket (`upgrade.rs`).
+    upgrade: upgrade::State,
 }
 
 /// The parts of the running proxy that only reload and drain change.
@@ -123,13 +132,23 @@ struct Group {
     /// Waited for after `stop`, so that "stopped" means the sockets are closed (TCP; a UDP
     /// socket closes once its sessions have ended: it is served as a connection).
     accepting: TaskTracker,
+    /// A descriptor of each of its sockets, to hand to a new process at an upgrade;
+    /// closed when it stops.
+    held: std::sync::Mutex<Vec<OwnedFd>>,
 }
 
 impl Group {
     async fn stop_accepting(&self) {
         self.stop.cancel();
+        self.release();
         self.accepting.close();
         self.accepting.wait().await;
+    }
+
+    /// Closes the descriptors kept for an upgrade (the sockets close with the last of the
+    /// accept loops' own).
+    fn release(&self) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -145,6 +164,7 @@ impl LiveListener {
         for g in &self.groups {
             g.stop.cancel();
             g.end.cancel();
+            g.release();
         }
     }
 
@@ -299,6 +319,10 @@ impl Proxy {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|(s, _)| s.local_addr().ok());
+        let admin_fd = match &admin {
+            Some((s, _)) => Some(s.as_fd().try_clone_to_owned()?),
+            None => None,
+        };
         let own = OwnAddrs::new(
             sockets
                 .iter()
@@ -307,6 +331,7 @@ impl Proxy {
                 .chain(admin_addr),
         );
 
+        let admin_stop = background.child_token();
         let shared = Arc::new(Shared {
             started: SystemTime::now(),
             view: ArcSwap::from_pointee(View {
@@ -333,6 +358,9 @@ impl Proxy {
             admin_task: std::sync::Mutex::new(None),
             logs,
             binder,
+            admin_stop,
+            admin_fd: std::sync::Mutex::new(admin_fd),
+            upgrade: upgrade::State::default(),
         });
 
         let mut bound = Vec::new();
@@ -365,14 +393,23 @@ impl Proxy {
                 sock,
                 shared.clone(),
                 token,
-                shared.background.clone(),
+                shared.admin_stop.clone(),
             ));
             *shared.admin_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
-        crate::systemd::notify(&format!(
-            "READY=1\nSTATUS={}",
-            shared.status_line("serving")
-        ));
+        for a in crate::upgrade::release_unused() {
+            tracing::warn!(
+                "the old process passed a socket for {a}, which no listener listens on; closed"
+            );
+        }
+        // Taking over from another process: ready once it has confirmed
+        // (`Proxy::complete_upgrade`).
+        if !crate::upgrade::pending() {
+            crate::systemd::notify(&format!(
+                "READY=1\nSTATUS={}",
+                shared.status_line("serving")
+            ));
+        }
         Ok(Proxy {
             shared,
             bound,
@@ -387,6 +424,8 @@ impl Proxy {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        self.shared.listen_for_upgrades();
         // Reloads run beside the signal loop (one at a time: they take the reload lock), so
         // that a slow one (a resolver that does not answer) never delays a stop.
         let reloads = TaskTracker::new();
@@ -398,6 +437,14 @@ impl Proxy {
                     tracing::info!("SIGHUP: reloading");
                     let shared = self.shared.clone();
                     reloads.spawn(async move { shared.reload().await });
+                }
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: starting a new ferry to take over");
+                    tokio::spawn(self.shared.clone().upgrade_to_successor());
+                }
+                () = self.shared.upgrade.handed_over.cancelled() => {
+                    tracing::info!("handed over to the new process: draining");
+                    break
                 }
             }
         }
@@ -474,6 +521,7 @@ impl Shared {
                         stop: CancellationToken::new(),
                         end: self.conn_stop.child_token(),
                         accepting: TaskTracker::new(),
+                        held: std::sync::Mutex::new(Vec::new()),
                     });
                     groups.len() - 1
                 }
@@ -481,6 +529,13 @@ impl Shared {
             let g = &mut groups[i];
             if g.addr.is_none() {
                 g.addr = b.socket.local_addr().ok();
+            }
+            match b.socket.as_fd().try_clone_to_owned() {
+                Ok(fd) => g.held.get_mut().unwrap_or_else(|e| e.into_inner()).push(fd),
+                Err(e) => tracing::warn!(
+                    listener = %name,
+                    "cannot keep a descriptor of a socket for upgrades: {e}"
+                ),
             }
             let (slot, tracker, workers, me) = (
                 slot.clone(),
@@ -667,6 +722,9 @@ impl Shared {
         let outcome = match &self.config_path {
             None => ReloadOutcome::Rejected(vec![
                 "no config file to reload (quick or demo mode)".into(),
+            ]),
+            Some(_) if self.upgrade.in_progress() => ReloadOutcome::Rejected(vec![
+                "an upgrade is in progress: the new process reads the config".into(),
             ]),
             Some(path) => match Config::load(path) {
                 Err(errs) => {
@@ -933,10 +991,15 @@ impl Shared {
         tokio::pin!(interrupt);
         // Stopping the listeners waits for a reload in progress (the reload lock); a second
         // SIGINT does not wait for it.
-        crate::systemd::notify(&format!(
-            "STOPPING=1\nSTATUS=draining: {} connection(s) open",
-            self.global.active()
-        ));
+        self.upgrade.stop_listening().await;
+        // After an upgrade the new process is systemd's main process: the service is not
+        // stopping.
+        if !self.upgrade.handed_over.is_cancelled() {
+            crate::systemd::notify(&format!(
+                "STOPPING=1\nSTATUS=draining: {} connection(s) open",
+                self.global.active()
+            ));
+        }
         let stop_accepting = async {
             let live = self.live.lock().await;
             // Every socket told first, so that they all close about together.
@@ -979,6 +1042,10 @@ impl Shared {
             }
         }
         self.background.cancel();
+        self.admin_fd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let admin = self
             .admin_task
             .lock()

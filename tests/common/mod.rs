@@ -62,7 +62,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn capture(pipe: impl Read + Send + 'static) -> Lines {
+    pub fn capture(pipe: impl Read + Send + 'static) -> Lines {
         let lines = Lines::default();
         let l = lines.clone();
         std::thread::spawn(move || {

@@ -1,0 +1,510 @@
+//! Upgrades without a dropped connection: `ferry upgrade` takes over the listening sockets
+//! of the ferry serving a config while a steady stream of new connections and 50 long-lived
+//! ones run (none refused, none broken; the long-lived ones finish on the old process,
+//! which exits after the last); SIGUSR2 starts the binary again in place and tells systemd
+//! the new main pid; and an upgrade that cannot start leaves the old process serving.
+
+mod common;
+mod ops_support;
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::Duration;
+
+use common::*;
+use ops_support::{admin_addr, status};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A ferry started by `ferry upgrade` (a child of the test), killed on drop.
+struct Successor {
+    child: Child,
+    stderr: Lines,
+}
+
+impl Successor {
+    fn start(config: &std::path::Path) -> Successor {
+        let mut child = Command::new(ferry_bin())
+            .arg("upgrade")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG")
+            .spawn()
+            .expect("spawn ferry upgrade");
+        let stderr = Lines::capture(child.stderr.take().unwrap());
+        Successor { child, stderr }
+    }
+
+    /// Waits for the line saying it has taken over; panics with its output otherwise.
+    async fn taken_over(&self) {
+        if self
+            .stderr
+            .wait_count(1, WAIT, |l| l.contains("took over from pid"))
+            .await
+            .is_none()
+        {
+            panic!("the new ferry did not take over:\n{}", self.stderr.text());
+        }
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        within(WAIT, "the new ferry's exit", async {
+            loop {
+                if let Some(st) = self.child.try_wait().unwrap() {
+                    return st;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process the test did not start (the successor SIGUSR2 starts), ended on drop.
+struct Stray(u32);
+
+impl Stray {
+    fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+            .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim().starts_with('Z'))
+    }
+
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.0.to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {}", self.0);
+    }
+}
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+}
+
+fn config(echo: SocketAddr, admin: bool) -> String {
+    let admin = if admin {
+        "[admin]\nlisten = \"127.0.0.1:0\"\n"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+[global]
+drain_timeout = "5m"
+workers = 2
+{admin}
+[log]
+access = "@LOG@"
+
+[[listener]]
+name = "front"
+listen = ["127.0.0.1:0"]
+upstream = "echo"
+
+[[upstream]]
+name = "echo"
+servers = ["{echo}"]
+"#
+    )
+}
+
+/// The config with its listener on `front` (the port the first start chose), so that the
+/// new process finds the passed socket by address.
+fn pin(config: &str, front: SocketAddr, admin: Option<SocketAddr>) -> String {
+    let mut c = config.replace(
+        "listen = [\"127.0.0.1:0\"]",
+        &format!("listen = [\"{front}\"]"),
+    );
+    if let Some(a) = admin {
+        c = c.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{a}\""));
+    }
+    c
+}
+
+/// Starts ferry with the config, then rewrites its file with the ports it chose: what an
+/// operator's file says, and what an upgrade reads.
+async fn start_pinned(echo: SocketAddr) -> (Ferry, SocketAddr, SocketAddr) {
+    let text = config(echo, true);
+    let ferry = Ferry::start(&text, 1).await;
+    let front = ferry.addr("front");
+    let admin = admin_addr(&ferry).await;
+    let pinned =
+        pin(&text, front, Some(admin)).replace("@LOG@", &ferry.log_path.display().to_string());
+    std::fs::write(&ferry.config_path, pinned).unwrap();
+    (ferry, front, admin)
+}
+
+/// Waits until the admin server answers from process `pid` (the old process's admin
+/// server may answer a request or two it had accepted as the hand-over happened).
+async fn wait_pid(admin: SocketAddr, pid: u32) {
+    within(WAIT, "the admin server of the new process", async {
+        loop {
+            if status(admin).await["process"]["pid"] == pid {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+/// Opens, uses and closes connections to `addr` until `stop`, counting the good ones and
+/// keeping every failure (a refused connect, a reset, a short echo).
+struct Load {
+    ok: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Clients that each make at most `bound` connections.
+    fn start(addr: SocketAddr, clients: usize, bound: u64) -> Load {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|i| {
+                let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+                tokio::spawn(async move {
+                    for n in 0..bound {
+                        if stop.load(SeqCst) {
+                            return;
+                        }
+                        let msg = format!("client {i} connection {n:>8}");
+                        match tokio::time::timeout(WAIT, one(addr, msg.as_bytes())).await {
+                            Ok(Ok(())) => {
+                                ok.fetch_add(1, SeqCst);
+                            }
+                            Ok(Err(e)) => failures.lock().unwrap().push(format!("{msg}: {e}")),
+                            Err(_) => failures.lock().unwrap().push(format!("{msg}: timed out")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failures,
+            stop,
+            tasks,
+        }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(SeqCst)
+    }
+
+    /// Waits until `n` more connections have succeeded.
+    async fn more(&self, n: u64, what: &str) {
+        let target = self.ok() + n;
+        wait_until(WAIT, what, || {
+            self.ok() >= target || !self.failures.lock().unwrap().is_empty()
+        })
+        .await;
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, SeqCst);
+        for t in self.tasks {
+            within(WAIT, "the load clients", t).await.unwrap();
+        }
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(SeqCst), failures)
+    }
+}
+
+/// One connection: connect, an echo of `msg`, close.
+async fn one(addr: SocketAddr, msg: &[u8]) -> std::io::Result<()> {
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    c.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    c.read_exact(&mut back).await?;
+    if back != msg {
+        return Err(std::io::Error::other("the echo differs"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_under_load_refuses_nothing_and_old_connections_finish_on_the_old_process() {
+    let echo = echo_server().await;
+    let (mut old, front, admin) = start_pinned(echo).await;
+    let old_pid = old.pid();
+    assert_eq!(status(admin).await["process"]["pid"], old_pid);
+
+    // 50 long-lived connections, each shown to work.
+    let mut long = Vec::new();
+    for i in 0..50 {
+        let mut c = connect(front).await;
+        echo_round_trip(&mut c, format!("long {i} before").as_bytes()).await;
+        long.push(c);
+    }
+    let load = Load::start(front, 4, 1_000_000);
+    load.more(200, "connections before the upgrade").await;
+
+    let mut new = Successor::start(&old.config_path);
+    new.taken_over().await;
+    let new_pid = new.child.id();
+    // The old process hands over and stops accepting.
+    if old
+        .stderr
+        .wait_count(1, WAIT, |l| l.contains("stopped accepting; waiting up to"))
+        .await
+        .is_none()
+    {
+        panic!(
+            "the old ferry did not start draining:\n{}",
+            old.stderr.text()
+        );
+    }
+    load.more(500, "connections after the upgrade").await;
+    // The admin socket went over too.
+    wait_pid(admin, new_pid).await;
+    let served = status(admin).await["listeners"][0]["connections_total"]
+        .as_u64()
+        .unwrap();
+    assert!(served > 0, "the new process served none of the load");
+
+    // The long-lived connections still work, on the old process, which waits for them.
+    for (i, c) in long.iter_mut().enumerate() {
+        echo_round_trip(c, format!("long {i} after").as_bytes()).await;
+    }
+    assert_eq!(
+        old.try_exit(),
+        None,
+        "the old process left before its connections"
+    );
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {failures:?}",
+        failures.len(),
+        ok + failures.len() as u64
+    );
+    drop(long);
+    let st = old
+        .wait_exit(WAIT)
+        .await
+        .expect("the old process exits after its last connection");
+    assert!(st.success(), "{st:?}\n{}", old.stderr.text());
+    assert!(
+        old.stderr.text().contains("drained (Drained)"),
+        "{}",
+        old.stderr.text()
+    );
+
+    // The new process goes on alone, and can itself be upgraded (it listens on the control
+    // socket now).
+    one(front, b"after").await.unwrap();
+    let newer = Successor::start(&old.config_path);
+    newer.taken_over().await;
+    assert_eq!(new.wait_exit().await.code(), Some(0));
+    wait_pid(admin, newer.child.id()).await;
+    one(front, b"after again").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_starts_the_binary_again_and_tells_systemd_the_new_main_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let echo = echo_server().await;
+    let env = format!("NOTIFY_SOCKET={}", notify.display());
+    let text = config(echo, true);
+    let old = Ferry::start_wrapped(&text, 1, &["env", &env]).await;
+    let admin = admin_addr(&old).await;
+    let notes = |want: &str| -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no notification with {want} (seen {seen:?}): {e}"));
+            let note = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = note.lines().any(|l| l.starts_with(want));
+            seen.push(note);
+            if done {
+                return seen;
+            }
+        }
+    };
+    tokio::task::block_in_place(|| notes("READY=1"));
+    // Port 0 in the file: the new process must bind the same port, so the file says it.
+    let front = old.addr("front");
+    let pinned =
+        pin(&text, front, Some(admin)).replace("@LOG@", &old.log_path.display().to_string());
+    std::fs::write(&old.config_path, pinned).unwrap();
+    let mut c = connect(front).await;
+    echo_round_trip(&mut c, b"before").await;
+
+    old.signal("USR2");
+    let seen = tokio::task::block_in_place(|| notes("MAINPID="));
+    let main: u32 = seen
+        .last()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let new = Stray(main);
+    assert_ne!(main, old.pid());
+    let ready = tokio::task::block_in_place(|| notes("READY=1"));
+    assert!(
+        ready.last().unwrap().contains("took over from pid"),
+        "{ready:?}"
+    );
+    assert!(
+        !seen.iter().chain(&ready).any(|n| n.contains("STOPPING=1")),
+        "the service is not stopping: {seen:?} {ready:?}"
+    );
+    wait_pid(admin, main).await;
+    // The same binary, the same arguments.
+    let cmdline = std::fs::read(format!("/proc/{main}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("run\0--config\0"),
+        "{cmdline:?}"
+    );
+
+    // The open connection finishes on the old process, which then exits.
+    echo_round_trip(&mut c, b"after").await;
+    one(front, b"new").await.unwrap();
+    let mut old = old;
+    assert_eq!(old.try_exit(), None);
+    drop(c);
+    let st = old.wait_exit(WAIT).await.expect("the old process exits");
+    assert!(st.success(), "{st:?}");
+    one(front, b"still").await.unwrap();
+
+    new.signal("TERM");
+    wait_until(WAIT, "the new process's exit", || !new.alive()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
+    // Nothing serves this file: `ferry upgrade` says so.
+    let dir = tempfile::tempdir().unwrap();
+    let lonely = write_file(
+        dir.path(),
+        "lonely.toml",
+        &config(echo_server().await, false).replace("@LOG@", "off"),
+    );
+    let out = run_ferry(&["upgrade", "--config", lonely.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no ferry serving"),
+        "{out:?}"
+    );
+
+    let echo = echo_server().await;
+    let (old, front, admin) = start_pinned(echo).await;
+    let good = std::fs::read_to_string(&old.config_path).unwrap();
+
+    // A new config that binds an address someone else holds: the new process fails after
+    // taking the sockets, and the old one goes on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = format!(
+        "{good}\n[[listener]]\nname = \"extra\"\nlisten = [\"{}\"]\nupstream = \"echo\"\n",
+        taken.local_addr().unwrap()
+    );
+    std::fs::write(&old.config_path, &bad).unwrap();
+    let mut failed = Successor::start(&old.config_path);
+    assert_eq!(
+        failed.wait_exit().await.code(),
+        Some(2),
+        "{}",
+        failed.stderr.text()
+    );
+    if old
+        .stderr
+        .wait_count(1, WAIT, |l| {
+            l.contains("failed") && l.contains("goes on serving")
+        })
+        .await
+        .is_none()
+    {
+        panic!(
+            "the old ferry did not report the failure:\n{}",
+            old.stderr.text()
+        );
+    }
+    one(front, b"still the old").await.unwrap();
+    assert_eq!(status(admin).await["process"]["pid"], old.pid());
+
+    // SIGUSR2 with a config that does not load: the new process exits 1, the old serves.
+    std::fs::write(&old.config_path, "[[listener]\n").unwrap();
+    old.signal("USR2");
+    if old
+        .stderr
+        .wait_count(1, WAIT, |l| l.contains("exited: exit status: 1"))
+        .await
+        .is_none()
+    {
+        panic!(
+            "the failed successor was not reaped:\n{}",
+            old.stderr.text()
+        );
+    }
+    one(front, b"still the old").await.unwrap();
+    assert_eq!(status(admin).await["process"]["pid"], old.pid());
+
+    // Another user may not take the sockets.
+    std::fs::write(&old.config_path, &good).unwrap();
+    let dirp = old.config_path.parent().unwrap();
+    std::fs::set_permissions(dirp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        &old.config_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let as_nobody = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534); os.execv(sys.argv[1], sys.argv[1:])",
+            ferry_bin(),
+            "upgrade",
+            "--config",
+            old.config_path.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(as_nobody.status.code(), Some(2), "{as_nobody:?}");
+    if old
+        .stderr
+        .wait_count(1, WAIT, |l| l.contains("refused an upgrade from pid"))
+        .await
+        .is_none()
+    {
+        panic!("no refusal logged:\n{}", old.stderr.text());
+    }
+
+    // With the file good again, the upgrade goes through.
+    let new = Successor::start(&old.config_path);
+    new.taken_over().await;
+    wait_pid(admin, new.child.id()).await;
+    one(front, b"the new one").await.unwrap();
+}
