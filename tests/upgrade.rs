@@ -1,8 +1,8 @@
 //! Upgrades without a dropped connection: `ferry upgrade` takes over the listening sockets
 //! of the ferry serving a config while a steady stream of new connections and 50 long-lived
 //! ones run (none refused, none broken; the long-lived ones finish on the old process,
-//! which exits after the last); SIGUSR2 starts the binary again in place and tells systemd
-//! the new main pid; and an upgrade that cannot start leaves the old process serving.
+//! which exits after the last); SIGUSR2 starts the binary again in place (the new file at
+//! the path, after a package replaced it) and tells systemd the new main pid; and an upgrade that cannot start leaves the old process serving.
 
 mod common;
 mod ops_support;
@@ -309,11 +309,15 @@ async fn upgrade_under_load_refuses_nothing_and_old_connections_finish_on_the_ol
         .await
         .expect("the old process exits after its last connection");
     assert!(st.success(), "{st:?}\n{}", old.stderr.text());
-    assert!(
-        old.stderr.text().contains("drained (Drained)"),
-        "{}",
-        old.stderr.text()
-    );
+    // (Its last lines may reach the test's reader just after it exits.)
+    if old
+        .stderr
+        .wait_count(1, WAIT, |l| l.contains("drained (Drained)"))
+        .await
+        .is_none()
+    {
+        panic!("the old process did not drain:\n{}", old.stderr.text());
+    }
 
     // The new process goes on alone, and can itself be upgraded (it listens on the control
     // socket now).
@@ -332,9 +336,27 @@ async fn sigusr2_starts_the_binary_again_and_tells_systemd_the_new_main_pid() {
     let sock = UnixDatagram::bind(&notify).unwrap();
     sock.set_read_timeout(Some(WAIT)).unwrap();
     let echo = echo_server().await;
-    let env = format!("NOTIFY_SOCKET={}", notify.display());
+    // ferry runs from a copy of its binary, which a new version then replaces (as a package
+    // upgrade does: a new file renamed over the old path).
+    // Hard links, not copies: a file open for writing cannot be run (and a copy's
+    // descriptor may be inherited by another test's child for a moment).
+    let bins = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let bin = bins.path().join("ferry");
+    std::fs::hard_link(ferry_bin(), &bin).unwrap();
+    let script = format!(
+        "exec env NOTIFY_SOCKET={} {} \"$@\"",
+        notify.display(),
+        bin.display()
+    );
     let text = config(echo, true);
-    let old = Ferry::start_wrapped(&text, 1, &["env", &env]).await;
+    let old = Ferry::start_wrapped(&text, 1, &["sh", "-c", &script]).await;
+    // The new version: another file (renaming a link of the same file would do nothing).
+    // It is run only at the upgrade, long after its writing ended.
+    let replacement = bins.path().join("ferry.new");
+    std::fs::copy(ferry_bin(), &replacement).unwrap();
+    std::fs::rename(&replacement, &bin).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{}/exe", old.pid())).unwrap();
+    assert!(exe.to_string_lossy().ends_with(" (deleted)"), "{exe:?}");
     let admin = admin_addr(&old).await;
     let notes = |want: &str| -> Vec<String> {
         let mut seen = Vec::new();
@@ -382,7 +404,11 @@ async fn sigusr2_starts_the_binary_again_and_tells_systemd_the_new_main_pid() {
         "the service is not stopping: {seen:?} {ready:?}"
     );
     wait_pid(admin, main).await;
-    // The same binary, the same arguments.
+    // The binary now at the path the old one was started from, with the same arguments.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{main}/exe")).unwrap(),
+        bin
+    );
     let cmdline = std::fs::read(format!("/proc/{main}/cmdline")).unwrap();
     assert!(
         String::from_utf8_lossy(&cmdline).contains("run\0--config\0"),

@@ -10,7 +10,10 @@
 //!   `WRITE_TIMEOUT` ends its connection; a connection serves at most [`MAX_REQUESTS`]
 //!   requests.
 //! - At shutdown, idle connections close, requests in progress finish (up to
-//!   [`SHUTDOWN_GRACE`]), and [`serve`] returns only then.
+//!   [`SHUTDOWN_GRACE`]), and [`serve`] returns only then. A connection accepted just
+//!   before (its request not read yet) gets [`FIRST_REQUEST_GRACE`] to send it, and an
+//!   answer: after an upgrade, a request that reached the old process is answered by it.
+//!   Every answer after the shutdown began closes its connection.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -44,6 +47,9 @@ pub const MAX_REQUESTS: u32 = 1000;
 pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// At shutdown, how long a connection that has sent no request yet has to send one.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 pub type Resp = Response<Full<Bytes>>;
 
@@ -206,17 +212,20 @@ async fn connection(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
-    let served = AtomicU32::new(0);
+    let served = Arc::new(AtomicU32::new(0));
     let service = {
         let conn = conn.clone();
         let table = table.clone();
+        let served = served.clone();
+        let stop = stop.clone();
         hyper::service::service_fn(move |req| {
             let busy = Busy::start(conn.clone(), table.clone());
             let n = served.fetch_add(1, Relaxed) + 1;
             let fut = handler(req);
+            let stop = stop.clone();
             async move {
                 let mut resp = fut.await;
-                if n >= MAX_REQUESTS {
+                if n >= MAX_REQUESTS || stop.is_cancelled() {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -234,6 +243,9 @@ async fn connection(
         .serve_connection(io, service);
     tokio::pin!(http);
     let mut draining = false;
+    let first_request = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(first_request);
+    let mut awaiting_first = false;
     loop {
         tokio::select! {
             r = http.as_mut() => {
@@ -246,8 +258,20 @@ async fn connection(
             }
             () = conn.close.cancelled() => break,
             () = stop.cancelled(), if !draining => {
-                // Idle connections close now; a request in progress is answered first.
                 draining = true;
+                if served.load(Relaxed) == 0 {
+                    // Just accepted: its request may be on its way.
+                    awaiting_first = true;
+                    first_request
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + FIRST_REQUEST_GRACE);
+                } else {
+                    // Idle connections close now; a request in progress is answered first.
+                    http.as_mut().graceful_shutdown();
+                }
+            }
+            () = &mut first_request, if awaiting_first => {
+                awaiting_first = false;
                 http.as_mut().graceful_shutdown();
             }
         }
@@ -549,6 +573,29 @@ mod tests {
         assert_eq!(text.matches("connection: close").count(), 1);
         s.stop.cancel();
         s.done.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_accepted_before_shutdown_gets_its_answer() {
+        let s = start(b"late", Arc::new(Notify::new())).await;
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        until("accepted", || s.stats.open.load(Relaxed) == 1).await;
+        s.stop.cancel();
+        tokio::time::sleep(FIRST_REQUEST_GRACE / 2).await;
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(
+            out.to_ascii_lowercase().contains("connection: close"),
+            "{out}"
+        );
+        assert!(out.ends_with("late"), "{out}");
+        // Answered, the connection closed, and the server done.
+        s.done.await.unwrap();
+        assert_eq!(s.stats.open.load(Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
