@@ -538,7 +538,15 @@ fn completions() {
         assert_eq!(out.status.code(), Some(0), "{shell}");
         let script = String::from_utf8(out.stdout).unwrap();
         assert!(!script.trim().is_empty(), "{shell}: empty script");
-        for word in ["run", "check", "upgrade", "demo", "nft-rules", "completions", "man"] {
+        for word in [
+            "run",
+            "check",
+            "upgrade",
+            "demo",
+            "nft-rules",
+            "completions",
+            "man",
+        ] {
             assert!(script.contains(word), "{shell}: no {word:?} in\n{script}");
         }
         // fish spells a long option `-l config`.
@@ -579,7 +587,15 @@ fn man_page() {
     for section in [".SH NAME", ".SH SYNOPSIS", ".SH OPTIONS", ".SH COMMANDS"] {
         assert!(page.contains(section), "no {section:?} in\n{page}");
     }
-    for cmd in ["run", "check", "upgrade", "demo", "nft-rules", "completions", "man"] {
+    for cmd in [
+        "run",
+        "check",
+        "upgrade",
+        "demo",
+        "nft-rules",
+        "completions",
+        "man",
+    ] {
         assert!(
             page.contains(&format!(".SS \"ferry {cmd}\"")),
             "no command {cmd:?} in\n{page}"
