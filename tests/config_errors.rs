@@ -698,3 +698,59 @@ fn errors_are_one_line() {
         ],
     );
 }
+
+#[cfg(feature = "dns")]
+#[test]
+fn srv_servers_and_resolvers() {
+    assert_check_errors(
+        r#"[global]
+resolvers = ["127.0.0.1:8600", "dns.internal:53", "10.0.0.1:0", "127.0.0.1:8600"]
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+
+[[upstream]]
+name = "pool"
+servers = ["srv:", "srv:_pg._tcp.db.consul:5432", "srv:bad name", "srv:_pg._tcp.db.service.consul"]
+
+[[upstream]]
+name = "weighted"
+servers = ["127.0.0.1:9000", { addr = "srv:_pg._tcp.db.service.consul", weight = 3 }, { addr = "srv:_x._tcp.example", backup = true }]
+
+[[upstream]]
+name = "twice"
+servers = ["srv:_pg._tcp.db.service.consul", "SRV:_PG._tcp.db.service.consul"]
+"#,
+        &[
+            r#"2:32: `resolvers`: bad address "dns.internal:53": "dns.internal" is not an IP address; a DNS server is an IP address, with a port if not 53 ("127.0.0.1:8600")"#,
+            r#"2:51: `resolvers`: 10.0.0.1:0: port 0 cannot be asked"#,
+            r#"2:65: `resolvers`: 127.0.0.1:8600 is listed twice"#,
+            r#"11:12: server: "srv:" needs an SRV name, e.g. "srv:_pg._tcp.db.service.consul""#,
+            r#"11:20: server: bad SRV name "_pg._tcp.db.consul:5432": the records give the ports; write "srv:_pg._tcp.db.consul""#,
+            r#"11:51: server: bad SRV name "bad name": expected a DNS name such as "_pg._tcp.db.service.consul""#,
+            r#"15:82: `weight` does not apply to a srv: server: each SRV record's weight is used"#,
+            r#"19:46: server srv:_pg._tcp.db.service.consul is listed twice"#,
+        ],
+    );
+    // Resolvers as addresses, with or without a port; a list of none is refused.
+    let good = r#"[global]
+resolvers = ["127.0.0.1", "[::1]:8600", "10.0.0.2:53"]
+
+[[listener]]
+name = "web"
+listen = "127.0.0.1:8080"
+upstream = "pool"
+
+[[upstream]]
+name = "pool"
+servers = ["srv:_pg._tcp.db.service.consul.", { addr = "srv:_pg._udp.backup.example", backup = true }]
+"#;
+    let c = check_config_in(None, good);
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert_check_errors(
+        &good.replace(r#"["127.0.0.1", "[::1]:8600", "10.0.0.2:53"]"#, "[]"),
+        &["2:13: `resolvers` must list at least one DNS server (leave it out to use the system's)"],
+    );
+}

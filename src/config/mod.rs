@@ -576,8 +576,12 @@ pub struct Upstream {
     pub name: String,
     pub balance: Balance,
     pub servers: Vec<ServerSpec>,
-    /// How often server names are re-resolved.
+    /// How often server names are re-resolved (sooner when the DNS records' TTL ends).
     pub resolve_interval: Duration,
+    /// `[global] resolvers`: the DNS servers that names and SRV names are looked up with;
+    /// empty: the system's (`/etc/resolv.conf`). Carried by each upstream, so a reload that
+    /// changes them rebuilds the pools.
+    pub resolvers: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     /// Further connect attempts, each to another server, after a failed one.
     pub retries: u32,
@@ -676,11 +680,28 @@ pub struct PassiveConfig {
     pub eject: Duration,
 }
 
-/// A configured server: an IP address, or a name resolved to every A/AAAA record.
+/// A configured server: an IP address, a name resolved to every A/AAAA record, or a DNS
+/// SRV name whose records give the servers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {
     Ip(SocketAddr),
-    Name { host: String, port: u16 },
+    Name {
+        host: String,
+        port: u16,
+    },
+    /// `srv:NAME` (e.g. `srv:_pg._tcp.db.service.consul`): every SRV record's target
+    /// (each of its A/AAAA addresses) at the record's port; the records' priorities make
+    /// primaries and backups, their weights the servers' weights. Stored lowercased.
+    Srv {
+        name: String,
+    },
+}
+
+impl ServerAddr {
+    /// Whether the server is looked up in DNS (a name or an SRV name).
+    pub fn is_dns(&self) -> bool {
+        !matches!(self, ServerAddr::Ip(_))
+    }
 }
 
 impl fmt::Display for ServerAddr {
@@ -688,6 +709,7 @@ impl fmt::Display for ServerAddr {
         match self {
             ServerAddr::Ip(a) => write!(f, "{a}"),
             ServerAddr::Name { host, port } => write!(f, "{host}:{port}"),
+            ServerAddr::Srv { name } => write!(f, "srv:{name}"),
         }
     }
 }
@@ -695,9 +717,11 @@ impl fmt::Display for ServerAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSpec {
     pub addr: ServerAddr,
-    /// 1..=256; a server gets `weight / sum(weights)` of new connections.
+    /// 1..=256; a server gets `weight / sum(weights)` of new connections. For an SRV name,
+    /// 1 and unused: each record's weight is mapped (see `upstream::srv`).
     pub weight: u32,
-    /// Takes connections only while no primary server is available.
+    /// Takes connections only while no primary server is available. For an SRV name:
+    /// every server it gives is a backup, whatever the records' priorities.
     pub backup: bool,
 }
 
@@ -852,7 +876,8 @@ impl std::error::Error for ConfigErrors {}
 impl std::str::FromStr for ServerAddr {
     type Err = String;
 
-    /// A server as a config file gives it: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`.
+    /// A server as a config file gives it: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT` or
+    /// `srv:NAME` (refused by a build without the `dns` feature).
     fn from_str(s: &str) -> Result<ServerAddr, String> {
         parse::server_addr(s)
     }

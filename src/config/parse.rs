@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -460,6 +460,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "workers",
     "splice",
     "pipe_size",
+    "resolvers",
 ];
 /// Bounds of `[global] pipe_size`: one page, and far more than a pipe needs to keep a
 /// fast stream moving (root may grow pipes past `fs.pipe-max-size`).
@@ -552,9 +553,9 @@ const TCP_KEYS: &[&str] = &["nodelay", "keepalive", "send_buffer", "recv_buffer"
 fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -> Option<Config> {
     let root = Tab::new("the config", root, span);
 
-    let global = match root.table(cx, "global", "[global]") {
+    let (global, resolvers) = match root.table(cx, "global", "[global]") {
         Some(t) => global(cx, t),
-        None => Global::default(),
+        None => (Global::default(), Vec::new()),
     };
     let log = match root.table(cx, "log", "[log]") {
         Some(t) => log(cx, t, base),
@@ -574,7 +575,7 @@ fn build(cx: &mut Cx<'_>, root: &DeTable<'_>, span: Range<usize>, base: &Path) -
             let Some(t) = as_table(cx, "upstream", item, "[[upstream]]") else {
                 continue;
             };
-            let (name, u, fit) = upstream(cx, t, base);
+            let (name, u, fit) = upstream(cx, t, base, &resolvers);
             let Some((name, name_span)) = name else {
                 continue;
             };
@@ -687,8 +688,10 @@ fn protocols(cx: &mut Cx<'_>, upstreams: &mut [Upstream], fits: &[Fit], uses: &[
     }
 }
 
-fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Global {
+/// `[global]`, and its `resolvers` (which the upstreams carry).
+fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> (Global, Vec<SocketAddr>) {
     let d = Global::default();
+    let resolvers = resolvers(cx, &t);
     let g = Global {
         max_connections: t
             .uint(cx, "max_connections", 1, 10_000_000)
@@ -703,7 +706,58 @@ fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> Global {
             .unwrap_or(d.pipe_size),
     };
     t.finish(cx, GLOBAL_KEYS, &[]);
-    g
+    (g, resolvers)
+}
+
+/// Why a build without the `dns` feature refuses what needs it.
+const NO_DNS_FEATURE: &str =
+    "this build of ferry has no DNS resolver of its own (built without the `dns` feature)";
+
+/// `[global] resolvers`: DNS servers as `IP` (port 53) or `IP:PORT`; empty when absent.
+fn resolvers(cx: &mut Cx<'_>, t: &Tab<'_, '_>) -> Vec<SocketAddr> {
+    let Some(v) = t.get("resolvers") else {
+        return Vec::new();
+    };
+    if !cfg!(feature = "dns") {
+        cx.err(
+            v.span(),
+            format!("`resolvers` cannot be used: {NO_DNS_FEATURE}"),
+        );
+        return Vec::new();
+    }
+    if matches!(v.get_ref(), DeValue::Array(a) if a.is_empty()) {
+        cx.err(
+            v.span(),
+            "`resolvers` must list at least one DNS server (leave it out to use the system's)",
+        );
+    }
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for (s, span) in str_list(cx, "resolvers", v) {
+        match resolver_addr(s) {
+            Ok(a) if out.contains(&a) => cx.err(span, format!("`resolvers`: {a} is listed twice")),
+            Ok(a) => out.push(a),
+            Err(e) => cx.err(span, format!("`resolvers`: {e}")),
+        }
+    }
+    out
+}
+
+/// A DNS server: `IP` (port 53), `IP:PORT` or `[IPv6]:PORT`.
+pub(super) fn resolver_addr(s: &str) -> Result<SocketAddr, String> {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    match socket_addr(s) {
+        Ok(a) if a.port() == 0 => Err(format!("{a}: port 0 cannot be asked")),
+        Ok(a) => Ok(a),
+        Err(e) => Err(format!(
+            "{e}; a DNS server is an IP address, with a port if not 53 (\"127.0.0.1:8600\")"
+        )),
+    }
 }
 
 fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
@@ -1536,7 +1590,12 @@ fn upstream_tls(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<Upstream
     })
 }
 
-fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> NamedUpstream {
+fn upstream(
+    cx: &mut Cx<'_>,
+    t: Tab<'_, '_>,
+    base: &Path,
+    resolvers: &[SocketAddr],
+) -> NamedUpstream {
     let (name, named) = name_of(cx, &t);
     let factor = t
         .uint(cx, "hash_balance_factor", 101, 10_000)
@@ -1736,6 +1795,7 @@ fn upstream(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> NamedUpstream {
             balance: balance?,
             servers,
             resolve_interval,
+            resolvers: resolvers.to_vec(),
             connect_timeout,
             retries,
             max_connections_per_server,
@@ -1872,6 +1932,12 @@ fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
                 addr_of(cx, s, a.span())
             });
             let weight = t.uint(cx, "weight", 1, MAX_WEIGHT as u64).unwrap_or(1) as u32;
+            if let (Some(ServerAddr::Srv { .. }), Some(w)) = (&addr, t.get("weight")) {
+                cx.err(
+                    w.span(),
+                    "`weight` does not apply to a srv: server: each SRV record's weight is used",
+                );
+            }
             let backup = t.bool(cx, "backup").unwrap_or(false);
             t.finish(cx, SERVER_KEYS, &[]);
             Some(ServerSpec {
@@ -1893,8 +1959,12 @@ fn server(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<ServerSpec> {
     }
 }
 
-/// A server address: `ip:port`, `[v6]:port`, or `name:port` (resolved at run time).
+/// A server address: `ip:port`, `[v6]:port`, `name:port` (resolved at run time), or
+/// `srv:NAME` (an SRV name, looked up at run time).
 pub(super) fn server_addr(s: &str) -> Result<ServerAddr, String> {
+    if s.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("srv:")) {
+        return srv_name(&s[4..]);
+    }
     match socket_addr(s) {
         Ok(a) if a.port() == 0 => Err(format!("{a}: port 0 cannot be connected to")),
         Ok(a) => Ok(ServerAddr::Ip(a)),
@@ -1910,6 +1980,44 @@ pub(super) fn server_addr(s: &str) -> Result<ServerAddr, String> {
             _ => Err(e),
         },
     }
+}
+
+/// The name of a `srv:NAME` server: a DNS name whose labels may start with `_`
+/// (`_pg._tcp.db.service.consul`), without a port (the records give them); a final dot
+/// (a fully qualified name, not tried with the search domains) is kept.
+fn srv_name(name: &str) -> Result<ServerAddr, String> {
+    if !cfg!(feature = "dns") {
+        return Err(format!(
+            "\"srv:{name}\": SRV discovery is not available: {NO_DNS_FEATURE}"
+        ));
+    }
+    if name.is_empty() {
+        return Err("\"srv:\" needs an SRV name, e.g. \"srv:_pg._tcp.db.service.consul\"".into());
+    }
+    if let Some((host, port)) = name.rsplit_once(':')
+        && port.parse::<u16>().is_ok()
+    {
+        return Err(format!(
+            "bad SRV name {name:?}: the records give the ports; write \"srv:{host}\""
+        ));
+    }
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    let valid = !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !valid {
+        return Err(format!(
+            "bad SRV name {name:?}: expected a DNS name such as \"_pg._tcp.db.service.consul\""
+        ));
+    }
+    Ok(ServerAddr::Srv {
+        name: name.to_ascii_lowercase(),
+    })
 }
 
 /// `name:port` with a valid DNS name (letters, digits, `-`, dot-separated labels; not all
@@ -2274,4 +2382,58 @@ fn admin(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> Option<Admin> {
         listen: listen?,
         token,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRV_CONFIG: &str = "[global]\nresolvers = [\"127.0.0.1:8600\"]\n\n\
+        [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n\n\
+        [[upstream]]\nname = \"u\"\nservers = [\"srv:_pg._tcp.DB.service.consul\"]\n";
+
+    #[cfg(feature = "dns")]
+    #[test]
+    fn srv_servers_and_resolvers() {
+        let cfg = parse_str(SRV_CONFIG, "f.toml", Path::new(".")).unwrap();
+        let u = &cfg.upstreams[0];
+        assert_eq!(
+            u.servers[0].addr,
+            ServerAddr::Srv {
+                name: "_pg._tcp.db.service.consul".into()
+            }
+        );
+        assert_eq!(
+            u.servers[0].addr.to_string(),
+            "srv:_pg._tcp.db.service.consul"
+        );
+        assert_eq!(u.resolvers, vec!["127.0.0.1:8600".parse().unwrap()]);
+        // What the admin API parses the same way.
+        assert_eq!(
+            "srv:_x._udp.example.".parse::<ServerAddr>(),
+            Ok(ServerAddr::Srv {
+                name: "_x._udp.example.".into()
+            })
+        );
+        assert_eq!(
+            resolver_addr("10.0.0.1"),
+            Ok("10.0.0.1:53".parse().unwrap())
+        );
+        assert_eq!(resolver_addr("[::1]"), Ok("[::1]:53".parse().unwrap()));
+    }
+
+    /// A build without the `dns` feature refuses both, where they are written.
+    #[cfg(not(feature = "dns"))]
+    #[test]
+    fn srv_needs_the_dns_feature() {
+        let e = parse_str(SRV_CONFIG, "f.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "f.toml:2:13: `resolvers` cannot be used: this build of ferry has no DNS resolver of its own (built without the `dns` feature)\n\
+             f.toml:11:12: server: \"srv:_pg._tcp.DB.service.consul\": SRV discovery is not available: this build of ferry has no DNS resolver of its own (built without the `dns` feature)"
+        );
+        assert!("srv:_x._tcp.example".parse::<ServerAddr>().is_err());
+    }
 }

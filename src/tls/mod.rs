@@ -326,16 +326,28 @@ impl ClientTls {
     }
 
     /// The name to send and verify for a server configured as `configured`
-    /// (`"host:port"` or `"ip:port"`) at `ip`.
+    /// (`"host:port"`, `"ip:port"` or `"srv:NAME"`) at `ip`. For an SRV name, its domain
+    /// without the `_service._proto` labels (RFC 6125's source domain:
+    /// `srv:_pg._tcp.db.example` → `db.example`).
     pub fn server_name(&self, configured: &str, ip: IpAddr) -> ServerName<'static> {
         if let Some(n) = &self.sni {
             return n.clone();
         }
-        let host = configured
-            .rsplit_once(':')
-            .map_or(configured, |(h, _)| h)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let srv_domain = configured.strip_prefix("srv:").map(|name| {
+            name.trim_end_matches('.')
+                .split('.')
+                .skip_while(|l| l.starts_with('_'))
+                .collect::<Vec<_>>()
+                .join(".")
+        });
+        let host = match &srv_domain {
+            Some(d) => d.as_str(),
+            None => configured
+                .rsplit_once(':')
+                .map_or(configured, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']'),
+        };
         match host.parse::<IpAddr>() {
             Ok(_) => ServerName::IpAddress(ip.into()),
             Err(_) => ServerName::try_from(host.to_string())

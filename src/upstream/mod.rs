@@ -10,6 +10,7 @@ pub mod connect;
 pub mod dial;
 mod dns;
 mod queue;
+pub mod srv;
 mod sticky;
 
 use std::net::{IpAddr, SocketAddr};
@@ -221,6 +222,8 @@ pub struct Pool {
     /// What the admin API changed since the pool was built from the file.
     runtime: std::sync::Mutex<RuntimeChanges>,
     pub resolve_interval: Duration,
+    /// Its resolver and the re-resolution schedule.
+    dns: dns::Dns,
     /// Time to establish server connections.
     pub connect_hist: crate::observe::stats::Histogram,
     epoch: Instant,
@@ -263,6 +266,10 @@ pub enum RuntimeError {
     )]
     Unresolved(String),
 }
+
+/// Why an SRV name takes no weight.
+const SRV_WEIGHT: &str =
+    "a srv: server takes no weight: each SRV record's weight is used (change it in DNS)";
 
 /// Why no server was claimed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,12 +386,18 @@ impl Pool {
                 ServerAddr::Ip(a) => {
                     servers.push(reuse(&a.to_string(), *a, spec.weight, spec.backup))
                 }
-                ServerAddr::Name { .. } => {
+                ServerAddr::Name { .. } | ServerAddr::Srv { .. } => {
                     let name = spec.addr.to_string();
                     if let Some(o) = &old_servers {
                         for s in o.servers.iter().filter(|s| *s.configured == *name) {
                             if !servers.iter().any(|x| x.addr == s.addr) {
-                                servers.push(reuse(&name, s.addr, spec.weight, spec.backup));
+                                // An SRV name's servers keep their records' weight and tier
+                                // until it is looked up again.
+                                let (weight, backup) = match spec.addr {
+                                    ServerAddr::Srv { .. } => (s.weight(), s.backup),
+                                    _ => (spec.weight, spec.backup),
+                                };
+                                servers.push(reuse(&name, s.addr, weight, backup));
                             }
                         }
                     }
@@ -421,6 +434,7 @@ impl Pool {
             specs: std::sync::Mutex::new(cfg.servers.clone()),
             runtime: Default::default(),
             resolve_interval: cfg.resolve_interval,
+            dns: dns::Dns::new(&cfg.resolvers),
             connect_hist: crate::observe::stats::Histogram::new(
                 crate::observe::stats::CONNECT_BUCKETS,
             ),
@@ -433,11 +447,9 @@ impl Pool {
         self.set.load()
     }
 
-    /// Whether any server is given by name (and so needs resolving).
+    /// Whether any server is given by name or SRV name (and so needs resolving).
     pub fn has_names(&self) -> bool {
-        self.specs()
-            .iter()
-            .any(|s| matches!(s.addr, ServerAddr::Name { .. }))
+        self.specs().iter().any(|s| s.addr.is_dns())
     }
 
     /// The servers as configured, with the admin API's changes.
@@ -479,6 +491,9 @@ impl Pool {
     /// now, within 5 s), open connections untouched.
     pub async fn add_server(&self, spec: config::ServerSpec) -> Result<(), RuntimeError> {
         let label = spec.addr.to_string();
+        if matches!(spec.addr, ServerAddr::Srv { .. }) && spec.weight != 1 {
+            return Err(RuntimeError::Invalid(SRV_WEIGHT.into()));
+        }
         {
             let mut specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
             if specs.iter().any(|s| s.addr == spec.addr) {
@@ -517,6 +532,9 @@ impl Pool {
             let Some(spec) = specs.iter_mut().find(|s| s.addr.to_string() == configured) else {
                 return Err(RuntimeError::NotFound(configured.to_string()));
             };
+            if matches!(spec.addr, ServerAddr::Srv { .. }) {
+                return Err(RuntimeError::Invalid(SRV_WEIGHT.into()));
+            }
             spec.weight = weight;
         }
         dns::resolve_all(self).await;
