@@ -282,7 +282,7 @@ fn keep_last(
 }
 
 /// Re-resolves `pool`'s names every `resolve_interval`, and when their answers' TTL ends
-/// (at most once per [`MIN_REFRESH`]), until `stop`.
+/// (at most once a second), until `stop`.
 pub async fn run(pool: Arc<Pool>, stop: CancellationToken) {
     loop {
         let due = pool.dns.next_round(pool.resolve_interval);
