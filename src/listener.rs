@@ -537,8 +537,10 @@ pub async fn accept_loop(
             biased;
             () = shutdown.cancelled() => {
                 // Connections the kernel completed are waiting in the queue: closing the
-                // socket would reset them. Take them first.
-                for _ in 0..MAX_WAITING {
+                // socket would reset them. Take them first, unless the socket stays open
+                // (handed over to a new process, whose queue they are now).
+                let waiting = if crate::upgrade::handed_over() { 0 } else { MAX_WAITING };
+                for _ in 0..waiting {
                     match crate::net::accept_waiting(listener.get_ref()) {
                         Ok(Some((stream, peer))) => accepted(stream, peer),
                         Ok(None) => break,

@@ -418,7 +418,14 @@ fn serve_on(
         }
     };
     let code = rt.block_on(async {
-        let proxy = match Proxy::start(
+        let signals = match ferry::runtime::Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot handle signals: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let mut proxy = match Proxy::start(
             &cfg,
             config_path,
             workers.clone(),
@@ -434,12 +441,12 @@ fn serve_on(
             }
         };
         if let Err(e) = proxy.complete_upgrade().await {
-            tracing::error!("the old process did not hand over ({e}); stopping");
-            proxy.shared.drain(std::future::pending()).await;
-            return ExitCode::from(2);
+            tracing::warn!(
+                "the old process did not confirm the hand-over ({e}); serving anyway (it may be serving too)"
+            );
         }
         banner(&proxy);
-        match proxy.run_until_signal().await {
+        match proxy.run_until(signals).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");

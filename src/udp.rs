@@ -284,7 +284,10 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
             // above.
             () = stop.now.cancelled(), if !stop.now.is_cancelled() => continue,
             () = stop.sessions.cancelled(), if !stop.sessions.is_cancelled() => continue,
-            r = s.listening.sock.readable() => if r.is_err() { continue },
+            // Handed over to a new process: the socket's datagrams are its now (this one
+            // only sends its sessions' replies).
+            r = s.listening.sock.readable(),
+                if !(s.stopping() && crate::upgrade::handed_over()) => if r.is_err() { continue },
         }
         for _ in 0..BATCHES_PER_WAKE {
             let mut slices: [IoSliceMut<'_>; BATCH] = {

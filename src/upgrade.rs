@@ -38,6 +38,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use rustix::net::{
@@ -75,6 +76,11 @@ struct Passed {
 struct Incoming {
     /// The channel to the old process, until the upgrade completes or fails.
     channel: Option<OwnedFd>,
+    /// Started by the old process on SIGUSR2 (which then tells systemd about it).
+    by_signal: bool,
+    /// The old process's pid as the kernel says (`ferry upgrade`: the control socket's
+    /// owner), checked against the one it sends.
+    peer_pid: Option<u32>,
     passed: Vec<Passed>,
     old_pid: u32,
     /// What taking `$FERRY_UPGRADE_FD` found before logging was set up.
@@ -83,6 +89,8 @@ struct Incoming {
 
 static INCOMING: Mutex<Incoming> = Mutex::new(Incoming {
     channel: None,
+    by_signal: false,
+    peer_pid: None,
     passed: Vec::new(),
     old_pid: 0,
     note: None,
@@ -90,6 +98,21 @@ static INCOMING: Mutex<Incoming> = Mutex::new(Incoming {
 
 fn incoming() -> std::sync::MutexGuard<'static, Incoming> {
     INCOMING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Set in the old process once the new one has confirmed: its listening sockets are the
+/// new process's now, so nothing more is taken from them (no accept queue is emptied, no
+/// datagram read) while it drains what it has.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process has handed its listening sockets over to a new one.
+pub fn handed_over() -> bool {
+    HANDED_OVER.load(Relaxed)
+}
+
+/// Marks the hand-over done (the old process, on the new one's confirmation).
+pub(crate) fn set_handed_over() {
+    HANDED_OVER.store(true, Relaxed);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -128,12 +151,14 @@ pub fn take_env() {
                 return;
             }
             inc.channel = Some(owned);
+            inc.by_signal = true;
         }
         _ => inc.note = Some(format!("ignoring {ENV_FD}={fd}: not an upgrade channel")),
     }
 }
 
-/// `ferry upgrade`: connects to the control socket of the ferry serving `config`.
+/// `ferry upgrade`: connects to the control socket of the ferry serving `config`, which
+/// must belong to this user or root (an abstract socket name can be taken by anyone).
 pub fn connect(config: &Path) -> io::Result<()> {
     let name = control_name(config)?;
     let fd = rustix::net::socket_with(
@@ -142,6 +167,8 @@ pub fn connect(config: &Path) -> io::Result<()> {
         SocketFlags::CLOEXEC,
         None,
     )?;
+    // A connect to a Unix socket whose queue is full waits, up to the send timeout.
+    timeouts(fd.as_fd(), EXCHANGE_TIMEOUT)?;
     rustix::net::connect(&fd, &SocketAddrUnix::new_abstract_name(&name)?).map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
@@ -152,8 +179,26 @@ pub fn connect(config: &Path) -> io::Result<()> {
             ),
         )
     })?;
-    incoming().channel = Some(fd);
+    let cred = rustix::net::sockopt::socket_peercred(&fd)?;
+    if cred.uid != rustix::process::geteuid() && !cred.uid.is_root() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the control socket {} belongs to uid {}, not to this user or root; not taking sockets from it",
+                show_name(&name),
+                cred.uid.as_raw()
+            ),
+        ));
+    }
+    let mut inc = incoming();
+    inc.channel = Some(fd);
+    inc.peer_pid = Some(cred.pid.as_raw_nonzero().get() as u32);
     Ok(())
+}
+
+/// Whether this process was started by the old one on SIGUSR2.
+pub fn by_signal() -> bool {
+    incoming().by_signal
 }
 
 /// Whether this process is taking over from another (until [`finish`]).
@@ -177,6 +222,11 @@ pub fn receive() -> io::Result<Option<u32>> {
     let mut fds = Vec::new();
     let n = recv(ch.as_fd(), &mut buf, &mut fds)?;
     let (pid, count) = parse_header(&buf[..n])?;
+    if inc.peer_pid.is_some_and(|p| p != pid) {
+        return Err(bad(
+            "the control socket's owner is not the process that answers",
+        ));
+    }
     let mut passed = Vec::new();
     while fds.len() < count {
         let before = fds.len();
@@ -309,11 +359,11 @@ pub fn finish() -> io::Result<u32> {
 // The old process.
 
 /// The abstract socket name of the control socket of the ferry serving `config`: the
-/// file's canonical path, or a hash of it when the path is too long for a socket name.
+/// file's absolute path (symbolic links not followed: the path names the service, whatever
+/// file it points to today), or a hash of it when the path is too long for a socket name.
 pub fn control_name(config: &Path) -> io::Result<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
-    let path = std::fs::canonicalize(config)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot find {}: {e}", config.display())))?;
+    let path = std::path::absolute(config)?;
     let mut name = b"ferry-control:".to_vec();
     let bytes = path.as_os_str().as_bytes();
     // sun_path holds 108 bytes, the first of which is the NUL of an abstract name.
@@ -379,10 +429,17 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((ours, theirs))
 }
 
-/// The binary this process was started from, as a path: after a package replaced the
-/// file, the new version at that path (Linux names the running, deleted one
-/// `PATH (deleted)`).
+/// The binary this process was started from, as a path: the path it was started by when
+/// that has a `/` (`/usr/bin/ferry`, or a symbolic link switched to a new version since),
+/// else the file it runs; after a package replaced that file, the new version at its path
+/// (Linux names the running, deleted one `PATH (deleted)`).
 pub fn binary() -> io::Result<PathBuf> {
+    if let Some(arg0) = std::env::args_os().next()
+        && std::os::unix::ffi::OsStrExt::as_bytes(arg0.as_os_str()).contains(&b'/')
+    {
+        // Relative to the working folder, which ferry never changes.
+        return Ok(PathBuf::from(arg0));
+    }
     let exe = std::env::current_exe()?;
     match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
         Some(path) => Ok(PathBuf::from(path)),
@@ -634,11 +691,19 @@ mod tests {
         std::fs::write(&short, "").unwrap();
         let name = control_name(&short).unwrap();
         assert!(name.ends_with(b"/f.toml"), "{}", show_name(&name));
+        // A relative path names the file under the working folder; a link is not followed.
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&short, &link).unwrap();
+        assert!(control_name(&link).unwrap().ends_with(b"/link.toml"));
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            control_name(Path::new("x.toml")).unwrap(),
+            control_name(&cwd.join("x.toml")).unwrap()
+        );
         let long = dir.path().join("x".repeat(120));
         std::fs::write(&long, "").unwrap();
         let name = control_name(&long).unwrap();
         assert!(name.len() <= 107 && name.starts_with(b"ferry-control:xxh3:"));
         assert!(SocketAddrUnix::new_abstract_name(&name).is_ok());
-        assert!(control_name(&dir.path().join("missing")).is_err());
     }
 }

@@ -192,6 +192,30 @@ pub struct Proxy {
     pub bound: Vec<(String, SocketAddr)>,
     /// Where the admin server listens, if configured.
     pub admin: Option<SocketAddr>,
+    /// Taking over from another process: the admin server, served once that one has
+    /// confirmed (`complete_upgrade`).
+    admin_later: Option<BoxFuture<'static, ()>>,
+}
+
+/// The signals [`Proxy::run_until`] acts on, registered early: a signal that arrives
+/// while the proxy starts is acted on once it runs, rather than ending the process.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Registers SIGTERM, SIGINT, SIGHUP and SIGUSR2 (within a tokio runtime).
+    pub fn new() -> io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
 }
 
 /// How [`Proxy::run_until_signal`] ended.
@@ -384,18 +408,20 @@ impl Proxy {
             tracing::warn!("systemd passed a socket for {a}, which no listener listens on");
         }
         let mut admin_addr = None;
+        let mut admin_later = None;
         if let Some((sock, token)) = admin {
             if let Ok(a) = sock.local_addr() {
                 tracing::info!("admin listening on http://{a}/");
                 admin_addr = Some(a);
             }
-            let task = tokio::spawn(admin_server.serve(
-                sock,
-                shared.clone(),
-                token,
-                shared.admin_stop.clone(),
-            ));
-            *shared.admin_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            let serving =
+                admin_server.serve(sock, shared.clone(), token, shared.admin_stop.clone());
+            if crate::upgrade::pending() {
+                admin_later = Some(serving);
+            } else {
+                let task = tokio::spawn(serving);
+                *shared.admin_task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+            }
         }
         for a in crate::upgrade::release_unused() {
             tracing::warn!(
@@ -414,6 +440,7 @@ impl Proxy {
             shared,
             bound,
             admin: admin_addr,
+            admin_later,
         })
     }
 
@@ -421,10 +448,18 @@ impl Proxy {
     /// connections get up to `drain_timeout` to finish, then the rest are closed. A second
     /// SIGINT closes everything at once. SIGHUP reloads the config file.
     pub async fn run_until_signal(self) -> io::Result<Stopped> {
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut usr2 = signal(SignalKind::user_defined2())?;
+        let signals = Signals::new()?;
+        self.run_until(signals).await
+    }
+
+    /// As [`Proxy::run_until_signal`], with signals registered before the proxy started.
+    pub async fn run_until(self, signals: Signals) -> io::Result<Stopped> {
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+            mut usr2,
+        } = signals;
         self.shared.listen_for_upgrades();
         // Reloads run beside the signal loop (one at a time: they take the reload lock), so
         // that a slow one (a resolver that does not answer) never delays a stop.
@@ -779,6 +814,12 @@ impl Shared {
             tracing::warn!("{w}");
         }
         let mut live = self.live.lock().await;
+        // Checked under the lock an upgrade takes to gather the sockets.
+        if self.upgrade.in_progress() {
+            return ReloadOutcome::Rejected(vec![
+                "an upgrade is in progress: the new process reads the config".into(),
+            ]);
+        }
         let old = live.cfg.clone();
         let workers = self.workers.len();
         let own: Vec<SocketAddr> = live.listeners.values().flat_map(|l| l.addrs()).collect();

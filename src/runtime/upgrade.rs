@@ -127,28 +127,29 @@ impl Shared {
     ) {
         match self.try_hand_over(ch, pid).await {
             Ok(()) => {
+                handover::set_handed_over();
+                // A successor this process started is in the service's cgroup: systemd's
+                // main process from now on (announced by the main process, so that
+                // `NotifyAccess=main` takes it; READY=1 on its behalf).
+                if child.is_some() {
+                    crate::systemd::notify(&format!(
+                        "MAINPID={pid}\nREADY=1\nSTATUS=serving (pid {pid} took over from pid {}); pid {} drains {} connection(s)",
+                        std::process::id(),
+                        std::process::id(),
+                        self.global.active()
+                    ));
+                }
                 tracing::info!("pid {pid} serves the listening sockets now");
                 self.admin_stop.cancel();
                 self.upgrade.handed_over.cancel();
+                // The successor outlives this process, which does not wait for it.
+                drop(child);
             }
             Err(e) => {
                 tracing::error!("upgrade to pid {pid} failed: {e}; this process goes on serving");
-                // Main process again, if systemd was told otherwise.
-                crate::systemd::notify(&format!(
-                    "MAINPID={}\nREADY=1\nSTATUS={}",
-                    std::process::id(),
-                    self.status_line("serving (the upgrade failed)")
-                ));
-                if let Some(mut child) = child {
-                    // Its channel is closed: it stops by itself, or is made to.
-                    match tokio::time::timeout(EXCHANGE_TIMEOUT, child.wait()).await {
-                        Ok(Ok(st)) => tracing::info!("the new process (pid {pid}) exited: {st}"),
-                        _ => {
-                            let _ = child.start_kill();
-                            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, child.wait()).await;
-                            tracing::warn!("the new process (pid {pid}) was killed");
-                        }
-                    }
+                if let Some(child) = child {
+                    let grace = self.live.lock().await.cfg.global.drain_timeout;
+                    tokio::spawn(reap(child, pid, grace));
                 }
                 self.upgrade.busy.store(false, Relaxed);
                 self.listen_for_upgrades();
@@ -156,6 +157,9 @@ impl Shared {
         }
     }
 
+    /// Sends the sockets, waits for `ready`, frees the control socket's name and confirms.
+    /// Nothing is changed for good until the confirmation has gone: an error leaves this
+    /// process as it was (its control socket to listen again).
     async fn try_hand_over(self: &Arc<Self>, ch: OwnedFd, pid: u32) -> io::Result<()> {
         let fds = self.listening_fds().await?;
         let n = fds.len();
@@ -170,10 +174,6 @@ impl Shared {
         tracing::info!("pid {pid} is ready on the {n} socket(s) handed over");
         // The control socket's name is the new process's from now on.
         self.upgrade.stop_listening().await;
-        crate::systemd::notify(&format!(
-            "MAINPID={pid}\nSTATUS=handed over to pid {pid}; draining {} connection(s)",
-            self.global.active()
-        ));
         blocking(move || handover::send_ok(ch.as_fd())).await
     }
 
@@ -199,6 +199,27 @@ impl Shared {
             add(fd)?;
         }
         Ok(out)
+    }
+}
+
+/// Reaps a successor whose upgrade failed: its channel is closed, so it exits by itself (it
+/// had not started, or it drains what it accepted); else it is told to drain (SIGTERM),
+/// and killed if it is still there after `grace` more.
+async fn reap(mut child: tokio::process::Child, pid: u32, grace: Duration) {
+    if let Ok(Ok(st)) = tokio::time::timeout(EXCHANGE_TIMEOUT, child.wait()).await {
+        tracing::info!("the new process (pid {pid}) exited: {st}");
+        return;
+    }
+    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+    }
+    match tokio::time::timeout(grace + EXCHANGE_TIMEOUT, child.wait()).await {
+        Ok(Ok(st)) => tracing::info!("the new process (pid {pid}) was stopped: {st}"),
+        _ => {
+            let _ = child.start_kill();
+            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, child.wait()).await;
+            tracing::warn!("the new process (pid {pid}) was killed");
+        }
     }
 }
 
@@ -240,6 +261,10 @@ async fn control_loop(shared: Arc<Shared>, fd: OwnedFd, stop: CancellationToken)
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+            // Another user: refused at once (and never a reason to wait).
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                tracing::warn!("control socket: {e}")
+            }
             Err(e) => {
                 tracing::warn!("control socket: {e}");
                 // Out of descriptors, say: not a busy loop.
@@ -251,21 +276,35 @@ async fn control_loop(shared: Arc<Shared>, fd: OwnedFd, stop: CancellationToken)
 
 impl Proxy {
     /// Taking over from another process (`ferry upgrade`, SIGUSR2): once this one serves,
-    /// tells the old one, and waits until it confirms that it stops accepting; then tells
-    /// systemd this one is ready. Returns the old process's pid; `None` when this process
-    /// took over from nobody. An error means the old process went on serving (or is gone):
-    /// this one must stop.
-    pub async fn complete_upgrade(&self) -> io::Result<Option<u32>> {
+    /// tells the old one, and waits until it confirms that it stops accepting; then serves
+    /// the admin API (until then the old process answers it). Returns the old process's
+    /// pid; `None` when this process took over from nobody. An error means the old process
+    /// did not confirm: it may be serving too, or be gone. This one serves either way (two
+    /// processes on the same sockets lose nothing; none would).
+    pub async fn complete_upgrade(&mut self) -> io::Result<Option<u32>> {
         if !handover::pending() {
             return Ok(None);
         }
-        let old = blocking(handover::finish).await?;
+        let by_signal = handover::by_signal();
+        let done = blocking(handover::finish).await;
+        if let Some(serving) = self.admin_later.take() {
+            let task = tokio::spawn(serving);
+            *self
+                .shared
+                .admin_task
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(task);
+        }
+        let old = done?;
         tracing::info!("took over from pid {old}, which drains its connections");
-        crate::systemd::notify(&format!(
-            "READY=1\nSTATUS={}",
-            self.shared
-                .status_line(&format!("serving (took over from pid {old})"))
-        ));
+        // Started by SIGUSR2, the old process told systemd already.
+        if !by_signal {
+            crate::systemd::notify(&format!(
+                "READY=1\nSTATUS={}",
+                self.shared
+                    .status_line(&format!("serving (took over from pid {old})"))
+            ));
+        }
         Ok(Some(old))
     }
 }
