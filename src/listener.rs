@@ -376,9 +376,12 @@ impl Binder for SystemBinder {
         transparent: bool,
         exclusive: bool,
     ) -> io::Result<std::net::TcpListener> {
-        if let Some(s) =
-            crate::upgrade::take(addr, false).or_else(|| crate::systemd::take(addr, false))
-        {
+        if let Some(s) = crate::upgrade::take(addr, false) {
+            let s = s?;
+            kept_options(&s, addr, reuse_port, Some(transparent));
+            return Ok(s.into());
+        }
+        if let Some(s) = crate::systemd::take(addr, false) {
             return s.map(Into::into);
         }
         if exclusive {
@@ -393,9 +396,12 @@ impl Binder for SystemBinder {
         reuse_port: bool,
         exclusive: bool,
     ) -> io::Result<std::net::UdpSocket> {
-        if let Some(s) =
-            crate::upgrade::take(addr, true).or_else(|| crate::systemd::take(addr, true))
-        {
+        if let Some(s) = crate::upgrade::take(addr, true) {
+            let s = s?;
+            kept_options(&s, addr, reuse_port, None);
+            return Ok(s.into());
+        }
+        if let Some(s) = crate::systemd::take(addr, true) {
             return s.map(Into::into);
         }
         crate::net::bind_udp(addr, reuse_port, exclusive)
@@ -418,6 +424,35 @@ impl Binder for SystemBinder {
                 })
             })
             .collect()
+    }
+}
+
+/// A socket passed by an upgraded-from process keeps its options: says so when the config
+/// now asks for others (they take effect at a restart).
+fn kept_options(
+    s: &socket2::Socket,
+    addr: SocketAddr,
+    reuse_port: bool,
+    transparent: Option<bool>,
+) {
+    if s.reuse_port().is_ok_and(|r| r != reuse_port) {
+        tracing::warn!(
+            "{addr}: the socket passed by the old process has reuse_port = {}, as it was bound; the config's reuse_port = {reuse_port} takes effect at a restart",
+            !reuse_port
+        );
+    }
+    if let Some(want) = transparent {
+        let has = if addr.is_ipv6() {
+            s.ip_transparent_v6()
+        } else {
+            s.ip_transparent_v4()
+        };
+        if has.is_ok_and(|t| t != want) {
+            tracing::warn!(
+                "{addr}: the socket passed by the old process is {}transparent, as it was bound; the change takes effect at a restart",
+                if want { "not " } else { "" }
+            );
+        }
     }
 }
 

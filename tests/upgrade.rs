@@ -382,9 +382,14 @@ async fn upgrade_under_load_refuses_nothing_and_old_connections_finish_on_the_ol
     // socket now), to a config with one worker: it gets the two sockets of each address's
     // SO_REUSEPORT group, and must serve both (the kernel gives each its share).
     one(front, b"after").await.unwrap();
+    // (And `reuse_port = false`, which a passed socket cannot take on: it keeps its option,
+    // with a warning.)
     std::fs::write(
         &old.config_path,
-        pinned.replace("workers = 2", "workers = 1"),
+        pinned.replace("workers = 2", "workers = 1").replace(
+            "name = \"front\"\n",
+            "name = \"front\"\nreuse_port = false\n",
+        ),
     )
     .unwrap();
     let load = Load::start(front, 4, 1_000_000);
@@ -392,6 +397,14 @@ async fn upgrade_under_load_refuses_nothing_and_old_connections_finish_on_the_ol
         .await;
     let newer = Successor::start(&old.config_path);
     newer.taken_over().await;
+    assert!(
+        newer
+            .stderr
+            .text()
+            .contains("reuse_port = false takes effect at a restart"),
+        "{}",
+        newer.stderr.text()
+    );
     assert_eq!(new.wait_exit().await.code(), Some(0));
     wait_pid(admin, newer.child.id()).await;
     load.more(500, "connections after the second upgrade").await;
