@@ -24,6 +24,8 @@ pub mod runtime;
 pub mod session;
 pub mod socks_udp;
 pub mod systemd;
+#[cfg(test)]
+mod test_rng;
 pub mod tls;
 pub mod udp;
 pub mod upgrade;

@@ -531,6 +531,17 @@ fn run_with_stdin(program: &str, args: &[&str], input: &[u8]) -> (Option<i32>, S
 
 /// `ferry completions SHELL` prints a script generated from the command-line definitions:
 /// every command and `--config` are in it, and the shell accepts its syntax.
+/// Every subcommand, as the completions and the man page must name them.
+const COMMANDS: [&str; 7] = [
+    "run",
+    "check",
+    "upgrade",
+    "demo",
+    "nft-rules",
+    "completions",
+    "man",
+];
+
 #[test]
 fn completions() {
     for shell in ["bash", "zsh", "fish"] {
@@ -538,15 +549,7 @@ fn completions() {
         assert_eq!(out.status.code(), Some(0), "{shell}");
         let script = String::from_utf8(out.stdout).unwrap();
         assert!(!script.trim().is_empty(), "{shell}: empty script");
-        for word in [
-            "run",
-            "check",
-            "upgrade",
-            "demo",
-            "nft-rules",
-            "completions",
-            "man",
-        ] {
+        for word in COMMANDS {
             assert!(script.contains(word), "{shell}: no {word:?} in\n{script}");
         }
         // fish spells a long option `-l config`.
@@ -587,15 +590,7 @@ fn man_page() {
     for section in [".SH NAME", ".SH SYNOPSIS", ".SH OPTIONS", ".SH COMMANDS"] {
         assert!(page.contains(section), "no {section:?} in\n{page}");
     }
-    for cmd in [
-        "run",
-        "check",
-        "upgrade",
-        "demo",
-        "nft-rules",
-        "completions",
-        "man",
-    ] {
+    for cmd in COMMANDS {
         assert!(
             page.contains(&format!(".SS \"ferry {cmd}\"")),
             "no command {cmd:?} in\n{page}"

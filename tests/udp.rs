@@ -705,14 +705,12 @@ async fn reload_keeps_sessions_and_drain_ends_them() {
     ferry.signal("TERM");
     // Still served while draining; a new client is not (once the drain has begun: the
     // signal is handled when it is handled).
-    if ferry
+    ferry
         .stderr
-        .wait_count(1, WAIT, |l| l.contains("stopped accepting"))
-        .await
-        .is_none()
-    {
-        panic!("the drain did not begin:\n{}", ferry.stderr.text());
-    }
+        .expect("the drain did not begin", |l| {
+            l.contains("stopped accepting")
+        })
+        .await;
     assert_eq!(ask(&c, b"draining").await, b"draining");
     let late = client("127.0.0.1", front).await;
     late.send(b"late").await.unwrap();

@@ -48,14 +48,11 @@ impl Successor {
 
     /// Waits for the line saying it has taken over; panics with its output otherwise.
     async fn taken_over(&self) {
-        if self
-            .stderr
-            .wait_count(1, WAIT, |l| l.contains("took over from pid"))
-            .await
-            .is_none()
-        {
-            panic!("the new ferry did not take over:\n{}", self.stderr.text());
-        }
+        self.stderr
+            .expect("the new ferry did not take over", |l| {
+                l.contains("took over from pid")
+            })
+            .await;
     }
 
     async fn wait_exit(&mut self) -> std::process::ExitStatus {
@@ -325,17 +322,11 @@ async fn upgrade_under_load_refuses_nothing_and_old_connections_finish_on_the_ol
     new.taken_over().await;
     let new_pid = new.child.id();
     // The old process hands over and stops accepting.
-    if old
-        .stderr
-        .wait_count(1, WAIT, |l| l.contains("stopped accepting; waiting up to"))
-        .await
-        .is_none()
-    {
-        panic!(
-            "the old ferry did not start draining:\n{}",
-            old.stderr.text()
-        );
-    }
+    old.stderr
+        .expect("the old ferry did not start draining", |l| {
+            l.contains("stopped accepting; waiting up to")
+        })
+        .await;
     load.more(500, "connections after the upgrade").await;
     // New UDP clients are served (by the new process: the old one reads no more).
     udp_round_trips(udp, 20, "after").await;
@@ -369,14 +360,11 @@ async fn upgrade_under_load_refuses_nothing_and_old_connections_finish_on_the_ol
         .expect("the old process exits after its last connection");
     assert!(st.success(), "{st:?}\n{}", old.stderr.text());
     // (Its last lines may reach the test's reader just after it exits.)
-    if old
-        .stderr
-        .wait_count(1, WAIT, |l| l.contains("drained (Drained)"))
-        .await
-        .is_none()
-    {
-        panic!("the old process did not drain:\n{}", old.stderr.text());
-    }
+    old.stderr
+        .expect("the old process did not drain", |l| {
+            l.contains("drained (Drained)")
+        })
+        .await;
 
     // The new process goes on alone, and can itself be upgraded (it listens on the control
     // socket now), to a config with one worker: it gets the two sockets of each address's
@@ -564,36 +552,22 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
         "{}",
         failed.stderr.text()
     );
-    if old
-        .stderr
-        .wait_count(1, WAIT, |l| {
+    old.stderr
+        .expect("the old ferry did not report the failure", |l| {
             l.contains("failed") && l.contains("goes on serving")
         })
-        .await
-        .is_none()
-    {
-        panic!(
-            "the old ferry did not report the failure:\n{}",
-            old.stderr.text()
-        );
-    }
+        .await;
     one(front, b"still the old").await.unwrap();
     assert_eq!(status(admin).await["process"]["pid"], old.pid());
 
     // SIGUSR2 with a config that does not load: the new process exits 1, the old serves.
     std::fs::write(&old.config_path, "[[listener]\n").unwrap();
     old.signal("USR2");
-    if old
-        .stderr
-        .wait_count(1, WAIT, |l| l.contains("exited: exit status: 1"))
-        .await
-        .is_none()
-    {
-        panic!(
-            "the failed successor was not reaped:\n{}",
-            old.stderr.text()
-        );
-    }
+    old.stderr
+        .expect("the failed successor was not reaped", |l| {
+            l.contains("exited: exit status: 1")
+        })
+        .await;
     one(front, b"still the old").await.unwrap();
     assert_eq!(status(admin).await["process"]["pid"], old.pid());
 
@@ -628,14 +602,12 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
     } else {
         eprintln!("not root: the refusal of another user is not tested");
     }
-    if rustix::process::geteuid().is_root()
-        && old
-            .stderr
-            .wait_count(1, WAIT, |l| l.contains("refused an upgrade from pid"))
-            .await
-            .is_none()
-    {
-        panic!("no refusal logged:\n{}", old.stderr.text());
+    if rustix::process::geteuid().is_root() {
+        old.stderr
+            .expect("no refusal logged", |l| {
+                l.contains("refused an upgrade from pid")
+            })
+            .await;
     }
 
     // With the file good again, the upgrade goes through.

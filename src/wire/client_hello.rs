@@ -498,7 +498,7 @@ mod tests {
     //! | `chromium-sni-test.bin`       | Chromium 156 headless, `https://sni.test:PORT/` mapped to 127.0.0.1: GREASE cipher suite, extensions (0x2a2a, 0xaaaa) and version, ECH GREASE, a 1,263-byte X25519MLKEM768 key share; 1,916 bytes | sni.test | h2, http/1.1 | 0x0304 |
 
     use super::*;
-    use crate::wire::test_rng::Rng;
+    use crate::test_rng::Rng;
 
     struct Capture {
         name: &'static str,

@@ -485,7 +485,7 @@ pub fn response(status: Status) -> &'static [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::test_rng::Rng;
+    use crate::test_rng::Rng;
 
     /// An IP host from text.
     fn ip(s: &str) -> Host<'static> {

@@ -6,5 +6,3 @@ pub mod client_hello;
 pub mod http;
 pub mod proxy;
 pub mod socks5;
-#[cfg(test)]
-mod test_rng;

@@ -378,7 +378,7 @@ mod tests {
     use std::fmt::Debug;
 
     use super::*;
-    use crate::wire::test_rng::Rng;
+    use crate::test_rng::Rng;
 
     /// A socket address from text.
     fn addr(s: &str) -> SocketAddr {

@@ -97,6 +97,14 @@ impl Lines {
         self.all().join("\n")
     }
 
+    /// Waits (up to [`WAIT`]) until a captured line satisfies `pred`; panics naming `what`,
+    /// with everything captured, if none does.
+    pub async fn expect(&self, what: &str, pred: impl Fn(&str) -> bool) {
+        if self.wait_count(1, WAIT, pred).await.is_none() {
+            panic!("{what}; captured:\n{}", self.text());
+        }
+    }
+
     /// Waits until at least `n` captured lines satisfy `pred`; returns them. `None` on
     /// timeout or if the pipe closed first.
     pub async fn wait_count(

@@ -1,4 +1,5 @@
-//! A small deterministic generator for the parsers' arbitrary-bytes tests (no dependency).
+//! A small deterministic generator for the unit tests' arbitrary bytes (the `wire/`
+//! parsers'), with no dependency. Test code only: not a parser, so no fuzz target.
 
 /// xorshift64: deterministic, no dependency.
 pub struct Rng(pub u64);
