@@ -376,12 +376,7 @@ impl Binder for SystemBinder {
         transparent: bool,
         exclusive: bool,
     ) -> io::Result<std::net::TcpListener> {
-        if let Some(s) = crate::upgrade::take(addr, false) {
-            let s = s?;
-            kept_options(&s, addr, reuse_port, Some(transparent));
-            return Ok(s.into());
-        }
-        if let Some(s) = crate::systemd::take(addr, false) {
+        if let Some(s) = passed(addr, false, reuse_port, Some(transparent)) {
             return s.map(Into::into);
         }
         if exclusive {
@@ -396,19 +391,14 @@ impl Binder for SystemBinder {
         reuse_port: bool,
         exclusive: bool,
     ) -> io::Result<std::net::UdpSocket> {
-        if let Some(s) = crate::upgrade::take(addr, true) {
-            let s = s?;
-            kept_options(&s, addr, reuse_port, None);
-            return Ok(s.into());
-        }
-        if let Some(s) = crate::systemd::take(addr, true) {
+        if let Some(s) = passed(addr, true, reuse_port, None) {
             return s.map(Into::into);
         }
         crate::net::bind_udp(addr, reuse_port, exclusive)
     }
 
     fn shared(&self, addr: SocketAddr, udp: bool) -> bool {
-        crate::upgrade::shared(addr, udp) || crate::systemd::take(addr, udp).is_some()
+        crate::upgrade::shared(addr, udp) || crate::systemd::has(addr, udp)
     }
 
     fn leftover(&self, addr: SocketAddr, udp: bool) -> Vec<io::Result<Socket>> {
@@ -425,6 +415,20 @@ impl Binder for SystemBinder {
             })
             .collect()
     }
+}
+
+/// A socket for `addr` passed by an upgraded-from process (see [`kept_options`]) or by
+/// systemd, if there is one.
+fn passed(
+    addr: SocketAddr,
+    udp: bool,
+    reuse_port: bool,
+    transparent: Option<bool>,
+) -> Option<io::Result<socket2::Socket>> {
+    if let Some(s) = crate::upgrade::take(addr, udp) {
+        return Some(s.inspect(|s| kept_options(s, addr, reuse_port, transparent)));
+    }
+    crate::systemd::take(addr, udp)
 }
 
 /// A socket passed by an upgraded-from process keeps its options: says so when the config

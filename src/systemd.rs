@@ -192,6 +192,12 @@ pub fn take(addr: SocketAddr, udp: bool) -> Option<io::Result<socket2::Socket>> 
     Some(s.sock.try_clone())
 }
 
+/// Whether systemd passed a socket for `addr`.
+pub fn has(addr: SocketAddr, udp: bool) -> bool {
+    let list = inherited().lock().unwrap_or_else(|e| e.into_inner());
+    list.0.iter().any(|s| s.addr == addr && s.udp == udp)
+}
+
 /// Inherited sockets that no listener's address matches, for a warning at start.
 pub fn unused(bound: &[SocketAddr]) -> Vec<SocketAddr> {
     let list = inherited().lock().unwrap_or_else(|e| e.into_inner());

@@ -436,8 +436,7 @@ fn unauthorized() -> Resp {
 }
 
 fn server_action(shared: &Shared, upstream: &str, addr: &str, state: AdminState) -> Resp {
-    let view = shared.view.load();
-    let Some(pool) = view.pools.iter().find(|p| p.name == upstream) else {
+    let Some(pool) = pool_named(shared, upstream) else {
         return error(StatusCode::NOT_FOUND, format!("no upstream {upstream:?}"));
     };
     let set = pool.servers();
@@ -465,7 +464,7 @@ fn server_action(shared: &Shared, upstream: &str, addr: &str, state: AdminState)
             "upstream": upstream,
             "servers": matching.iter().map(|s| json!({
                 "addr": s.addr.to_string(),
-                "state": s.state(pool).as_str(),
+                "state": s.state(&pool).as_str(),
             })).collect::<Vec<_>>(),
         }),
     )

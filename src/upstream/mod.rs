@@ -404,13 +404,11 @@ impl Pool {
                 }
             }
         }
-        // A server the admin API was removing is the file's again: no longer draining.
+        // A server the admin API was removing is the file's again: no longer draining (and
+        // the old pool's removal, which finds its name gone, stops).
         if let Some(old) = old {
-            let r = old.runtime();
-            for s in servers
-                .iter()
-                .filter(|s| r.removing.contains(&*s.configured))
-            {
+            let removing = std::mem::take(&mut old.runtime().removing);
+            for s in servers.iter().filter(|s| removing.contains(&*s.configured)) {
                 s.set_admin(AdminState::Enabled);
             }
         }
@@ -449,7 +447,11 @@ impl Pool {
 
     /// Whether any server is given by name or SRV name (and so needs resolving).
     pub fn has_names(&self) -> bool {
-        self.specs().iter().any(|s| s.addr.is_dns())
+        self.specs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|s| s.addr.is_dns())
     }
 
     /// The servers as configured, with the admin API's changes.
@@ -537,7 +539,21 @@ impl Pool {
             }
             spec.weight = weight;
         }
-        dns::resolve_all(self).await;
+        // The set rebuilt with the new weight (every address the name gave), no lookup.
+        let wanted = self
+            .servers()
+            .servers
+            .iter()
+            .map(|s| {
+                let w = if *s.configured == *configured {
+                    weight
+                } else {
+                    s.weight()
+                };
+                (s.configured.clone(), s.addr, w, s.backup)
+            })
+            .collect();
+        self.replace_servers(wanted);
         let mut r = self.runtime();
         r.counts[2] += 1;
         r.note(format!("weight of {configured} set to {weight}"));
@@ -589,8 +605,12 @@ impl Pool {
         let pool = self.clone();
         let configured = configured.to_string();
         tokio::spawn(async move {
-            // Until its connections have ended (checked every 100 ms), then it goes.
+            // Until its connections have ended (checked every 100 ms), then it goes; unless
+            // a reload gave the pool back to the file meanwhile.
             loop {
+                if !pool.runtime().removing.contains(&configured) {
+                    return;
+                }
                 let open: u64 = mine(&pool.servers(), &configured)
                     .iter()
                     .map(|s| s.stats.active.load(Relaxed))
