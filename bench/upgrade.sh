@@ -65,6 +65,9 @@ for i in $(seq "$upgrades"); do
     pid=$(serving)
     echo "upgrade $i: SIGUSR2 to pid $pid" >&2
     kill -USR2 "$pid"
+    # Counted only once another process serves.
+    for _ in $(seq 100); do [ "$(serving 2>/dev/null)" != "$pid" ] && break; sleep 0.1; done
+    [ "$(serving)" != "$pid" ] || { echo "upgrade $i: pid $pid still serving" >&2; exit 1; }
 done
 wait "$load"
 cat "$work/connrate.json"; echo

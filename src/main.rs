@@ -95,7 +95,7 @@ enum Command {
     /// its control socket); once this one accepts on every listener, the old one stops
     /// accepting and drains its open connections. This one stays in the foreground. If it
     /// fails to start, the old one goes on serving. Under systemd, send SIGUSR2 to the
-    /// service instead (`systemctl kill -s USR2 ferry`): the running ferry starts its
+    /// service instead (`systemctl kill -s USR2 --kill-whom=main ferry`): the running ferry starts its
     /// binary again itself, in the service.
     Upgrade,
     /// Start echo servers on loopback and a proxy in front of them, and say how to try it.

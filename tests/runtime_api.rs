@@ -286,7 +286,12 @@ servers = ["{a}"]
             "{action}"
         );
     }
-    assert!(ferry.stderr.text().contains("added through the admin API"));
+    ferry
+        .stderr
+        .expect("no log of the addition", |l| {
+            l.contains("added through the admin API")
+        })
+        .await;
 
     // The next reload puts the file's servers back.
     let r = call(admin, "POST", "/api/reload", "").await;

@@ -148,14 +148,12 @@ os.execv(sys.argv[1], sys.argv[1:])
 "#
     );
     let ferry = Ferry::start_wrapped(&config, 2, &["python3", "-c", &activator]).await;
-    assert!(
-        ferry
-            .stderr
-            .text()
-            .contains("inherited a listening TCP socket"),
-        "{}",
-        ferry.stderr.text()
-    );
+    ferry
+        .stderr
+        .expect("no log of the inherited socket", |l| {
+            l.contains("inherited a listening TCP socket")
+        })
+        .await;
     let uid = std::fs::read_to_string(format!("/proc/{}/status", ferry.pid()))
         .unwrap()
         .lines()
