@@ -14,23 +14,6 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The notifications received on `sock` until one contains `want` (bounded by `WAIT`).
-fn notes_until(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = sock
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("no notification with {want:?} (seen: {seen:?}): {e}"));
-        let note = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let done = note.lines().any(|l| l == want);
-        seen.push(note);
-        if done {
-            return;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reload_and_stop_are_notified_in_order() {
     let dir = tempfile::tempdir().unwrap();

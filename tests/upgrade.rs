@@ -85,12 +85,7 @@ impl Stray {
     }
 
     fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.0.to_string())
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill -{sig} {}", self.0);
+        signal_pid(self.0, sig);
     }
 }
 
@@ -435,18 +430,8 @@ async fn sigusr2_starts_the_binary_again_and_tells_systemd_the_new_main_pid() {
     let admin = admin_addr(&old).await;
     let notes = |want: &str| -> Vec<String> {
         let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = sock
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no notification with {want} (seen {seen:?}): {e}"));
-            let note = String::from_utf8_lossy(&buf[..n]).into_owned();
-            let done = note.lines().any(|l| l.starts_with(want));
-            seen.push(note);
-            if done {
-                return seen;
-            }
-        }
+        notes_until(&sock, want, &mut seen);
+        seen
     };
     tokio::task::block_in_place(|| notes("READY=1"));
     // Port 0 in the file: the new process must bind the same port, so the file says it.

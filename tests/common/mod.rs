@@ -258,12 +258,7 @@ impl Ferry {
 
     /// Sends a signal by name (`"TERM"`, `"INT"`) with kill(1).
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{sig} failed");
+        signal_pid(self.pid(), sig);
     }
 
     /// The exit status, if ferry has exited.
@@ -355,6 +350,35 @@ impl Drop for Ferry {
         if self.exited.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends a signal by name (`"TERM"`, `"USR2"`) to process `pid` with kill(1).
+pub fn signal_pid(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
+
+/// The notifications received on `sock` (a test's stand-in for systemd's `NOTIFY_SOCKET`)
+/// until one has a line starting with `want` (`READY=1`, `MAINPID=`), appended to `seen`;
+/// each waited for up to [`WAIT`].
+pub fn notes_until(sock: &std::os::unix::net::UnixDatagram, want: &str, seen: &mut Vec<String>) {
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification with {want:?} (seen: {seen:?}): {e}"));
+        let note = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = note.lines().any(|l| l.starts_with(want));
+        seen.push(note);
+        if done {
+            return;
         }
     }
 }
