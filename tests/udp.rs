@@ -107,6 +107,11 @@ servers = [{}]
     )
 }
 
+/// `config` with `[global] io_uring` set.
+fn sending(io_uring: bool, config: String) -> String {
+    format!("[global]\nio_uring = {io_uring}\n{config}")
+}
+
 /// The records with `"listener": "udp"`.
 fn udp_records(records: &[Value]) -> Vec<&Value> {
     records.iter().filter(|r| r["listener"] == "udp").collect()
@@ -117,80 +122,86 @@ fn udp_records(records: &[Value]) -> Vec<&Value> {
 /// server), and each session's record counts its 100 datagrams each way.
 #[tokio::test]
 async fn ten_clients_each_get_their_echoes_over_one_session() {
-    let (echo, peers) = udp_server("127.0.0.1", None).await;
-    let ferry = Ferry::start(
-        &udp_config("127.0.0.1:0", "idle_timeout = \"1s\"", "", &[echo]),
-        1,
-    )
-    .await;
-    let admin = admin_addr(&ferry).await;
-    let front = ferry.addr("udp");
-    let mut clients = Vec::new();
-    for _ in 0..10 {
-        clients.push(client("127.0.0.1", front).await);
-    }
-    let mut sent = [0u64; 10];
-    for i in 0..100usize {
-        for (k, c) in clients.iter().enumerate() {
-            let len = 1 + (i * 37 + k * 101) % 1400;
-            let msg: Vec<u8> = (0..len).map(|j| (j + i * 3 + k) as u8).collect();
-            assert_eq!(ask(c, &msg).await, msg, "client {k}, datagram {i}");
-            sent[k] += len as u64;
+    // Datagrams sent through io_uring, then with sendmmsg (`[global] io_uring`).
+    for io_uring in [true, false] {
+        let (echo, peers) = udp_server("127.0.0.1", None).await;
+        let ferry = Ferry::start(
+            &sending(
+                io_uring,
+                udp_config("127.0.0.1:0", "idle_timeout = \"1s\"", "", &[echo]),
+            ),
+            1,
+        )
+        .await;
+        let admin = admin_addr(&ferry).await;
+        let front = ferry.addr("udp");
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(client("127.0.0.1", front).await);
         }
-    }
-    assert_eq!(
-        peers.lock().unwrap().len(),
-        10,
-        "one backend session per client"
-    );
-    let m = metrics(admin).await;
-    assert_eq!(
-        metric_must(&m, "ferry_udp_sessions_active", &[("listener", "udp")]),
-        10.0
-    );
-    assert_eq!(
-        metric_must(
-            &m,
-            "ferry_udp_datagrams_total",
-            &[("listener", "udp"), ("direction", "up")]
-        ),
-        1000.0
-    );
-    assert_eq!(
-        metric_must(
-            &m,
-            "ferry_udp_datagrams_total",
-            &[("listener", "udp"), ("direction", "down")]
-        ),
-        1000.0
-    );
-    // The sessions end at their idle timeout: one record each.
-    let records = ferry.records(10, WAIT).await;
-    let records = udp_records(&records);
-    assert_eq!(records.len(), 10);
-    for r in records {
-        assert_eq!(r["result"], "idle_timeout", "{r}");
+        let mut sent = [0u64; 10];
+        for i in 0..100usize {
+            for (k, c) in clients.iter().enumerate() {
+                let len = 1 + (i * 37 + k * 101) % 1400;
+                let msg: Vec<u8> = (0..len).map(|j| (j + i * 3 + k) as u8).collect();
+                assert_eq!(ask(c, &msg).await, msg, "client {k}, datagram {i}");
+                sent[k] += len as u64;
+            }
+        }
         assert_eq!(
-            (r["datagrams_up"].as_u64(), r["datagrams_down"].as_u64()),
-            (Some(100), Some(100))
+            peers.lock().unwrap().len(),
+            10,
+            "one backend session per client"
         );
-        let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
-        let k = clients
-            .iter()
-            .position(|c| c.local_addr().unwrap() == client)
-            .expect("a record of one of the clients");
-        assert_eq!(r["bytes_up"].as_u64(), Some(sent[k]));
-        assert_eq!(r["bytes_down"].as_u64(), Some(sent[k]));
-        assert_eq!(r["upstream"], "u");
-        assert_eq!(r["server"], echo.to_string());
+        let m = metrics(admin).await;
+        assert_eq!(
+            metric_must(&m, "ferry_udp_sessions_active", &[("listener", "udp")]),
+            10.0
+        );
+        assert_eq!(
+            metric_must(
+                &m,
+                "ferry_udp_datagrams_total",
+                &[("listener", "udp"), ("direction", "up")]
+            ),
+            1000.0
+        );
+        assert_eq!(
+            metric_must(
+                &m,
+                "ferry_udp_datagrams_total",
+                &[("listener", "udp"), ("direction", "down")]
+            ),
+            1000.0
+        );
+        // The sessions end at their idle timeout: one record each.
+        let records = ferry.records(10, WAIT).await;
+        let records = udp_records(&records);
+        assert_eq!(records.len(), 10);
+        for r in records {
+            assert_eq!(r["result"], "idle_timeout", "{r}");
+            assert_eq!(
+                (r["datagrams_up"].as_u64(), r["datagrams_down"].as_u64()),
+                (Some(100), Some(100))
+            );
+            let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
+            let k = clients
+                .iter()
+                .position(|c| c.local_addr().unwrap() == client)
+                .expect("a record of one of the clients");
+            assert_eq!(r["bytes_up"].as_u64(), Some(sent[k]));
+            assert_eq!(r["bytes_down"].as_u64(), Some(sent[k]));
+            assert_eq!(r["upstream"], "u");
+            assert_eq!(r["server"], echo.to_string());
+        }
+        let st = status(admin).await;
+        let l = &st["listeners"][0];
+        assert_eq!(l["mode"], "udp");
+        assert_eq!(l["udp"]["sessions_active"], 0);
+        assert_eq!(l["udp"]["datagrams_up"], 1000);
+        assert_eq!(l["results"]["idle_timeout"], 10);
+        assert_eq!(l["routes"][0]["matches"], 10, "one match per session: {l}");
     }
-    let st = status(admin).await;
-    let l = &st["listeners"][0];
-    assert_eq!(l["mode"], "udp");
-    assert_eq!(l["udp"]["sessions_active"], 0);
-    assert_eq!(l["udp"]["datagrams_up"], 1000);
-    assert_eq!(l["results"]["idle_timeout"], 10);
-    assert_eq!(l["routes"][0]["matches"], 10, "one match per session: {l}");
 }
 
 /// A DNS server of the test's own: dnsmasq on 127.0.0.1:`port`, answering `*.udp.test`
@@ -617,36 +628,42 @@ async fn udp_health_checks_send_and_expect() {
 /// a session's first only.
 #[tokio::test]
 async fn proxy_v2_header_on_datagrams() {
-    for every in [true, false] {
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let upstream = format!("proxy_protocol = {{ send = \"v2\", every = {every} }}");
-        let ferry = Ferry::start(
-            &udp_config(
-                "127.0.0.1:0",
-                "",
-                &upstream,
-                &[server.local_addr().unwrap()],
-            ),
-            1,
-        )
-        .await;
-        let c = client("127.0.0.1", ferry.addr("udp")).await;
-        let mut buf = vec![0u8; MAX];
-        for (i, msg) in [&b"first"[..], b"second"].iter().enumerate() {
-            c.send(msg).await.unwrap();
-            let (n, _) = within(WAIT, "a datagram", server.recv_from(&mut buf))
-                .await
-                .unwrap();
-            let got = &buf[..n];
-            if i == 0 || every {
-                assert_eq!(&got[..12], b"\r\n\r\n\0\r\nQUIT\n", "a v2 signature");
-                assert_eq!((got[12], got[13]), (0x21, 0x12), "v2 PROXY, IPv4 DGRAM");
-                // 16 bytes, then 12 of IPv4 addresses and ports.
-                let src_port = u16::from_be_bytes([got[24], got[25]]);
-                assert_eq!(src_port, c.local_addr().unwrap().port());
-                assert_eq!(&got[28..], *msg);
-            } else {
-                assert_eq!(got, *msg, "every = false: only the first datagram has it");
+    // Datagrams sent through io_uring, then with sendmmsg (`[global] io_uring`).
+    for io_uring in [true, false] {
+        for every in [true, false] {
+            let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let upstream = format!("proxy_protocol = {{ send = \"v2\", every = {every} }}");
+            let ferry = Ferry::start(
+                &sending(
+                    io_uring,
+                    udp_config(
+                        "127.0.0.1:0",
+                        "",
+                        &upstream,
+                        &[server.local_addr().unwrap()],
+                    ),
+                ),
+                1,
+            )
+            .await;
+            let c = client("127.0.0.1", ferry.addr("udp")).await;
+            let mut buf = vec![0u8; MAX];
+            for (i, msg) in [&b"first"[..], b"second"].iter().enumerate() {
+                c.send(msg).await.unwrap();
+                let (n, _) = within(WAIT, "a datagram", server.recv_from(&mut buf))
+                    .await
+                    .unwrap();
+                let got = &buf[..n];
+                if i == 0 || every {
+                    assert_eq!(&got[..12], b"\r\n\r\n\0\r\nQUIT\n", "a v2 signature");
+                    assert_eq!((got[12], got[13]), (0x21, 0x12), "v2 PROXY, IPv4 DGRAM");
+                    // 16 bytes, then 12 of IPv4 addresses and ports.
+                    let src_port = u16::from_be_bytes([got[24], got[25]]);
+                    assert_eq!(src_port, c.local_addr().unwrap().port());
+                    assert_eq!(&got[28..], *msg);
+                } else {
+                    assert_eq!(got, *msg, "every = false: only the first datagram has it");
+                }
             }
         }
     }
@@ -655,17 +672,28 @@ async fn proxy_v2_header_on_datagrams() {
 /// IPv6, and the largest IPv4 datagram (65,507 bytes) relayed whole both ways.
 #[tokio::test]
 async fn ipv6_and_the_largest_datagram() {
-    let (echo, _) = udp_server("127.0.0.1", None).await;
-    let ferry = Ferry::start(&udp_config("127.0.0.1:0", "", "", &[echo]), 1).await;
-    let c = client("127.0.0.1", ferry.addr("udp")).await;
-    let big: Vec<u8> = (0..65_507usize).map(|i| (i % 251) as u8).collect();
-    assert_eq!(ask(&c, &big).await, big);
-    drop(ferry);
-    let (echo6, _) = udp_server("::1", None).await;
-    let ferry6 = Ferry::start(&udp_config("[::1]:0", "", "", &[echo6]), 1).await;
-    let c6 = client("::1", ferry6.addr("udp")).await;
-    assert_eq!(ask(&c6, b"over IPv6").await, b"over IPv6");
-    assert_eq!(ask(&c6, &big[..65_000]).await, &big[..65_000]);
+    // Datagrams sent through io_uring, then with sendmmsg (`[global] io_uring`).
+    for io_uring in [true, false] {
+        let (echo, _) = udp_server("127.0.0.1", None).await;
+        let ferry = Ferry::start(
+            &sending(io_uring, udp_config("127.0.0.1:0", "", "", &[echo])),
+            1,
+        )
+        .await;
+        let c = client("127.0.0.1", ferry.addr("udp")).await;
+        let big: Vec<u8> = (0..65_507usize).map(|i| (i % 251) as u8).collect();
+        assert_eq!(ask(&c, &big).await, big);
+        drop(ferry);
+        let (echo6, _) = udp_server("::1", None).await;
+        let ferry6 = Ferry::start(
+            &sending(io_uring, udp_config("[::1]:0", "", "", &[echo6])),
+            1,
+        )
+        .await;
+        let c6 = client("::1", ferry6.addr("udp")).await;
+        assert_eq!(ask(&c6, b"over IPv6").await, b"over IPv6");
+        assert_eq!(ask(&c6, &big[..65_000]).await, &big[..65_000]);
+    }
 }
 
 /// A reload that changes a UDP listener's settings keeps its sessions: the client's next
@@ -733,49 +761,58 @@ async fn reload_keeps_sessions_and_drain_ends_them() {
 /// both ways, all come back whole, from several clients.
 #[tokio::test]
 async fn datagrams_cross_mtu_1500_links_whole() {
-    let net = netns::Path3::new();
-    let server_ip = net.server_ip;
-    let server = netns::in_ns(&net.server_ns, move || {
-        std::net::UdpSocket::bind((server_ip, 0)).expect("bind in the server namespace")
-    });
-    let server_addr = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; MAX];
-        while let Ok((n, from)) = server.recv_from(&mut buf) {
-            let _ = server.send_to(&buf[..n], from);
-        }
-    });
-    let listen = SocketAddr::new(net.proxy_ip, 0);
-    let ferry = net
-        .start_ferry(&udp_config(&listen.to_string(), "", "", &[server_addr]), 1)
-        .await;
-    let front = ferry.addr("udp");
-    let client_ns = net.client_ns.clone();
-    let results = tokio::task::spawn_blocking(move || {
-        netns::in_ns(&client_ns, move || {
-            let mut out = Vec::new();
-            for k in 0..4usize {
-                let c = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
-                c.connect(front).unwrap();
-                c.set_read_timeout(Some(netns::SLOW)).unwrap();
-                for (i, len) in [1400usize, 8000, 1, 1472, 8000].into_iter().enumerate() {
-                    let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i + k) as u8).collect();
-                    c.send(&msg).unwrap();
-                    let mut buf = vec![0u8; MAX];
-                    let n = c.recv(&mut buf).expect("a reply within the bound");
-                    out.push((k, len, buf[..n] == msg[..]));
-                }
+    // Datagrams sent through io_uring, then with sendmmsg (`[global] io_uring`).
+    for io_uring in [true, false] {
+        let net = netns::Path3::new();
+        let server_ip = net.server_ip;
+        let server = netns::in_ns(&net.server_ns, move || {
+            std::net::UdpSocket::bind((server_ip, 0)).expect("bind in the server namespace")
+        });
+        let server_addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX];
+            while let Ok((n, from)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], from);
             }
-            out
+        });
+        let listen = SocketAddr::new(net.proxy_ip, 0);
+        let ferry = net
+            .start_ferry(
+                &sending(
+                    io_uring,
+                    udp_config(&listen.to_string(), "", "", &[server_addr]),
+                ),
+                1,
+            )
+            .await;
+        let front = ferry.addr("udp");
+        let client_ns = net.client_ns.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            netns::in_ns(&client_ns, move || {
+                let mut out = Vec::new();
+                for k in 0..4usize {
+                    let c = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+                    c.connect(front).unwrap();
+                    c.set_read_timeout(Some(netns::SLOW)).unwrap();
+                    for (i, len) in [1400usize, 8000, 1, 1472, 8000].into_iter().enumerate() {
+                        let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i + k) as u8).collect();
+                        c.send(&msg).unwrap();
+                        let mut buf = vec![0u8; MAX];
+                        let n = c.recv(&mut buf).expect("a reply within the bound");
+                        out.push((k, len, buf[..n] == msg[..]));
+                    }
+                }
+                out
+            })
         })
-    })
-    .await
-    .unwrap();
-    for (k, len, same) in results {
-        assert!(
-            same,
-            "client {k}: a {len}-byte datagram did not come back whole"
-        );
+        .await
+        .unwrap();
+        for (k, len, same) in results {
+            assert!(
+                same,
+                "client {k}: a {len}-byte datagram did not come back whole"
+            );
+        }
     }
 }
 
@@ -783,13 +820,20 @@ async fn datagrams_cross_mtu_1500_links_whole() {
 /// local address that was.
 #[tokio::test]
 async fn wildcard_listener_answers_from_the_address_sent_to() {
-    let (echo, _) = udp_server("127.0.0.1", None).await;
-    let ferry = Ferry::start(&udp_config("0.0.0.0:0", "", "", &[echo]), 1).await;
-    let port = ferry.addr("udp").port();
-    for ip in ["127.0.0.1", "127.0.0.7", "127.0.0.9"] {
-        let to = SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port);
-        let c = client("127.0.0.1", to).await;
-        assert_eq!(ask(&c, ip.as_bytes()).await, ip.as_bytes());
+    // Datagrams sent through io_uring, then with sendmmsg (`[global] io_uring`).
+    for io_uring in [true, false] {
+        let (echo, _) = udp_server("127.0.0.1", None).await;
+        let ferry = Ferry::start(
+            &sending(io_uring, udp_config("0.0.0.0:0", "", "", &[echo])),
+            1,
+        )
+        .await;
+        let port = ferry.addr("udp").port();
+        for ip in ["127.0.0.1", "127.0.0.7", "127.0.0.9"] {
+            let to = SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port);
+            let c = client("127.0.0.1", to).await;
+            assert_eq!(ask(&c, ip.as_bytes()).await, ip.as_bytes());
+        }
     }
 }
 

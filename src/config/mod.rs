@@ -54,6 +54,9 @@ pub struct Global {
     /// The capacity asked for each splice pipe: the most one direction of a connection
     /// holds in kernel memory while its receiver is slow.
     pub pipe_size: usize,
+    /// Send UDP datagrams through io_uring (one system call for a round's datagrams,
+    /// whatever socket each leaves from) where the kernel allows it; else `sendmmsg`.
+    pub io_uring: bool,
 }
 
 impl Default for Global {
@@ -64,6 +67,7 @@ impl Default for Global {
             workers: 0,
             splice: true,
             pipe_size: 1024 * 1024,
+            io_uring: true,
         }
     }
 }

@@ -461,6 +461,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "splice",
     "pipe_size",
     "resolvers",
+    "io_uring",
 ];
 /// Bounds of `[global] pipe_size`: one page, and far more than a pipe needs to keep a
 /// fast stream moving (root may grow pipes past `fs.pipe-max-size`).
@@ -704,6 +705,7 @@ fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> (Global, Vec<SocketAddr>) {
         pipe_size: t
             .size_in(cx, "pipe_size", PIPE_SIZE_MIN, PIPE_SIZE_MAX)
             .unwrap_or(d.pipe_size),
+        io_uring: t.bool(cx, "io_uring").unwrap_or(d.io_uring),
     };
     t.finish(cx, GLOBAL_KEYS, &[]);
     (g, resolvers)

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -69,6 +69,8 @@ pub struct Shared {
     pub global: Arc<Gate>,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// `[global] io_uring`, for UDP sockets served from now on.
+    io_uring: AtomicBool,
     /// Where the config came from; reload reads it again. `None` in quick and demo mode.
     pub config_path: Option<PathBuf>,
     live: tokio::sync::Mutex<Live>,
@@ -366,6 +368,7 @@ impl Proxy {
             global,
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            io_uring: AtomicBool::new(cfg.global.io_uring),
             config_path,
             live: tokio::sync::Mutex::new(Live {
                 cfg: cfg.clone(),
@@ -580,6 +583,7 @@ impl Shared {
             );
             let stop = g.stop.clone();
             let name = name.to_string();
+            let io_uring = self.io_uring.load(Relaxed);
             match b.socket {
                 Socket::Tcp(socket) => {
                     g.accepting.spawn_on(
@@ -604,7 +608,7 @@ impl Shared {
                     // Served as a connection: the drain waits for its sessions.
                     tracker.spawn_on(
                         async move {
-                            match crate::udp::Listening::new(socket) {
+                            match crate::udp::Listening::new(socket, io_uring) {
                                 Ok(l) => {
                                     crate::udp::serve(Arc::new(l), sessions.clone(), sessions, stop)
                                         .await
@@ -927,6 +931,7 @@ impl Shared {
         }
         live.pools = pools;
 
+        self.io_uring.store(cfg.global.io_uring, Relaxed);
         if let Some(max) = plan.max_connections {
             self.global.set_max(max);
             changes.push(format!("max_connections is now {max}"));

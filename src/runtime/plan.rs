@@ -150,6 +150,16 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
             "new connections are relayed through user space (splice off)".to_string()
         });
     }
+    if g.io_uring != og.io_uring {
+        notes.push(format!(
+            "UDP sockets bound from now on send {}; the others keep theirs until a restart",
+            if g.io_uring {
+                "through io_uring"
+            } else {
+                "with sendmmsg"
+            }
+        ));
+    }
     if g.workers != og.workers {
         notes.push("`workers` takes effect at the next restart".into());
     }
@@ -344,7 +354,7 @@ servers = ["127.0.0.1:9002"]
              [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"a\"\n{POOLS}"
         ));
         let new = cfg(
-            "[global]\nmax_connections = 200\nworkers = 3\nsplice = false\n\
+            "[global]\nmax_connections = 200\nworkers = 3\nsplice = false\nio_uring = false\n\
              [log]\naccess = \"stderr\"\n\
              [[listener]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"a\"\n\
              [[upstream]]\nname = \"a\"\nservers = [\"127.0.0.1:9001\", \"127.0.0.1:9003\"]\n\
@@ -365,6 +375,7 @@ servers = ["127.0.0.1:9002"]
             p.notes,
             [
                 "new connections are relayed through user space (splice off)",
+                "UDP sockets bound from now on send with sendmmsg; the others keep theirs until a restart",
                 "`workers` takes effect at the next restart"
             ]
         );

@@ -28,22 +28,26 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::after;
 pub use crate::observe::Dropped;
 use crate::observe::Outcome;
+
+mod outbox;
+use outbox::{Outbox, To};
 
 /// Large enough for any UDP payload (IPv4: 65,507 bytes; IPv6 without jumbograms: 65,527).
 pub const MAX_DATAGRAM: usize = 65_536;
@@ -145,12 +149,21 @@ pub struct Listening {
     local: SocketAddr,
     /// Bound to a wildcard address: each reply names its source address.
     wildcard: bool,
+    /// This round's datagrams, both ways, sent together (only this socket's worker takes
+    /// the lock).
+    outbox: Mutex<Outbox>,
+    /// A session queued replies: [`serve`] sends them once the round's other sessions have
+    /// queued theirs.
+    queued: Notify,
+    /// The kernel refused a GSO send.
+    gso_failed: AtomicBool,
 }
 
 impl Listening {
     /// Registers `sock` with the current runtime, for batched reads that report where each
-    /// datagram was sent to.
-    pub fn new(sock: std::net::UdpSocket) -> io::Result<Listening> {
+    /// datagram was sent to; sends go through io_uring with `io_uring` if the kernel allows
+    /// it, else `sendmmsg`.
+    pub fn new(sock: std::net::UdpSocket, io_uring: bool) -> io::Result<Listening> {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let local = sock.local_addr()?;
         crate::net::allow_fragments(&sock, local)?;
@@ -160,36 +173,73 @@ impl Listening {
             state,
             local,
             wildcard: local.ip().is_unspecified(),
+            outbox: Mutex::new(Outbox::new(io_uring)),
+            queued: Notify::new(),
+            gso_failed: AtomicBool::new(false),
         })
+    }
+
+    /// Whether sends go through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.outbox().uses_io_uring()
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a datagram (`parts` joined) for this round's send, sending what is queued
+    /// first if there is no room. With `segment`, it is datagrams of that size (GSO).
+    fn queue<G>(
+        &self,
+        report: &impl Report<G>,
+        to: To,
+        parts: &[&[u8]],
+        segment: Option<usize>,
+        client: SocketAddr,
+        way: Direction,
+    ) {
+        let segment = segment.and_then(|s| u16::try_from(s).ok());
+        let mut o = self.outbox();
+        let Err(to) = o.push(to, parts, segment, client, way) else {
+            return;
+        };
+        self.send_queued(&mut o, report);
+        if o.push(to, parts, segment, client, way).is_err() {
+            // Larger than the whole outbox: cannot happen for a UDP datagram.
+            report.dropped(client, Dropped::SendFailed);
+        }
+    }
+
+    /// Sends every queued datagram and reports each.
+    fn flush<G>(&self, report: &impl Report<G>) {
+        let mut o = self.outbox();
+        if !o.is_empty() {
+            self.send_queued(&mut o, report);
+        }
+    }
+
+    fn send_queued<G>(&self, o: &mut Outbox, report: &impl Report<G>) {
+        o.flush(self.sock.as_raw_fd(), |s| match s.result {
+            Ok(()) => report.relayed(s.way, s.datagrams, s.bytes),
+            Err(why) => {
+                for _ in 0..s.datagrams {
+                    report.dropped(s.client, why);
+                }
+            }
+        });
+        if o.gso_failed() {
+            self.gso_failed.store(true, Relaxed);
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
-    /// Sends `data` to `to` from `from` (the address it sent to) now, or says why not;
-    /// with `stride`, `data` is datagrams of that size (the last may be shorter), sent in
-    /// one call (GSO).
-    fn reply(
-        &self,
-        to: SocketAddr,
-        from: Option<IpAddr>,
-        data: &[u8],
-        stride: Option<usize>,
-    ) -> Result<(), Dropped> {
-        let t = Transmit {
-            destination: to,
-            ecn: None,
-            contents: data,
-            segment_size: stride,
-            src_ip: from.filter(|_| self.wildcard),
-        };
-        sent(self.state.try_send(UdpSockRef::from(&self.sock), &t))
-    }
-
     /// Whether the kernel sends several datagrams in one call (UDP GSO).
     fn gso(&self) -> bool {
-        self.state.max_gso_segments() > 1
+        self.state.max_gso_segments() > 1 && !self.gso_failed.load(Relaxed)
     }
 }
 
@@ -225,7 +275,6 @@ struct Up {
 /// A client address bound to a session.
 struct Binding {
     server: Arc<UdpSocket>,
-    server_addr: SocketAddr,
     up: Arc<Up>,
     started: Instant,
     /// Tells the session's end from a later session of the same address.
@@ -269,10 +318,16 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
     };
     loop {
         if s.stopping() && s.live == 0 {
+            s.listening.flush(&*s.report);
             return;
         }
         tokio::select! {
             biased;
+            // Sessions queued replies; the others woken with them have had their turn.
+            () = s.listening.queued.notified() => {
+                s.listening.flush(&*s.report);
+                continue;
+            }
             Some((client, id)) = s.ended.1.recv() => {
                 s.live -= 1;
                 if s.sessions.get(&client).is_some_and(|b| b.id == id) {
@@ -318,6 +373,7 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                 break;
             }
         }
+        s.listening.flush(&*s.report);
     }
 }
 
@@ -390,25 +446,14 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
         up.datagrams.fetch_add(k, Relaxed);
         up.bytes.fetch_add(data.len() as u64, Relaxed);
         up.last_ms.store(millis(b.started.elapsed()), Relaxed);
-        let t = Transmit {
-            destination: b.server_addr,
-            ecn: None,
-            contents: data,
-            segment_size: Some(stride),
-            src_ip: None,
-        };
-        match sent(
-            self.listening
-                .state
-                .try_send(UdpSockRef::from(&*b.server), &t),
-        ) {
-            Ok(()) => self.report.relayed(Direction::Up, k, data.len()),
-            Err(why) => {
-                for _ in 0..k {
-                    self.report.dropped(client, why);
-                }
-            }
-        }
+        self.listening.queue(
+            &*self.report,
+            To::Server(b.server.clone()),
+            &[data],
+            Some(stride),
+            client,
+            Direction::Up,
+        );
         true
     }
 
@@ -431,9 +476,16 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
             let count = up.datagrams.fetch_add(1, Relaxed) + 1;
             up.bytes.fetch_add(n as u64, Relaxed);
             up.last_ms.store(millis(b.started.elapsed()), Relaxed);
-            match send(&b.server, b.header.as_deref(), data) {
-                Ok(()) => self.report.relayed(Direction::Up, 1, n),
-                Err(why) => self.report.dropped(client, why),
+            let to = To::Server(b.server.clone());
+            match b.header.as_deref() {
+                Some(h) => {
+                    self.listening
+                        .queue(&*self.report, to, &[h, data], None, client, Direction::Up)
+                }
+                None => {
+                    self.listening
+                        .queue(&*self.report, to, &[data], None, client, Direction::Up)
+                }
             }
             if b.requests.is_some_and(|r| count >= u64::from(r)) {
                 self.sessions.remove(&client);
@@ -486,9 +538,15 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
             Some((h, every)) => (Some(h), every),
             None => (None, false),
         };
-        match send(&server, first.as_deref(), data) {
-            Ok(()) => self.report.relayed(Direction::Up, 1, n),
-            Err(why) => self.report.dropped(client, why),
+        let to = To::Server(server.clone());
+        match first.as_deref() {
+            Some(h) => {
+                self.listening
+                    .queue(&*self.report, to, &[h, data], None, client, Direction::Up)
+            }
+            None => self
+                .listening
+                .queue(&*self.report, to, &[data], None, client, Direction::Up),
         }
         let session = Session {
             client,
@@ -505,7 +563,6 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
                 client,
                 Binding {
                     server,
-                    server_addr: a.server,
                     up,
                     started,
                     id,
@@ -543,19 +600,6 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Sends `data` (after `header`, if any) on a connected socket now, or says why not. A
-/// direct `send`: a datagram that cannot go now is dropped, never waited for, so the
-/// reactor's idea of the socket's writability (unknown on a socket just made) does not
-/// matter.
-fn send(sock: &UdpSocket, header: Option<&[u8]>, data: &[u8]) -> Result<(), Dropped> {
-    let s = socket2::SockRef::from(sock);
-    let r = match header {
-        None => s.send(data),
-        Some(h) => s.send_vectored(&[IoSlice::new(h), IoSlice::new(data)]),
-    };
-    sent(r.map(drop))
 }
 
 /// A socket of the server's address family connected to `server`, registered with the
@@ -632,7 +676,8 @@ impl Session {
                     Err(e) => break (Outcome::ConnectFailed, Some(e.to_string())),
                 }
             }
-            // Everything waiting, each datagram sent on as it is read.
+            // Everything waiting, each datagram queued as it is read.
+            let mut queued = false;
             let r = REPLY.with_borrow_mut(|buf| {
                 let mut meta = [RecvMeta::default(); REPLY_BATCH];
                 loop {
@@ -649,21 +694,23 @@ impl Session {
                         let k = stride.map_or(1, |st| segments(m.len, st));
                         down += k;
                         down_bytes += data.len() as u64;
-                        // A reply that cannot be sent now is dropped; the client retries.
-                        match l.reply(self.client, self.dst, data, stride) {
-                            Ok(()) => report.relayed(Direction::Down, k, data.len()),
-                            Err(why) => {
-                                for _ in 0..k {
-                                    report.dropped(self.client, why);
-                                }
-                            }
-                        }
+                        // Sent with the round's others; one that cannot be sent then is
+                        // dropped, and the client retries.
+                        let to = To::Client {
+                            addr: self.client,
+                            src: self.dst.filter(|_| l.wildcard),
+                        };
+                        l.queue(report, to, &[data], stride, self.client, Direction::Down);
+                        queued = true;
                     }
                     if n < REPLY_BATCH {
                         return Ok::<(), io::Error>(());
                     }
                 }
             });
+            if queued {
+                self.listening.queued.notify_one();
+            }
             last_down_ms = millis(self.started.elapsed());
             if !gro && down >= GRO_AFTER && self.listening.gso() {
                 // A bulk flow: from here on its replies come coalesced. Without it they
@@ -694,7 +741,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use quinn_udp::Transmit;
     use std::sync::atomic::AtomicUsize;
 
     /// Routes every session to one server, up to `limit` at once, and counts them.
@@ -799,6 +846,11 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// How the sockets `start` serves send (`[global] io_uring`).
+        static IO_URING: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    }
+
     async fn start(ip: &str, server: SocketAddr, settings: Settings) -> Running {
         start_with(ip, server, settings, usize::MAX, None).await
     }
@@ -811,7 +863,7 @@ mod tests {
         header: Option<bool>,
     ) -> Running {
         let sock = std::net::UdpSocket::bind((ip, 0)).unwrap();
-        let listening = Arc::new(Listening::new(sock).unwrap());
+        let listening = Arc::new(Listening::new(sock, IO_URING.get()).unwrap());
         let addr = listening.local_addr();
         let route = Arc::new(To {
             server,
@@ -876,35 +928,39 @@ mod tests {
     /// `drained` with its counts.
     #[tokio::test]
     async fn datagrams_come_back_unchanged_with_one_session_per_client() {
-        let r = start("127.0.0.1", echo("127.0.0.1").await, settings()).await;
-        let mut clients = Vec::new();
-        for _ in 0..10 {
-            clients.push(client("127.0.0.1", r.addr).await);
-        }
-        let mut sent = [0u64; 10];
-        for i in 0..100usize {
-            for (k, c) in clients.iter().enumerate() {
-                let len = 1 + (i * 37 + k * 101) % 1400;
-                let msg: Vec<u8> = (0..len).map(|j| (j + i + k) as u8).collect();
-                round_trip(c, &msg).await;
-                sent[k] += len as u64;
+        // Sent through io_uring, then with sendmmsg.
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            let r = start("127.0.0.1", echo("127.0.0.1").await, settings()).await;
+            let mut clients = Vec::new();
+            for _ in 0..10 {
+                clients.push(client("127.0.0.1", r.addr).await);
             }
+            let mut sent = [0u64; 10];
+            for i in 0..100usize {
+                for (k, c) in clients.iter().enumerate() {
+                    let len = 1 + (i * 37 + k * 101) % 1400;
+                    let msg: Vec<u8> = (0..len).map(|j| (j + i + k) as u8).collect();
+                    round_trip(c, &msg).await;
+                    sent[k] += len as u64;
+                }
+            }
+            assert_eq!(r.sessions(), 10, "one session per client");
+            r.stop.now.cancel();
+            ended(&r.log, 10).await;
+            let ended = r.log.ended.lock().unwrap();
+            for e in ended.iter() {
+                assert_eq!(e.outcome, Outcome::Drained);
+                assert_eq!((e.datagrams_up, e.datagrams_down), (100, 100));
+                assert_eq!(e.bytes_up, e.bytes_down);
+                let k = clients
+                    .iter()
+                    .position(|c| c.local_addr().unwrap() == e.client)
+                    .unwrap();
+                assert_eq!(e.bytes_up, sent[k]);
+            }
+            assert!(r.log.dropped.lock().unwrap().is_empty());
         }
-        assert_eq!(r.sessions(), 10, "one session per client");
-        r.stop.now.cancel();
-        ended(&r.log, 10).await;
-        let ended = r.log.ended.lock().unwrap();
-        for e in ended.iter() {
-            assert_eq!(e.outcome, Outcome::Drained);
-            assert_eq!((e.datagrams_up, e.datagrams_down), (100, 100));
-            assert_eq!(e.bytes_up, e.bytes_down);
-            let k = clients
-                .iter()
-                .position(|c| c.local_addr().unwrap() == e.client)
-                .unwrap();
-            assert_eq!(e.bytes_up, sent[k]);
-        }
-        assert!(r.log.dropped.lock().unwrap().is_empty());
     }
 
     /// `responses = 1` (DNS): each query is a session that ends `ok` at its reply.
@@ -1006,11 +1062,15 @@ mod tests {
     /// there only) gets its answers, and so does one of 127.0.0.3.
     #[tokio::test]
     async fn a_wildcard_listener_replies_from_the_address_sent_to() {
-        let r = start("0.0.0.0", echo("127.0.0.1").await, settings()).await;
-        for ip in ["127.0.0.2", "127.0.0.3"] {
-            let to = SocketAddr::new(ip.parse().unwrap(), r.addr.port());
-            let c = client("127.0.0.1", to).await;
-            round_trip(&c, ip.as_bytes()).await;
+        // Sent through io_uring, then with sendmmsg.
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            let r = start("0.0.0.0", echo("127.0.0.1").await, settings()).await;
+            for ip in ["127.0.0.2", "127.0.0.3"] {
+                let to = SocketAddr::new(ip.parse().unwrap(), r.addr.port());
+                let c = client("127.0.0.1", to).await;
+                round_trip(&c, ip.as_bytes()).await;
+            }
         }
     }
 
@@ -1018,49 +1078,53 @@ mod tests {
     /// first datagram of a session, or before every one.
     #[tokio::test]
     async fn proxy_header_on_the_first_or_every_datagram() {
-        for every in [false, true] {
-            let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let r = start_with(
-                "127.0.0.1",
-                server.local_addr().unwrap(),
-                settings(),
-                usize::MAX,
-                Some(every),
-            )
-            .await;
-            let c = client("127.0.0.1", r.addr).await;
-            let header = crate::wire::proxy::encode_datagram(c.local_addr().unwrap(), r.addr);
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            for (i, msg) in [&b"one"[..], b"two"].iter().enumerate() {
-                c.send(msg).await.unwrap();
-                let (n, _) = tokio::time::timeout(WAIT, server.recv_from(&mut buf))
-                    .await
-                    .expect("a datagram")
-                    .unwrap();
-                let mut want = if i == 0 || every {
-                    header.clone()
-                } else {
-                    Vec::new()
-                };
-                want.extend_from_slice(msg);
-                assert_eq!(&buf[..n], &want[..], "every = {every}, datagram {i}");
-            }
-            // v2, PROXY; IPv4 over DGRAM (0x12); the client, and the address it sent to.
-            assert_eq!((header[12], header[13]), (0x21, 0x12));
-            use crate::wire::proxy::{Accept, Addresses, Parsed, parse};
-            match parse(&header, Accept::V2) {
-                Parsed::Complete {
-                    addresses:
-                        Addresses::Proxied {
-                            source,
-                            destination,
-                        },
-                    ..
-                } => {
-                    assert_eq!(source, c.local_addr().unwrap());
-                    assert_eq!(destination, r.addr);
+        // Sent through io_uring, then with sendmmsg.
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            for every in [false, true] {
+                let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let r = start_with(
+                    "127.0.0.1",
+                    server.local_addr().unwrap(),
+                    settings(),
+                    usize::MAX,
+                    Some(every),
+                )
+                .await;
+                let c = client("127.0.0.1", r.addr).await;
+                let header = crate::wire::proxy::encode_datagram(c.local_addr().unwrap(), r.addr);
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                for (i, msg) in [&b"one"[..], b"two"].iter().enumerate() {
+                    c.send(msg).await.unwrap();
+                    let (n, _) = tokio::time::timeout(WAIT, server.recv_from(&mut buf))
+                        .await
+                        .expect("a datagram")
+                        .unwrap();
+                    let mut want = if i == 0 || every {
+                        header.clone()
+                    } else {
+                        Vec::new()
+                    };
+                    want.extend_from_slice(msg);
+                    assert_eq!(&buf[..n], &want[..], "every = {every}, datagram {i}");
                 }
-                other => panic!("{other:?}"),
+                // v2, PROXY; IPv4 over DGRAM (0x12); the client, and the address it sent to.
+                assert_eq!((header[12], header[13]), (0x21, 0x12));
+                use crate::wire::proxy::{Accept, Addresses, Parsed, parse};
+                match parse(&header, Accept::V2) {
+                    Parsed::Complete {
+                        addresses:
+                            Addresses::Proxied {
+                                source,
+                                destination,
+                            },
+                        ..
+                    } => {
+                        assert_eq!(source, c.local_addr().unwrap());
+                        assert_eq!(destination, r.addr);
+                    }
+                    other => panic!("{other:?}"),
+                }
             }
         }
     }
@@ -1094,33 +1158,41 @@ mod tests {
     /// `connect_failed`, with the error.
     #[tokio::test]
     async fn unreachable_server_ends_the_session() {
-        let gone = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let r = start("127.0.0.1", gone, settings()).await;
-        let c = client("127.0.0.1", r.addr).await;
-        c.send(b"anyone?").await.unwrap();
-        ended(&r.log, 1).await;
-        let e = &r.log.ended.lock().unwrap()[0];
-        assert_eq!(e.outcome, Outcome::ConnectFailed);
-        assert!(
-            e.reason.as_deref().unwrap_or("").contains("refused"),
-            "{e:?}"
-        );
+        // Sent through io_uring, then with sendmmsg.
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            let gone = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let r = start("127.0.0.1", gone, settings()).await;
+            let c = client("127.0.0.1", r.addr).await;
+            c.send(b"anyone?").await.unwrap();
+            ended(&r.log, 1).await;
+            let e = &r.log.ended.lock().unwrap()[0];
+            assert_eq!(e.outcome, Outcome::ConnectFailed);
+            assert!(
+                e.reason.as_deref().unwrap_or("").contains("refused"),
+                "{e:?}"
+            );
+        }
     }
 
     /// The largest IPv4 datagram, and IPv6.
     #[tokio::test]
     async fn largest_datagram_and_ipv6() {
-        let r = start("127.0.0.1", echo("127.0.0.1").await, settings()).await;
-        let c = client("127.0.0.1", r.addr).await;
-        let big: Vec<u8> = (0..65_507usize).map(|i| (i % 251) as u8).collect();
-        round_trip(&c, &big).await;
-        let r6 = start("::1", echo("::1").await, settings()).await;
-        let c6 = client("::1", r6.addr).await;
-        round_trip(&c6, b"over IPv6").await;
-        round_trip(&c6, &big[..65_000]).await;
+        // Sent through io_uring, then with sendmmsg.
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            let r = start("127.0.0.1", echo("127.0.0.1").await, settings()).await;
+            let c = client("127.0.0.1", r.addr).await;
+            let big: Vec<u8> = (0..65_507usize).map(|i| (i % 251) as u8).collect();
+            round_trip(&c, &big).await;
+            let r6 = start("::1", echo("::1").await, settings()).await;
+            let c6 = client("::1", r6.addr).await;
+            round_trip(&c6, b"over IPv6").await;
+            round_trip(&c6, &big[..65_000]).await;
+        }
     }
 
     /// A GSO batch of equal datagrams from a client arrives coalesced at the listening
@@ -1129,103 +1201,107 @@ mod tests {
     /// they go back to the client in one send each. Every datagram arrives, in order.
     #[tokio::test]
     async fn coalesced_datagrams_pass_in_one_send_each_way() {
-        // A server that answers each read with one GSO send of the same datagrams.
-        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let server_addr = server.local_addr().unwrap();
-        let sstate = UdpSocketState::new(UdpSockRef::from(&server)).unwrap();
-        if sstate.max_gso_segments() <= 1 {
-            // No UDP GSO in this kernel: the path is not taken (and not testable).
-            return;
-        }
-        let server = UdpSocket::from_std(server).unwrap();
-        let received = Arc::new(AtomicU64::new(0));
-        let got = received.clone();
-        tokio::spawn(async move {
+        // Sent through io_uring, then with sendmmsg.
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            // A server that answers each read with one GSO send of the same datagrams.
+            let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let server_addr = server.local_addr().unwrap();
+            let sstate = UdpSocketState::new(UdpSockRef::from(&server)).unwrap();
+            if sstate.max_gso_segments() <= 1 {
+                // No UDP GSO in this kernel: the path is not taken (and not testable).
+                return;
+            }
+            let server = UdpSocket::from_std(server).unwrap();
+            let received = Arc::new(AtomicU64::new(0));
+            let got = received.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_DATAGRAM];
+                let mut meta = [RecvMeta::default(); 1];
+                loop {
+                    if server.readable().await.is_err() {
+                        return;
+                    }
+                    let mut slices = [IoSliceMut::new(&mut buf)];
+                    let Ok(n) = recv_batch(&server, &sstate, &mut slices, &mut meta) else {
+                        continue;
+                    };
+                    if n == 0 {
+                        continue;
+                    }
+                    let m = meta[0];
+                    got.fetch_add(segments(m.len, m.stride), Relaxed);
+                    let t = Transmit {
+                        destination: m.addr,
+                        ecn: None,
+                        contents: &buf[..m.len],
+                        segment_size: (m.stride < m.len).then_some(m.stride),
+                        src_ip: None,
+                    };
+                    let _ = sstate.try_send(UdpSockRef::from(&server), &t);
+                }
+            });
+            let r = start("127.0.0.1", server_addr, settings()).await;
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.connect(r.addr).unwrap();
+            let cstate = UdpSocketState::new(UdpSockRef::from(&c)).unwrap();
+            let c = UdpSocket::from_std(c).unwrap();
+            const SIZE: usize = 1000;
+            const PER_SEND: usize = 10;
+            const SENDS: usize = 10;
+            let mut next = 0u32;
+            let mut expect = 0u32;
             let mut buf = vec![0u8; MAX_DATAGRAM];
             let mut meta = [RecvMeta::default(); 1];
-            loop {
-                if server.readable().await.is_err() {
-                    return;
+            for _ in 0..SENDS {
+                let mut batch = Vec::with_capacity(SIZE * PER_SEND);
+                for _ in 0..PER_SEND {
+                    let mut d = [0u8; SIZE];
+                    d[..4].copy_from_slice(&next.to_be_bytes());
+                    batch.extend_from_slice(&d);
+                    next += 1;
                 }
-                let mut slices = [IoSliceMut::new(&mut buf)];
-                let Ok(n) = recv_batch(&server, &sstate, &mut slices, &mut meta) else {
-                    continue;
-                };
-                if n == 0 {
-                    continue;
-                }
-                let m = meta[0];
-                got.fetch_add(segments(m.len, m.stride), Relaxed);
                 let t = Transmit {
-                    destination: m.addr,
+                    destination: r.addr,
                     ecn: None,
-                    contents: &buf[..m.len],
-                    segment_size: (m.stride < m.len).then_some(m.stride),
+                    contents: &batch,
+                    segment_size: Some(SIZE),
                     src_ip: None,
                 };
-                let _ = sstate.try_send(UdpSockRef::from(&server), &t);
-            }
-        });
-        let r = start("127.0.0.1", server_addr, settings()).await;
-        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        c.connect(r.addr).unwrap();
-        let cstate = UdpSocketState::new(UdpSockRef::from(&c)).unwrap();
-        let c = UdpSocket::from_std(c).unwrap();
-        const SIZE: usize = 1000;
-        const PER_SEND: usize = 10;
-        const SENDS: usize = 10;
-        let mut next = 0u32;
-        let mut expect = 0u32;
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut meta = [RecvMeta::default(); 1];
-        for _ in 0..SENDS {
-            let mut batch = Vec::with_capacity(SIZE * PER_SEND);
-            for _ in 0..PER_SEND {
-                let mut d = [0u8; SIZE];
-                d[..4].copy_from_slice(&next.to_be_bytes());
-                batch.extend_from_slice(&d);
-                next += 1;
-            }
-            let t = Transmit {
-                destination: r.addr,
-                ecn: None,
-                contents: &batch,
-                segment_size: Some(SIZE),
-                src_ip: None,
-            };
-            cstate.try_send(UdpSockRef::from(&c), &t).unwrap();
-            // Every datagram back, in order, whole.
-            while expect < next {
-                tokio::time::timeout(WAIT, c.readable())
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let mut slices = [IoSliceMut::new(&mut buf)];
-                let n = recv_batch(&c, &cstate, &mut slices, &mut meta).unwrap();
-                if n == 0 {
-                    continue;
-                }
-                let m = meta[0];
-                for d in buf[..m.len].chunks(m.stride) {
-                    assert_eq!(d.len(), SIZE);
-                    assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), expect);
-                    expect += 1;
+                cstate.try_send(UdpSockRef::from(&c), &t).unwrap();
+                // Every datagram back, in order, whole.
+                while expect < next {
+                    tokio::time::timeout(WAIT, c.readable())
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let mut slices = [IoSliceMut::new(&mut buf)];
+                    let n = recv_batch(&c, &cstate, &mut slices, &mut meta).unwrap();
+                    if n == 0 {
+                        continue;
+                    }
+                    let m = meta[0];
+                    for d in buf[..m.len].chunks(m.stride) {
+                        assert_eq!(d.len(), SIZE);
+                        assert_eq!(u32::from_be_bytes(d[..4].try_into().unwrap()), expect);
+                        expect += 1;
+                    }
                 }
             }
+            let total = (SIZE * PER_SEND * SENDS) as u64;
+            assert_eq!(received.load(Relaxed), total / SIZE as u64);
+            assert_eq!(r.sessions(), 1);
+            // Up, one send per batch (but the first, which starts the session and goes one by
+            // one); down, one per reply until the session's socket coalesces them (after
+            // GRO_AFTER replies), then one per batch.
+            let up = r.log.sends[Direction::Up as usize].load(Relaxed);
+            let down = r.log.sends[Direction::Down as usize].load(Relaxed);
+            assert_eq!(up, (PER_SEND + SENDS - 1) as u64, "sends up");
+            assert!(
+                down <= GRO_AFTER + SENDS as u64 && down < total / SIZE as u64,
+                "{down} sends down for {} datagrams",
+                total / SIZE as u64
+            );
         }
-        let total = (SIZE * PER_SEND * SENDS) as u64;
-        assert_eq!(received.load(Relaxed), total / SIZE as u64);
-        assert_eq!(r.sessions(), 1);
-        // Up, one send per batch (but the first, which starts the session and goes one by
-        // one); down, one per reply until the session's socket coalesces them (after
-        // GRO_AFTER replies), then one per batch.
-        let up = r.log.sends[Direction::Up as usize].load(Relaxed);
-        let down = r.log.sends[Direction::Down as usize].load(Relaxed);
-        assert_eq!(up, (PER_SEND + SENDS - 1) as u64, "sends up");
-        assert!(
-            down <= GRO_AFTER + SENDS as u64 && down < total / SIZE as u64,
-            "{down} sends down for {} datagrams",
-            total / SIZE as u64
-        );
     }
 }
