@@ -696,11 +696,21 @@ impl Session {
                         down_bytes += data.len() as u64;
                         // Sent with the round's others; one that cannot be sent then is
                         // dropped, and the client retries.
-                        let to = To::Client {
+                        let to = || To::Client {
                             addr: self.client,
                             src: self.dst.filter(|_| l.wildcard),
                         };
-                        l.queue(report, to, &[data], stride, self.client, Direction::Down);
+                        match stride {
+                            // The socket's GSO sends failed: the datagrams go one by one.
+                            Some(st) if !l.gso() => {
+                                for d in data.chunks(st) {
+                                    l.queue(report, to(), &[d], None, self.client, Direction::Down);
+                                }
+                            }
+                            _ => {
+                                l.queue(report, to(), &[data], stride, self.client, Direction::Down)
+                            }
+                        }
                         queued = true;
                     }
                     if n < REPLY_BATCH {
@@ -864,6 +874,10 @@ mod tests {
     ) -> Running {
         let sock = std::net::UdpSocket::bind((ip, 0)).unwrap();
         let listening = Arc::new(Listening::new(sock, IO_URING.get()).unwrap());
+        assert_eq!(
+            listening.uses_io_uring(),
+            IO_URING.get() && outbox::tests::io_uring_available()
+        );
         let addr = listening.local_addr();
         let route = Arc::new(To {
             server,
