@@ -1192,6 +1192,46 @@ mod tests {
         }
     }
 
+    /// A burst of replies to one datagram (as many as the session's socket buffer holds):
+    /// every one reaches the client, in order, with either way of sending.
+    #[tokio::test]
+    async fn a_burst_of_replies_reaches_the_client_whole() {
+        const REPLIES: u32 = 150;
+        for io_uring in [true, false] {
+            IO_URING.set(io_uring);
+            let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let server_addr = server.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                if let Ok((_, from)) = server.recv_from(&mut buf) {
+                    for i in 0..REPLIES {
+                        let _ = server.send_to(&i.to_be_bytes(), from);
+                    }
+                }
+            });
+            let r = start("127.0.0.1", server_addr, settings()).await;
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket2::SockRef::from(&c)
+                .set_recv_buffer_size(4 << 20)
+                .unwrap();
+            c.connect(r.addr).unwrap();
+            let c = UdpSocket::from_std({
+                c.set_nonblocking(true).unwrap();
+                c
+            })
+            .unwrap();
+            c.send(b"go").await.unwrap();
+            let mut buf = [0u8; 64];
+            for i in 0..REPLIES {
+                let n = tokio::time::timeout(WAIT, c.recv(&mut buf))
+                    .await
+                    .expect("every reply within the bound")
+                    .unwrap();
+                assert_eq!(&buf[..n], i.to_be_bytes(), "{io_uring}: reply {i}");
+            }
+        }
+    }
+
     /// The largest IPv4 datagram, and IPv6.
     #[tokio::test]
     async fn largest_datagram_and_ipv6() {
