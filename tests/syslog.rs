@@ -58,6 +58,38 @@ async fn records_go_to_a_syslog_collector_over_udp() {
     assert_eq!(rec["bytes_up"], 9);
 }
 
+/// A datagram from `sock`, if there is one; else never.
+async fn recv_if(sock: Option<&tokio::net::UdpSocket>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match sock {
+        Some(s) => s.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A collector named by its host name (`localhost`), looked up when the log is opened:
+/// records reach it on whichever loopback address the name gives first.
+#[tokio::test]
+async fn a_collector_named_by_host_name() {
+    let v4 = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = v4.local_addr().unwrap().port();
+    let v6 = tokio::net::UdpSocket::bind(("::1", port)).await.ok();
+    let echo = echo_server().await;
+    let ferry = Ferry::start(&config(&format!("syslog:udp://localhost:{port}"), echo), 1).await;
+    let mut c = connect(ferry.addr("front")).await;
+    echo_round_trip(&mut c, b"by name").await;
+    drop(c);
+    let msg = within(WAIT, "a syslog message", async {
+        let (mut b4, mut b6) = ([0u8; 8192], [0u8; 8192]);
+        tokio::select! {
+            r = v4.recv(&mut b4) => String::from_utf8_lossy(&b4[..r.unwrap()]).into_owned(),
+            r = recv_if(v6.as_ref(), &mut b6) => String::from_utf8_lossy(&b6[..r.unwrap()]).into_owned(),
+        }
+    })
+    .await;
+    let rec = parse_message(&msg, ferry.pid());
+    assert_eq!(rec["listener"], "front");
+}
+
 #[tokio::test]
 async fn records_go_to_a_local_syslog_socket() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +126,7 @@ name = "u"
 servers = ["127.0.0.1:2"]
 "#,
         &[
-            r#"2:10: `access` "syslog:tcp://127.0.0.1:514": a syslog target is "syslog", "syslog:udp://IP:PORT" or "syslog:unix:/PATH""#,
+            r#"2:10: `access` "syslog:tcp://127.0.0.1:514": a syslog target is "syslog", "syslog:udp://HOST:PORT" or "syslog:unix:/PATH""#,
         ],
     );
 }

@@ -87,7 +87,9 @@ pub enum AccessTarget {
 pub enum SyslogTarget {
     /// The local syslog socket (`/dev/log`, or a path: `"syslog:unix:/run/x.sock"`).
     Local(PathBuf),
-    Udp(SocketAddr),
+    /// A collector over UDP: an IP address, or a name looked up when the log is opened
+    /// (at the start and at each reload).
+    Udp { host: String, port: u16 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -780,7 +780,7 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
         Some(("", span)) => {
             cx.err(
                 span,
-                "`access` must be \"stdout\", \"stderr\", \"off\" or a file path",
+                "`access` must be \"stdout\", \"stderr\", \"off\", \"syslog\" (or \"syslog:…\") or a file path",
             );
             d.access
         }
@@ -823,12 +823,21 @@ fn log(cx: &mut Cx<'_>, t: Tab<'_, '_>, base: &Path) -> LogConfig {
     }
 }
 
-/// `"syslog:udp://HOST:PORT"` (an IP address) or `"syslog:unix:PATH"`.
+/// `"syslog:udp://HOST:PORT"` (an IP address or a name) or `"syslog:unix:PATH"`.
 fn syslog_target(s: &str) -> Result<SyslogTarget, String> {
     if let Some(addr) = s.strip_prefix("syslog:udp://") {
+        if let Some((host, port)) = name_port(addr) {
+            return Ok(SyslogTarget::Udp {
+                host: host.to_string(),
+                port,
+            });
+        }
         return socket_addr(addr)
-            .map(SyslogTarget::Udp)
-            .map_err(|e| format!("`access` {s:?}: {e}"));
+            .map(|a| SyslogTarget::Udp {
+                host: a.ip().to_string(),
+                port: a.port(),
+            })
+            .map_err(|e| format!("`access` {s:?}: {e} (or a name: \"logs.example.net:514\")"));
     }
     if let Some(path) = s.strip_prefix("syslog:unix:")
         && path.starts_with('/')
@@ -836,7 +845,7 @@ fn syslog_target(s: &str) -> Result<SyslogTarget, String> {
         return Ok(SyslogTarget::Local(path.into()));
     }
     Err(format!(
-        "`access` {s:?}: a syslog target is \"syslog\", \"syslog:udp://IP:PORT\" or \"syslog:unix:/PATH\""
+        "`access` {s:?}: a syslog target is \"syslog\", \"syslog:udp://HOST:PORT\" or \"syslog:unix:/PATH\""
     ))
 }
 
@@ -2393,6 +2402,33 @@ mod tests {
     const SRV_CONFIG: &str = "[global]\nresolvers = [\"127.0.0.1:8600\"]\n\n\
         [[listener]]\nname = \"l\"\nlisten = \"127.0.0.1:1\"\nupstream = \"u\"\n\n\
         [[upstream]]\nname = \"u\"\nservers = [\"srv:_pg._tcp.DB.service.consul\"]\n";
+
+    /// A syslog collector over UDP: an IP address (IPv6 in brackets) or a name and a
+    /// port; anything else is refused.
+    #[test]
+    fn syslog_collectors_by_address_or_name() {
+        let target = |s: &str| syslog_target(&format!("syslog:udp://{s}"));
+        let udp = |host: &str, port| {
+            Ok(SyslogTarget::Udp {
+                host: host.into(),
+                port,
+            })
+        };
+        assert_eq!(target("10.0.0.5:514"), udp("10.0.0.5", 514));
+        assert_eq!(target("[::1]:6514"), udp("::1", 6514));
+        assert_eq!(target("logs.example.net:514"), udp("logs.example.net", 514));
+        for bad in [
+            "",
+            "logs",
+            "logs.example.net",
+            "logs:99999",
+            ":514",
+            "a..b:514",
+            "1.2.3:514",
+        ] {
+            assert!(target(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[cfg(feature = "dns")]
     #[test]

@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -357,7 +357,15 @@ impl Sink {
                 s.connect(path)?;
                 SyslogSocket::Local(s)
             }
-            crate::config::SyslogTarget::Udp(addr) => {
+            crate::config::SyslogTarget::Udp { host, port } => {
+                // A name is looked up here, when the log is opened (at the start and at
+                // each reload): its first address.
+                let addr = (host.as_str(), *port)
+                    .to_socket_addrs()?
+                    .next()
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"))
+                    })?;
                 let any: SocketAddr = if addr.is_ipv4() {
                     ([0, 0, 0, 0], 0).into()
                 } else {
