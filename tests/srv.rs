@@ -17,9 +17,9 @@ mod ops_support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::dns::Dnsmasq;
 use common::*;
 use ops_support::{admin_addr, http, metric, metrics, read_line, status};
 use serde_json::Value;
@@ -39,109 +39,36 @@ struct Srv {
     along: bool,
 }
 
-/// dnsmasq on 127.0.0.1, authoritative for `test.internal` (a name it has no record of is
-/// NXDOMAIN; nothing is forwarded anywhere), every answer with TTL 1 s. Killed on drop.
-struct Dnsmasq {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// dnsmasq on 127.0.0.1 (on `port`: a restart, the previous one was dropped; or on a free
+/// one), authoritative for `test.internal` (a name it has no record of is NXDOMAIN), every
+/// answer with TTL 1 s, serving `records` of [`SVC`] and `hosts` (`name,ip`).
+fn dnsmasq(port: Option<u16>, records: &[Srv], hosts: &[(&str, &str)]) -> Dnsmasq {
+    let mut args: Vec<String> = [
+        "--local=/test.internal/",
+        "--local-ttl=1",
+        "--host-record=ready.test.internal,127.0.0.99",
+    ]
+    .map(String::from)
+    .to_vec();
+    for r in records {
+        args.push(format!(
+            "--srv-host={SVC},{}.test.internal,{},{},{}",
+            r.target,
+            r.addr.port(),
+            r.priority,
+            r.weight
+        ));
+        args.push(if r.along {
+            format!("--host-record={}.test.internal,{}", r.target, r.addr.ip())
+        } else {
+            // Answered when asked, never sent along.
+            format!("--address=/{}.test.internal/{}", r.target, r.addr.ip())
+        });
     }
-}
-
-impl Dnsmasq {
-    /// Starts dnsmasq serving `records` of [`SVC`] and `hosts` (`name,ip`), on `port` (a
-    /// restart: the previous one was dropped) or on a free one; returns once it answers.
-    fn start(port: Option<u16>, records: &[Srv], hosts: &[(&str, &str)]) -> Dnsmasq {
-        for _ in 0..20 {
-            let port = port.unwrap_or_else(|| {
-                std::net::UdpSocket::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            });
-            let mut args: Vec<String> = [
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                "--pid-file=",
-                "--local=/test.internal/",
-                "--local-ttl=1",
-                "--host-record=ready.test.internal,127.0.0.99",
-            ]
-            .map(String::from)
-            .to_vec();
-            args.push(format!("--port={port}"));
-            for r in records {
-                args.push(format!(
-                    "--srv-host={SVC},{}.test.internal,{},{},{}",
-                    r.target,
-                    r.addr.port(),
-                    r.priority,
-                    r.weight
-                ));
-                args.push(if r.along {
-                    format!("--host-record={}.test.internal,{}", r.target, r.addr.ip())
-                } else {
-                    // Answered when asked, never sent along.
-                    format!("--address=/{}.test.internal/{}", r.target, r.addr.ip())
-                });
-            }
-            for (name, ip) in hosts {
-                args.push(format!("--host-record={name},{ip}"));
-            }
-            let child = Command::new("dnsmasq")
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("run dnsmasq (scripts/setup-test-deps installs dnsmasq-base)");
-            let mut d = Dnsmasq { child, port };
-            // Serving once a query is answered; a port taken meanwhile makes it exit.
-            for _ in 0..100 {
-                if d.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if dig(port, "ready.test.internal").as_deref() == Some("127.0.0.99") {
-                    return d;
-                }
-            }
-            drop(d);
-        }
-        panic!("dnsmasq did not start");
+    for (name, ip) in hosts {
+        args.push(format!("--host-record={name},{ip}"));
     }
-}
-
-/// `dig +short NAME A` at 127.0.0.1:`port`: the first answer (one try, 1 s).
-fn dig(port: u16, name: &str) -> Option<String> {
-    let out = Command::new("dig")
-        .args([
-            "@127.0.0.1",
-            "-p",
-            &port.to_string(),
-            name,
-            "A",
-            "+short",
-            "+tries=1",
-            "+time=1",
-        ])
-        .output()
-        .expect("run dig (bind9-dnsutils)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
-        .filter(|l| !l.starts_with(';'))
+    Dnsmasq::start(port, &args, ("ready.test.internal", "127.0.0.99"))
 }
 
 /// A server on `ip` that sends `tag` and a newline, then echoes.
@@ -272,7 +199,7 @@ async fn srv_records_added_and_removed_are_followed() {
         rec("c", c, 20, 1),
         rec("d", d, 10, 100),
     );
-    let dns = Dnsmasq::start(None, &[ra, rb, rc], &[]);
+    let dns = dnsmasq(None, &[ra, rb, rc], &[]);
     let port = dns.port;
     let ferry = Ferry::start(&config(port, &format!("\"srv:{SVC}\""), "10m"), 1).await;
     let admin = admin_addr(&ferry).await;
@@ -313,7 +240,7 @@ async fn srv_records_added_and_removed_are_followed() {
     // A record added: its server joins (the TTL ran out; the interval is 10 minutes) and
     // gets connections.
     drop(dns);
-    let dns = Dnsmasq::start(Some(port), &[ra, rb, rc, rd], &[]);
+    let dns = dnsmasq(Some(port), &[ra, rb, rc, rd], &[]);
     let want: BTreeSet<_> = [
         srv_server(a, 85, false),
         srv_server(b, 256, false),
@@ -326,7 +253,7 @@ async fn srv_records_added_and_removed_are_followed() {
 
     // A record removed: its server leaves, and gets no more connections.
     drop(dns);
-    let dns = Dnsmasq::start(Some(port), &[rb, rc, rd], &[]);
+    let dns = dnsmasq(Some(port), &[rb, rc, rd], &[]);
     let want: BTreeSet<_> = [
         srv_server(b, 256, false),
         srv_server(c, 1, true),
@@ -380,7 +307,7 @@ async fn a_failed_lookup_keeps_the_last_servers_and_nxdomain_removes_them() {
             along: true,
         },
     ];
-    let dns = Dnsmasq::start(None, &records, &[]);
+    let dns = dnsmasq(None, &records, &[]);
     let port = dns.port;
     // A failed lookup is tried again within 5 s; a definite "none" at the interval.
     let ferry = Ferry::start(&config(port, &format!("\"srv:{SVC}\""), "2s"), 1).await;
@@ -406,7 +333,7 @@ async fn a_failed_lookup_keeps_the_last_servers_and_nxdomain_removes_them() {
     assert_eq!(tags, ["a", "b"].map(String::from).into());
 
     // Back, without the service: NXDOMAIN, a definite answer; its servers go.
-    let dns = Dnsmasq::start(Some(port), &[], &[]);
+    let dns = dnsmasq(Some(port), &[], &[]);
     wait_servers(&ferry, admin, "pool", &BTreeSet::new(), "after NXDOMAIN").await;
     ferry
         .stderr
@@ -420,7 +347,7 @@ async fn a_failed_lookup_keeps_the_last_servers_and_nxdomain_removes_them() {
 
     // The service back: its servers too.
     drop(dns);
-    let _dns = Dnsmasq::start(Some(port), &records, &[]);
+    let _dns = dnsmasq(Some(port), &records, &[]);
     wait_servers(&ferry, admin, "pool", &want, "the service back").await;
     reach(front).await;
 }
@@ -438,7 +365,7 @@ async fn srv_and_names_added_through_the_admin_api() {
         along: false,
     }];
     // `n.test.internal` exists only in this DNS server: found through `resolvers`.
-    let _dns = Dnsmasq::start(None, &records, &[("n.test.internal", "127.0.0.6")]);
+    let _dns = dnsmasq(None, &records, &[("n.test.internal", "127.0.0.6")]);
     let ferry = Ferry::start(&config(_dns.port, &format!("\"{x}\""), "10m"), 1).await;
     let admin = admin_addr(&ferry).await;
     let front = ferry.addr("front");
@@ -579,7 +506,7 @@ async fn tls_to_srv_servers_sends_and_verifies_the_services_domain() {
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca.pem()).unwrap();
-    let dns = Dnsmasq::start(
+    let dns = dnsmasq(
         None,
         &[Srv {
             target: "t",

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::dns::{Dnsmasq, dig};
 use common::*;
 use ops_support::{admin_addr, metric_must, metrics, server_status, status};
 use serde_json::Value;
@@ -204,74 +205,15 @@ async fn ten_clients_each_get_their_echoes_over_one_session() {
     }
 }
 
-/// A DNS server of the test's own: dnsmasq on 127.0.0.1:`port`, answering `*.udp.test`
-/// from its own data (nothing is forwarded anywhere). Killed on drop.
-struct Dnsmasq(std::process::Child);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// dnsmasq answering `*.udp.test` with 10.11.12.13 from its own data.
 fn dnsmasq() -> (Dnsmasq, SocketAddr) {
-    for _ in 0..20 {
-        let port = gone_udp().port();
-        let mut child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                "--pid-file=",
-                "--address=/udp.test/10.11.12.13",
-                &format!("--port={port}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run dnsmasq (scripts/setup-test-deps installs dnsmasq-base)");
-        // It is serving once a query is answered; a port taken meanwhile makes it exit.
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        for _ in 0..200 {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if dig(addr, "ready.udp.test").as_deref() == Some("10.11.12.13") {
-                return (Dnsmasq(child), addr);
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("dnsmasq did not start");
-}
-
-/// `dig +short` of `name` at `server`: the first answer, if any.
-fn dig(server: SocketAddr, name: &str) -> Option<String> {
-    let out = Command::new("dig")
-        .args([
-            &format!("@{}", server.ip()),
-            "-p",
-            &server.port().to_string(),
-            name,
-            "A",
-            "+short",
-            "+tries=1",
-            "+time=2",
-        ])
-        .output()
-        .expect("run dig (bind9-dnsutils)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
-        .filter(|l| !l.starts_with(';'))
+    let d = Dnsmasq::start(
+        None,
+        &["--address=/udp.test/10.11.12.13".to_string()],
+        ("ready.udp.test", "10.11.12.13"),
+    );
+    let addr = d.addr();
+    (d, addr)
 }
 
 /// `kdig +short` of `name` at `server`.
@@ -307,7 +249,7 @@ async fn dns_with_dig_and_kdig_to_dnsmasq_one_session_per_query() {
     let front = ferry.addr("udp");
     let names = ["a.udp.test", "b.udp.test", "c.udp.test"];
     for n in names {
-        assert_eq!(dig(front, n).as_deref(), Some("10.11.12.13"), "dig {n}");
+        assert_eq!(dig(front, n, 2).as_deref(), Some("10.11.12.13"), "dig {n}");
         assert_eq!(kdig(front, n).as_deref(), Some("10.11.12.13"), "kdig {n}");
     }
     let records = ferry.records(6, WAIT).await;
