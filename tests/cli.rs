@@ -1,8 +1,10 @@
 //! The command line: quick mode, `--version`, bad arguments and exit codes.
 
 mod common;
+mod ops_support;
 
 use common::*;
+use ops_support::{get, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,25 +291,6 @@ async fn quick_mode_listen_on_bare_port() {
     echo_round_trip(&mut c, b"on loopback").await;
 }
 
-/// `GET path` on `addr` over HTTP/1.1 (closing): the status line, the headers and the body.
-async fn http_get(addr: &str, path: &str) -> (String, String, String) {
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    c.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let (raw, _) = read_until_closed(&mut c, WAIT).await;
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
-    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
-    (
-        status.to_string(),
-        headers.to_ascii_lowercase(),
-        body.to_string(),
-    )
-}
-
 /// `--admin ADDR` adds an `[admin]` section: /metrics and /api/status for a one-liner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_mode_admin() {
@@ -343,14 +326,14 @@ async fn quick_mode_admin() {
     let mut c = connect(quick).await;
     echo_round_trip(&mut c, b"counted").await;
 
-    let (status, headers, body) = http_get(&admin, "/metrics").await;
-    assert!(status.contains(" 200 "), "{status}");
-    assert!(headers.contains("content-type: text/plain"), "{headers}");
-    assert!(body.contains("listener=\"quick\""), "{body}");
+    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    let m = get(admin, "/metrics").await;
+    assert_eq!(m.status, 200, "{m:?}");
+    let ct = m.header("content-type").unwrap_or_default();
+    assert!(ct.starts_with("text/plain"), "{m:?}");
+    assert!(m.body.contains("listener=\"quick\""), "{}", m.body);
 
-    let (status, _, body) = http_get(&admin, "/api/status").await;
-    assert!(status.contains(" 200 "), "{status}");
-    let st: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let st = status(admin).await;
     let l = &st["listeners"][0];
     assert_eq!(l["name"], "quick", "{st}");
     assert_eq!(l["addrs"][0], quick.to_string(), "{st}");

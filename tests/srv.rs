@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use common::dns::Dnsmasq;
 use common::*;
-use ops_support::{admin_addr, http, metric, metrics, read_line, status};
+use ops_support::{
+    admin_addr, connect_tagged, http, metric, metrics, read_line, status, tagged_echo_on,
+};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 const SVC: &str = "_echo._tcp.test.internal";
 
@@ -71,21 +72,9 @@ fn dnsmasq(port: Option<u16>, records: &[Srv], hosts: &[(&str, &str)]) -> Dnsmas
     Dnsmasq::start(port, &args, ("ready.test.internal", "127.0.0.99"))
 }
 
-/// A server on `ip` that sends `tag` and a newline, then echoes.
-async fn tagged_on(ip: &str, tag: &'static str) -> SocketAddr {
-    serve_on(ip, move |mut s| async move {
-        if s.write_all(format!("{tag}\n").as_bytes()).await.is_ok() {
-            let (mut r, mut w) = s.split();
-            let _ = tokio::io::copy(&mut r, &mut w).await;
-        }
-    })
-    .await
-}
-
 /// Connects through `front`: the tag of the server reached.
 async fn reach(front: SocketAddr) -> String {
-    let mut s = connect(front).await;
-    read_line(&mut s).await
+    connect_tagged(front).await.1
 }
 
 /// Connects through `front` until `tag` answers (at most 64 tries); the tags seen.
@@ -180,10 +169,10 @@ resolve_interval = "{resolve_interval}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn srv_records_added_and_removed_are_followed() {
-    let a = tagged_on("127.0.0.2", "a").await;
-    let b = tagged_on("127.0.0.3", "b").await;
-    let c = tagged_on("127.0.0.4", "c").await;
-    let d = tagged_on("127.0.0.5", "d").await;
+    let a = tagged_echo_on("127.0.0.2", "a").await;
+    let b = tagged_echo_on("127.0.0.3", "b").await;
+    let c = tagged_echo_on("127.0.0.4", "c").await;
+    let d = tagged_echo_on("127.0.0.5", "d").await;
     let rec = |target, addr, priority, weight| Srv {
         target,
         addr,
@@ -289,8 +278,8 @@ async fn srv_records_added_and_removed_are_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_lookup_keeps_the_last_servers_and_nxdomain_removes_them() {
-    let a = tagged_on("127.0.0.2", "a").await;
-    let b = tagged_on("127.0.0.3", "b").await;
+    let a = tagged_echo_on("127.0.0.2", "a").await;
+    let b = tagged_echo_on("127.0.0.3", "b").await;
     let records = [
         Srv {
             target: "a",
@@ -354,9 +343,9 @@ async fn a_failed_lookup_keeps_the_last_servers_and_nxdomain_removes_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn srv_and_names_added_through_the_admin_api() {
-    let x = tagged_on("127.0.0.1", "x").await;
-    let a = tagged_on("127.0.0.2", "a").await;
-    let n = tagged_on("127.0.0.6", "n").await;
+    let x = tagged_echo_on("127.0.0.1", "x").await;
+    let a = tagged_echo_on("127.0.0.2", "a").await;
+    let n = tagged_echo_on("127.0.0.6", "n").await;
     let records = [Srv {
         target: "a",
         addr: a,
@@ -455,7 +444,7 @@ async fn srv_and_names_added_through_the_admin_api() {
 
 /// A TLS server on `ip` (std threads) with `leaf`'s certificate: after the handshake it
 /// sends `tls\n` and echoes; records each handshake's SNI.
-fn tls_tagged_on(
+fn tls_tagged_echo_on(
     ip: &str,
     leaf: &common::pki::Leaf,
 ) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
@@ -502,7 +491,7 @@ fn tls_tagged_on(
 async fn tls_to_srv_servers_sends_and_verifies_the_services_domain() {
     // A certificate for the service's domain only: verifying any other name would fail.
     let ca = common::pki::Ca::new("srv test CA");
-    let (t, snis) = tls_tagged_on("127.0.0.2", &ca.server(&["test.internal"]));
+    let (t, snis) = tls_tagged_echo_on("127.0.0.2", &ca.server(&["test.internal"]));
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");
     std::fs::write(&ca_path, ca.pem()).unwrap();

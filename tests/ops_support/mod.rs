@@ -344,7 +344,12 @@ pub async fn try_served_from(src_ip: &str, addr: SocketAddr) -> bool {
 
 /// Sends `tag` and a newline on accept, then echoes: a client learns which server it got.
 pub async fn tagged_echo(tag: &'static str) -> SocketAddr {
-    crate::common::serve_on("127.0.0.1", move |mut s| async move {
+    tagged_echo_on("127.0.0.1", tag).await
+}
+
+/// [`tagged_echo`] on `ip`.
+pub async fn tagged_echo_on(ip: &str, tag: &'static str) -> SocketAddr {
+    crate::common::serve_on(ip, move |mut s| async move {
         if s.write_all(format!("{tag}\n").as_bytes()).await.is_err() {
             return;
         }
