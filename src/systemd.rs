@@ -142,16 +142,7 @@ fn take_from_env() -> (Vec<Inherited>, Vec<Note>) {
         // are gone, and this runs once).
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let sock = socket2::Socket::from(owned);
-        let describe = || -> io::Result<Option<(SocketAddr, bool)>> {
-            let addr = sock.local_addr()?.as_socket();
-            let ty = sock.r#type()?;
-            Ok(match (addr, ty) {
-                (Some(a), socket2::Type::STREAM) if sock.is_listener()? => Some((a, false)),
-                (Some(a), socket2::Type::DGRAM) => Some((a, true)),
-                _ => None,
-            })
-        };
-        match describe() {
+        match crate::net::listening_kind(&sock) {
             Ok(Some((addr, udp))) => {
                 if let Err(e) = sock.set_cloexec(true).and(sock.set_nonblocking(true)) {
                     note(

@@ -238,15 +238,9 @@ pub fn receive() -> io::Result<Option<u32>> {
     }
     for fd in fds {
         let sock = socket2::Socket::from(fd);
-        let addr = sock
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| bad("a passed socket has no IP address"))?;
-        let udp = match sock.r#type()? {
-            socket2::Type::STREAM if sock.is_listener()? => false,
-            socket2::Type::DGRAM => true,
-            _ => return Err(bad("a passed socket is neither listening TCP nor UDP")),
-        };
+        let (addr, udp) = crate::net::listening_kind(&sock)?.ok_or_else(|| {
+            bad("a passed socket is neither a listening TCP socket nor a UDP socket with an IP address")
+        })?;
         sock.set_nonblocking(true)?;
         let reuse_port = sock.reuse_port()?;
         passed.push(Passed {

@@ -211,6 +211,20 @@ pub fn bind_listener(
     Ok(socket.into())
 }
 
+/// What a socket handed to ferry (by systemd, or by the process it upgrades) is: its
+/// address, and whether it is UDP (else a listening TCP socket); `None` for anything else
+/// (no IP address, a TCP socket that is not listening, another type).
+pub fn listening_kind(sock: &socket2::Socket) -> io::Result<Option<(SocketAddr, bool)>> {
+    let Some(addr) = sock.local_addr()?.as_socket() else {
+        return Ok(None);
+    };
+    Ok(match sock.r#type()? {
+        socket2::Type::STREAM if sock.is_listener()? => Some((addr, false)),
+        socket2::Type::DGRAM => Some((addr, true)),
+        _ => None,
+    })
+}
+
 /// Fails with `AddrInUse` if a socket listens on `addr`, whatever its options: binds a
 /// probe socket there without SO_REUSEPORT (with SO_REUSEADDR, as listeners have, so that
 /// connections in TIME_WAIT do not count), then closes it.
@@ -361,5 +375,33 @@ pub async fn hung_up(sock: &Sock) {
     match peek(sock, &mut one).await {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listening TCP socket and a UDP socket are told apart by kind, with their address;
+    /// a TCP socket that does not listen, and a Unix socket, are neither.
+    #[test]
+    fn handed_sockets_are_told_apart() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = tcp.local_addr().unwrap();
+        let tcp = socket2::Socket::from(std::os::fd::OwnedFd::from(tcp));
+        assert_eq!(listening_kind(&tcp).unwrap(), Some((a, false)));
+        let udp = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let a = udp.local_addr().unwrap();
+        let udp = socket2::Socket::from(std::os::fd::OwnedFd::from(udp));
+        assert_eq!(listening_kind(&udp).unwrap(), Some((a, true)));
+        let bound =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        bound
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        assert_eq!(listening_kind(&bound).unwrap(), None);
+        let (unix, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let unix = socket2::Socket::from(std::os::fd::OwnedFd::from(unix));
+        assert_eq!(listening_kind(&unix).unwrap(), None);
     }
 }
