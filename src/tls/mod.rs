@@ -333,15 +333,8 @@ impl ClientTls {
         if let Some(n) = &self.sni {
             return n.clone();
         }
-        let srv_domain = configured.strip_prefix("srv:").map(|name| {
-            name.trim_end_matches('.')
-                .split('.')
-                .skip_while(|l| l.starts_with('_'))
-                .collect::<Vec<_>>()
-                .join(".")
-        });
-        let host = match &srv_domain {
-            Some(d) => d.as_str(),
+        let host = match configured.strip_prefix("srv:").map(srv_domain) {
+            Some(d) => d,
             None => configured
                 .rsplit_once(':')
                 .map_or(configured, |(h, _)| h)
@@ -354,6 +347,16 @@ impl ClientTls {
                 .unwrap_or_else(|_| ServerName::IpAddress(ip.into())),
         }
     }
+}
+
+/// An SRV name's service domain: the name without its leading `_service._proto` labels
+/// (and a trailing dot).
+fn srv_domain(name: &str) -> &str {
+    let mut rest = name.trim_end_matches('.');
+    while rest.starts_with('_') {
+        rest = rest.split_once('.').map_or("", |(_, r)| r);
+    }
+    rest
 }
 
 thread_local! {
@@ -447,5 +450,22 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_srv_names_domain_is_what_follows_its_service_labels() {
+        assert_eq!(
+            srv_domain("_pg._tcp.db.service.consul"),
+            "db.service.consul"
+        );
+        assert_eq!(srv_domain("_pg._tcp.db.example."), "db.example");
+        assert_eq!(srv_domain("db.example"), "db.example");
+        assert_eq!(srv_domain("_a._b"), "");
+        assert_eq!(srv_domain("_a.b._c.d"), "b._c.d");
     }
 }
