@@ -118,24 +118,8 @@ impl Cx<'_> {
     }
 
     fn into_errors(mut self) -> ConfigErrors {
-        self.errors.sort_by_key(|(pos, _)| *pos);
-        self.errors.dedup();
-        let src = self.src;
-        let file = self.file;
-        ConfigErrors(
-            self.errors
-                .into_iter()
-                .map(|(pos, message)| {
-                    let (line, col) = line_col(src, pos);
-                    ConfigError {
-                        file: file.to_string(),
-                        line,
-                        col,
-                        message,
-                    }
-                })
-                .collect(),
-        )
+        let errors = std::mem::take(&mut self.errors);
+        ConfigErrors(self.located(errors))
     }
 }
 
@@ -2013,14 +1997,7 @@ fn srv_name(name: &str) -> Result<ServerAddr, String> {
         ));
     }
     let bare = name.strip_suffix('.').unwrap_or(name);
-    let valid = !bare.is_empty()
-        && bare.len() <= 253
-        && bare.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
+    let valid = dns_name(bare, true);
     if !valid {
         return Err(format!(
             "bad SRV name {name:?}: expected a DNS name such as \"_pg._tcp.db.service.consul\""
@@ -2031,18 +2008,24 @@ fn srv_name(name: &str) -> Result<ServerAddr, String> {
     })
 }
 
+/// A DNS name: labels of 1 to 63 letters, digits and hyphens (and underscores, for SRV
+/// names' `_service._proto` labels, with `underscore`), 253 bytes at most.
+fn dns_name(name: &str, underscore: bool) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || (underscore && b == b'_'))
+        })
+}
+
 /// `name:port` with a valid DNS name (letters, digits, `-`, dot-separated labels; not all
 /// digits and dots, which would be a malformed IPv4 address), or `None`.
 pub(super) fn name_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
-    let valid_name = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-        && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let valid_name = dns_name(host, false) && !host.chars().all(|c| c.is_ascii_digit() || c == '.');
     match port.parse::<u16>() {
         Ok(port) if valid_name => Some((host, port)),
         _ => None,
