@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dns::{Dnsmasq, dig};
+use common::dns::{Dnsmasq, dig, kdig};
 use common::*;
 use ops_support::{admin_addr, metric_must, metrics, server_status, status};
 use serde_json::Value;
@@ -214,28 +214,6 @@ fn dnsmasq() -> (Dnsmasq, SocketAddr) {
     );
     let addr = d.addr();
     (d, addr)
-}
-
-/// `kdig +short` of `name` at `server`.
-fn kdig(server: SocketAddr, name: &str) -> Option<String> {
-    let out = Command::new("kdig")
-        .args([
-            &format!("@{}", server.ip()),
-            "-p",
-            &server.port().to_string(),
-            name,
-            "A",
-            "+short",
-            "+retry=0",
-            "+time=5",
-            "+notcp",
-        ])
-        .output()
-        .expect("run kdig (knot-dnsutils)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .map(str::to_string)
 }
 
 /// DNS through ferry with `responses = 1`: dig and kdig get the real server's answers, and

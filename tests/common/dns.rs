@@ -70,7 +70,26 @@ impl Dnsmasq {
 
 /// `dig +short NAME A` at `server`: the first answer, if any (one try of `secs` seconds).
 pub fn dig(server: SocketAddr, name: &str, secs: u32) -> Option<String> {
-    let out = Command::new("dig")
+    let tries = ["+tries=1".to_string(), format!("+time={secs}")];
+    ask("dig", "bind9-dnsutils", server, name, &tries)
+}
+
+/// `kdig +short NAME A` at `server` over UDP: the first answer, if any (one try, 5 s).
+pub fn kdig(server: SocketAddr, name: &str) -> Option<String> {
+    let tries = ["+retry=0", "+time=5", "+notcp"].map(String::from);
+    ask("kdig", "knot-dnsutils", server, name, &tries)
+}
+
+/// Runs `program @IP -p PORT NAME A +short` with `options`: the first line of its answer
+/// (a comment is none).
+fn ask(
+    program: &str,
+    package: &str,
+    server: SocketAddr,
+    name: &str,
+    options: &[String],
+) -> Option<String> {
+    let out = Command::new(program)
         .args([
             &format!("@{}", server.ip()),
             "-p",
@@ -78,11 +97,10 @@ pub fn dig(server: SocketAddr, name: &str, secs: u32) -> Option<String> {
             name,
             "A",
             "+short",
-            "+tries=1",
-            &format!("+time={secs}"),
         ])
+        .args(options)
         .output()
-        .expect("run dig (bind9-dnsutils)");
+        .unwrap_or_else(|e| panic!("run {program} ({package}): {e}"));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
