@@ -35,3 +35,14 @@ pub(crate) fn register_readable(
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// Registers a non-blocking UDP socket ferry owns with the runtime's reactor, for reading
+/// (and errors: ICMP reports). UDP sends never wait for room (a datagram that does not fit
+/// is dropped), so write readiness is not asked for: registered for it, the socket would
+/// turn ready each time the kernel freed a sent datagram's buffer, and every datagram sent
+/// would put an event on the worker's epoll.
+pub(crate) fn register_udp(inner: std::net::UdpSocket) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: as for `register`: the `AsyncFd` owns the descriptor from here on.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}

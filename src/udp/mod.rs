@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime};
 
 use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,10 @@ use crate::observe::Outcome;
 
 mod outbox;
 use outbox::{Outbox, To};
+
+/// A UDP socket registered with the worker's runtime for reads and errors only
+/// ([`crate::net::register_udp`]).
+pub(crate) type Socket = AsyncFd<std::net::UdpSocket>;
 
 /// Large enough for any UDP payload (IPv4: 65,507 bytes; IPv6 without jumbograms: 65,527).
 pub const MAX_DATAGRAM: usize = 65_536;
@@ -144,7 +148,7 @@ pub trait Report<G>: Send + Sync + 'static {
 
 /// A listening socket: registered with the worker that serves it.
 pub struct Listening {
-    sock: UdpSocket,
+    sock: Socket,
     state: UdpSocketState,
     local: SocketAddr,
     /// Bound to a wildcard address: each reply names its source address.
@@ -169,7 +173,7 @@ impl Listening {
         crate::net::allow_fragments(&sock, local)?;
         crate::net::quiet_listener(&sock, local)?;
         Ok(Listening {
-            sock: UdpSocket::from_std(sock)?,
+            sock: crate::net::register_udp(sock)?,
             state,
             local,
             wildcard: local.ip().is_unspecified(),
@@ -274,7 +278,7 @@ struct Up {
 
 /// A client address bound to a session.
 struct Binding {
-    server: Arc<UdpSocket>,
+    server: Arc<Socket>,
     up: Arc<Up>,
     started: Instant,
     /// Tells the session's end from a later session of the same address.
@@ -382,13 +386,13 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
 /// for new datagrams, not for one more read that would find none. (Readiness that arrived
 /// during the read is kept.)
 fn recv_batch(
-    sock: &UdpSocket,
+    sock: &Socket,
     state: &UdpSocketState,
     bufs: &mut [IoSliceMut<'_>],
     meta: &mut [RecvMeta],
 ) -> io::Result<usize> {
     let mut short = 0;
-    let r = sock.try_io(Interest::READABLE, || {
+    let r = sock.try_io(Interest::READABLE, |sock| {
         let n = state.recv(UdpSockRef::from(sock), bufs, meta)?;
         if n < bufs.len() {
             short = n;
@@ -604,7 +608,7 @@ fn millis(d: Duration) -> u64 {
 
 /// A socket of the server's address family connected to `server`, registered with the
 /// current runtime.
-fn connect(server: SocketAddr) -> io::Result<UdpSocket> {
+fn connect(server: SocketAddr) -> io::Result<Socket> {
     let any: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -613,7 +617,7 @@ fn connect(server: SocketAddr) -> io::Result<UdpSocket> {
     let s = std::net::UdpSocket::bind(any)?;
     s.connect(server)?;
     s.set_nonblocking(true)?;
-    UdpSocket::from_std(s)
+    crate::net::register_udp(s)
 }
 
 /// One session's task: replies back to the client until it ends.
@@ -621,7 +625,7 @@ struct Session {
     client: SocketAddr,
     /// Where the client sent to (a wildcard listener): replies leave from there.
     dst: Option<IpAddr>,
-    server: Arc<UdpSocket>,
+    server: Arc<Socket>,
     listening: Arc<Listening>,
     up: Arc<Up>,
     started: Instant,
@@ -663,14 +667,12 @@ impl Session {
                 // ERROR too: an ICMP error (port unreachable) makes the socket neither
                 // readable nor writable, only erroneous.
                 r = self.server.ready(Interest::READABLE | Interest::ERROR) => match r {
-                    Ok(ready) if ready.is_error() => {
-                        if let Ok(Some(e)) = self.server.take_error() {
+                    Ok(mut ready) if ready.ready().is_error() => {
+                        if let Ok(Some(e)) = self.server.get_ref().take_error() {
                             break (Outcome::ConnectFailed, Some(e.to_string()));
                         }
                         // Nothing pending after all: forget the error readiness.
-                        let _ = self.server.try_io(Interest::ERROR, || {
-                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                        });
+                        ready.clear_ready_matching(tokio::io::Ready::ERROR);
                     }
                     Ok(_) => {}
                     Err(e) => break (Outcome::ConnectFailed, Some(e.to_string())),
@@ -753,6 +755,7 @@ mod tests {
     use super::*;
     use quinn_udp::Transmit;
     use std::sync::atomic::AtomicUsize;
+    use tokio::net::UdpSocket;
 
     /// Routes every session to one server, up to `limit` at once, and counts them.
     struct To {
@@ -1266,7 +1269,7 @@ mod tests {
                 // No UDP GSO in this kernel: the path is not taken (and not testable).
                 return;
             }
-            let server = UdpSocket::from_std(server).unwrap();
+            let server = crate::net::register_udp(server).unwrap();
             let received = Arc::new(AtomicU64::new(0));
             let got = received.clone();
             tokio::spawn(async move {
@@ -1292,14 +1295,14 @@ mod tests {
                         segment_size: (m.stride < m.len).then_some(m.stride),
                         src_ip: None,
                     };
-                    let _ = sstate.try_send(UdpSockRef::from(&server), &t);
+                    let _ = sstate.try_send(UdpSockRef::from(server.get_ref()), &t);
                 }
             });
             let r = start("127.0.0.1", server_addr, settings()).await;
             let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             c.connect(r.addr).unwrap();
             let cstate = UdpSocketState::new(UdpSockRef::from(&c)).unwrap();
-            let c = UdpSocket::from_std(c).unwrap();
+            let c = crate::net::register_udp(c).unwrap();
             const SIZE: usize = 1000;
             const PER_SEND: usize = 10;
             const SENDS: usize = 10;
@@ -1322,10 +1325,10 @@ mod tests {
                     segment_size: Some(SIZE),
                     src_ip: None,
                 };
-                cstate.try_send(UdpSockRef::from(&c), &t).unwrap();
+                cstate.try_send(UdpSockRef::from(c.get_ref()), &t).unwrap();
                 // Every datagram back, in order, whole.
                 while expect < next {
-                    tokio::time::timeout(WAIT, c.readable())
+                    let _ready = tokio::time::timeout(WAIT, c.readable())
                         .await
                         .unwrap()
                         .unwrap();

@@ -20,10 +20,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+use super::{Direction, Dropped, Socket, segments, sent};
 use io_uring::{IoUring, opcode, types};
-use tokio::net::UdpSocket;
-
-use super::{Direction, Dropped, segments, sent};
 
 /// A datagram's result before it has one.
 const PENDING: i32 = i32::MIN;
@@ -43,7 +41,7 @@ pub enum To {
         src: Option<IpAddr>,
     },
     /// To a session's server, on its connected socket (held open until sent).
-    Server(Arc<UdpSocket>),
+    Server(Arc<Socket>),
 }
 
 /// A queued datagram, and what its send counts as.
@@ -210,9 +208,8 @@ impl Outbox {
         match ring {
             Ring::Sent => {}
             Ring::NotSubmitted => {
-                if let Some(ring) = self.ring.take() {
-                    // Nothing reached the kernel: the entries die with the ring.
-                    drop(ring);
+                // Nothing reached the kernel: the entries die with the ring.
+                if self.ring.take().is_some() {
                     tracing::warn!(
                         "io_uring refused UDP sends: they are sent with sendmmsg from now on"
                     );
@@ -533,11 +530,11 @@ pub(super) mod tests {
     }
 
     /// A session's socket connected to `to`.
-    fn session(to: &StdUdp) -> Arc<UdpSocket> {
+    fn session(to: &StdUdp) -> Arc<Socket> {
         let s = StdUdp::bind("127.0.0.1:0").unwrap();
         s.connect(to.local_addr().unwrap()).unwrap();
         s.set_nonblocking(true).unwrap();
-        Arc::new(UdpSocket::from_std(s).unwrap())
+        Arc::new(crate::net::register_udp(s).unwrap())
     }
 
     fn recv(s: &StdUdp) -> (Vec<u8>, SocketAddr) {
@@ -601,7 +598,7 @@ pub(super) mod tests {
                 for i in (k as u8..10).step_by(2) {
                     let (got, from) = recv(&servers[k]);
                     assert_eq!(got, [&b"hdr"[..], &[i; 5]].concat());
-                    assert_eq!(from, sessions[k].local_addr().unwrap());
+                    assert_eq!(from, sessions[k].get_ref().local_addr().unwrap());
                     let (got, from) = recv(&clients[k]);
                     assert_eq!(got, [i; 300]);
                     assert_eq!(from, listening.local_addr().unwrap());
