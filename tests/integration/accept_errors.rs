@@ -1,11 +1,9 @@
 //! The accept loop under descriptor exhaustion: EMFILE backs off (no spinning, no exit)
 //! and ferry recovers as soon as descriptors free up.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// CPU time (user + system) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {

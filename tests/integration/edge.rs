@@ -5,16 +5,13 @@
 //!
 //! Clients bind source addresses 127.0.0.x to act as different client IPs.
 
-mod common;
-mod ops_support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
-use common::*;
-use ops_support::*;
+use crate::common::*;
+use crate::ops_support::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

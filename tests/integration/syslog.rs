@@ -1,11 +1,9 @@
 //! The access log to syslog: one RFC 5424 message per record, over UDP to a collector and
 //! to a local datagram socket, and a bad target refused by `ferry check`.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Checks one RFC 5424 message: `<134>1 TIMESTAMP HOST ferry PID access - RECORD`;

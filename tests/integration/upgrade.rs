@@ -4,9 +4,6 @@
 //! which exits after the last); SIGUSR2 starts the binary again in place (the new file at
 //! the path, after a package replaced it) and tells systemd the new main pid; and an upgrade that cannot start leaves the old process serving.
 
-mod common;
-mod ops_support;
-
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
@@ -14,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use common::*;
-use ops_support::{admin_addr, status};
+use crate::common::*;
+use crate::ops_support::{admin_addr, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A ferry started by `ferry upgrade` (a child of the test), killed on drop.

@@ -7,16 +7,13 @@
 //! killed and restarted, reloads that change the pool and the listener's settings. A
 //! connection broken by a fault is counted; one that delivers wrong bytes fails the run.
 
-mod common;
-mod ops_support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use common::*;
-use ops_support::*;
+use crate::common::*;
+use crate::ops_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

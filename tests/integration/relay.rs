@@ -1,12 +1,10 @@
 //! The relay through the real binary: bytes arrive intact both ways, half-closes pass
 //! through, and every connection gets an access-log record.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -90,7 +88,7 @@ async fn basic_echo_and_access_record() {
 }
 
 const BIG: u64 = 100 * 1024 * 1024;
-/// SHA-256 of `BIG` bytes of `Prng::new(7)` and `Prng::new(42)` (see `common::prng_sha256`),
+/// SHA-256 of `BIG` bytes of `Prng::new(7)` and `Prng::new(42)` (see `crate::common::prng_sha256`),
 /// computed once with an optimised build: in a debug build SHA-256 runs at ~35 MiB/s, so
 /// each end hashing the same 100 MiB again would dominate the suite's time.
 const BIG_SEED_7_SHA256: &str = "c4a520115691d97f6fdb7bf9161decbb8484d275de097a649317658536797f63";

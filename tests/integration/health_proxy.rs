@@ -1,10 +1,8 @@
 //! Health checks of servers that require a PROXY header on every connection.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A server that answers "OK\n" only to connections that start with a PROXY header.

@@ -11,9 +11,6 @@
 //! Every wait is bounded; certificates and keys are made by rcgen in each test's own
 //! temporary folder.
 
-mod common;
-mod ops_support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
@@ -21,9 +18,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::pki::{self, Ca, ClientOpts, Leaf, Tls};
-use common::*;
-use ops_support::*;
+use crate::common::pki::{self, Ca, ClientOpts, Leaf, Tls};
+use crate::common::*;
+use crate::ops_support::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1810,7 +1807,7 @@ async fn handshake_deadline() {
     let admin = admin_addr(&ferry).await;
     let addr = ferry.addr("web");
     const HELLO: &[u8] =
-        include_bytes!("../src/wire/testdata/client_hello/openssl-tls13-sni-alpn.bin");
+        include_bytes!("../../src/wire/testdata/client_hello/openssl-tls13-sni-alpn.bin");
 
     // (a) Silent clients and (b) clients that send the first 50 bytes of a ClientHello.
     let mut stalled = Vec::new();

@@ -9,9 +9,6 @@
 //! application bytes they received, and `openssl s_server` where a real peer is wanted.
 //! Every wait is bounded.
 
-mod common;
-mod ops_support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::path::Path;
@@ -20,9 +17,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pki::{self, Ca, ClientOpts, Leaf};
-use common::*;
-use ops_support::*;
+use crate::common::pki::{self, Ca, ClientOpts, Leaf};
+use crate::common::*;
+use crate::ops_support::*;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::server::WebPkiClientVerifier;

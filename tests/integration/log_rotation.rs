@@ -1,8 +1,6 @@
 //! Access-log rotation: move the file away, SIGHUP, and ferry writes to a new one.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reopens_the_access_log_file() {

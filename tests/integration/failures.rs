@@ -1,12 +1,10 @@
 //! Connections that end badly: the server refuses, never answers, goes silent, or either
 //! side resets. The client is always closed promptly and the record says why.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROMPT: Duration = Duration::from_secs(2);

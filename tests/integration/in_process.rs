@@ -4,14 +4,12 @@
 //! nothing else to do, at the instant they are due, so these tests assert what is open and
 //! what is closed at a given virtual time, however loaded the machine is.
 
-mod common;
-
 use std::future::pending;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::echo_server;
+use crate::common::echo_server;
 use ferry::listener::{Binder, SystemBinder};
 use ferry::observe::Outcome;
 use ferry::runtime::{Proxy, ReloadOutcome, Stopped};

@@ -12,16 +12,13 @@
 
 #![cfg(feature = "dns")]
 
-mod common;
-mod ops_support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::dns::Dnsmasq;
-use common::*;
-use ops_support::{
+use crate::common::dns::Dnsmasq;
+use crate::common::*;
+use crate::ops_support::{
     admin_addr, connect_tagged, http, metric, metrics, read_line, status, tagged_echo_on,
 };
 use serde_json::Value;
@@ -446,7 +443,7 @@ async fn srv_and_names_added_through_the_admin_api() {
 /// sends `tls\n` and echoes; records each handshake's SNI.
 fn tls_tagged_echo_on(
     ip: &str,
-    leaf: &common::pki::Leaf,
+    leaf: &crate::common::pki::Leaf,
 ) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -490,7 +487,7 @@ fn tls_tagged_echo_on(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_srv_servers_sends_and_verifies_the_services_domain() {
     // A certificate for the service's domain only: verifying any other name would fail.
-    let ca = common::pki::Ca::new("srv test CA");
+    let ca = crate::common::pki::Ca::new("srv test CA");
     let (t, snis) = tls_tagged_echo_on("127.0.0.2", &ca.server(&["test.internal"]));
     let dir = tempfile::tempdir().unwrap();
     let ca_path = dir.path().join("ca.pem");

@@ -1,10 +1,7 @@
 //! The command line: quick mode, `--version`, bad arguments and exit codes.
 
-mod common;
-mod ops_support;
-
-use common::*;
-use ops_support::{get, status};
+use crate::common::*;
+use crate::ops_support::{get, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,14 +5,12 @@
 //! allow never reach a server; the association ends with its control connection, and its
 //! record counts what moved and what was dropped.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A UDP echo server on loopback that counts the datagrams it gets.
 async fn udp_echo() -> (SocketAddr, Arc<AtomicUsize>) {

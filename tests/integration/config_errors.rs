@@ -1,9 +1,7 @@
 //! `ferry check`: every error of a broken config as `file:line:col: message` and exit 1;
 //! a good config gives a summary and exit 0.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const GOOD: &str = r#"[global]
 max_connections = 1000

@@ -23,19 +23,16 @@
 //! where it says something, `user`, `destination` (as asked) and `server` (the address
 //! dialled). Every wait is bounded; nothing waits on a clock to synchronise.
 
-mod common;
-mod ops_support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::netns::Netns;
-use common::pki::{self, Ca, ClientOpts};
-use common::*;
-use ops_support::{Peer, free_port};
+use crate::common::netns::Netns;
+use crate::common::pki::{self, Ca, ClientOpts};
+use crate::common::*;
+use crate::ops_support::{Peer, free_port};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -13,13 +13,11 @@
 //!
 //! Needs root, iproute2 and nftables (installed by scripts/setup-test-deps).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
-use common::netns::{Path3, SLOW};
-use common::*;
+use crate::common::netns::{Path3, SLOW};
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Prints the config's rules with `ferry nft-rules` and loads them in `ns`.
@@ -177,7 +175,7 @@ mark = 0x1
     // Straight to the listener: its original destination is ferry itself. Refused at once
     // (the reset may even beat the end of the client's connect).
     let direct = SocketAddr::new(net.proxy_ip, 15001);
-    let c = common::netns::in_ns(&net.client_ns, move || {
+    let c = crate::common::netns::in_ns(&net.client_ns, move || {
         std::net::TcpStream::connect_timeout(&direct, WAIT)
     });
     if let Ok(c) = c {
@@ -283,7 +281,7 @@ destinations = ["{ip4}/32:{port}", "[{ip6}/128]:{port}"]
 fn net_ip(ns: &str, args: &[&str]) {
     let mut all = vec!["-n", ns];
     all.extend_from_slice(args);
-    common::netns::ip(&all);
+    crate::common::netns::ip(&all);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,14 +4,12 @@
 //! a ferry that runs as `nobody` and so could not bind the port below 1024 it serves on;
 //! and the unit in `contrib/` accepted by `systemd-analyze verify`.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,12 +1,10 @@
 //! Graceful shutdown: SIGTERM/SIGINT stop accepting at once, open connections get up to
 //! `drain_timeout`, then ferry exits 0.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ferry::config::{Config, parse_str};
 
-const DOC: &str = include_str!("../docs/config.md");
+const DOC: &str = include_str!("../../docs/config.md");
 
 /// The minimal config each section's key is added to; `@` marks where the key goes.
 fn template(section: &str) -> Option<&'static str> {

@@ -10,12 +10,10 @@
 //! (whose reads carry partial records over from one segment to the next). Each round must
 //! complete within `netns::SLOW`, far above the normal time (a fraction of a second).
 
-mod common;
-
 use std::net::SocketAddr;
 
-use common::netns::{Path3, SLOW};
-use common::{Prng, WAIT, pki, prng_sha256, send_prng};
+use crate::common::netns::{Path3, SLOW};
+use crate::common::{Prng, WAIT, pki, prng_sha256, send_prng};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -119,7 +117,7 @@ async fn client(net: &Path3, front: SocketAddr, id: u64, what: &str) {
 /// namespace).
 fn tls_client(net: &Path3, front: SocketAddr, id: u64, what: &str, roots: &[String]) {
     use std::io::{Read, Write};
-    let sock = common::netns::in_ns(&net.client_ns, || {
+    let sock = crate::common::netns::in_ns(&net.client_ns, || {
         std::net::TcpStream::connect_timeout(&front, WAIT).expect("connect")
     });
     sock.set_read_timeout(Some(SLOW)).unwrap();

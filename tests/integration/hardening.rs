@@ -2,11 +2,8 @@
 //! readers, and the other faults a proxy at the edge meets. Each test shows that the fault
 //! costs only the connection (or request) that caused it.
 
-mod common;
-mod ops_support;
-
-use common::*;
-use ops_support::*;
+use crate::common::*;
+use crate::ops_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Every duration at the longest `check` allows and the slowest rate with the largest

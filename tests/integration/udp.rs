@@ -5,18 +5,15 @@
 //! reload and drain, the metrics and status, and datagrams crossing a veth pair with MTU
 //! 1500.
 
-mod common;
-mod ops_support;
-
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::dns::{Dnsmasq, dig, kdig};
-use common::*;
-use ops_support::{admin_addr, metric_must, metrics, server_status, status};
+use crate::common::dns::{Dnsmasq, dig, kdig};
+use crate::common::*;
+use crate::ops_support::{admin_addr, metric_must, metrics, server_status, status};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 
@@ -640,7 +637,7 @@ async fn reload_keeps_sessions_and_drain_ends_them() {
         .unwrap()
         .replace("\"60s\"", "\"50s\"");
     std::fs::write(&ferry.config_path, text).unwrap();
-    let r = ops_support::post(admin, "/api/reload", None).await;
+    let r = crate::ops_support::post(admin, "/api/reload", None).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.body.contains("changed"), "{}", r.body);
     assert_eq!(ask(&c, b"after").await, b"after");
@@ -859,7 +856,7 @@ async fn deny_max_sessions_and_rate_drop_and_count() {
 /// OpenMetrics), typed as documented, with one sample per drop reason.
 #[tokio::test]
 async fn udp_metrics_pass_the_reference_parser() {
-    ops_support::ensure_prometheus_client();
+    crate::ops_support::ensure_prometheus_client();
     let (echo, _) = udp_server("127.0.0.1", None).await;
     let ferry = Ferry::start(&udp_config("127.0.0.1:0", "", "", &[echo]), 1).await;
     let admin = admin_addr(&ferry).await;
@@ -869,13 +866,13 @@ async fn udp_metrics_pass_the_reference_parser() {
     for openmetrics in [false, true] {
         let body = if openmetrics {
             let accept = "application/openmetrics-text;version=1.0.0";
-            ops_support::http(admin, "GET", "/metrics", &[("Accept", accept)], b"")
+            crate::ops_support::http(admin, "GET", "/metrics", &[("Accept", accept)], b"")
                 .await
                 .body
         } else {
             text.clone()
         };
-        let fams = ops_support::parse_with_prometheus_client(&body, openmetrics);
+        let fams = crate::ops_support::parse_with_prometheus_client(&body, openmetrics);
         for (family, ty, samples) in [
             ("ferry_udp_sessions_active", "gauge", 1),
             ("ferry_udp_datagrams", "counter", 2),

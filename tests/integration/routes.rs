@@ -6,11 +6,8 @@
 //! is what was agreed.
 //!
 //! Real TLS servers are `openssl s_server` child processes (killed on drop); the clients
-//! are rustls (`common::pki`) or raw sockets sending recorded ClientHellos
+//! are rustls (`crate::common::pki`) or raw sockets sending recorded ClientHellos
 //! (`src/wire/testdata/client_hello/`). Every wait is bounded.
-
-mod common;
-mod ops_support;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -18,9 +15,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::pki::{self, Ca, ClientOpts, Leaf};
-use common::*;
-use ops_support::*;
+use crate::common::pki::{self, Ca, ClientOpts, Leaf};
+use crate::common::*;
+use crate::ops_support::*;
 use rustls::pki_types::CertificateDer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,13 +2,10 @@
 //! (`token_file`, `password_file`), never printed; and a private key or secret file that
 //! every user can read is a warning (`ferry check` prints it, ferry logs it).
 
-mod common;
-mod ops_support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn secret(dir: &Path, name: &str, text: &str, mode: u32) -> String {
@@ -28,21 +25,23 @@ async fn the_admin_token_comes_from_its_file_and_is_never_printed() {
         echo_config("", echo)
     );
     let ferry = Ferry::start(&cfg, 1).await;
-    let admin = ops_support::admin_addr(&ferry).await;
+    let admin = crate::ops_support::admin_addr(&ferry).await;
     assert_eq!(
-        ops_support::post(admin, "/api/reload", None).await.status,
-        401
-    );
-    assert_eq!(
-        ops_support::post(admin, "/api/reload", Some("wrong"))
+        crate::ops_support::post(admin, "/api/reload", None)
             .await
             .status,
         401
     );
-    let r = ops_support::post(admin, "/api/reload", Some(token)).await;
+    assert_eq!(
+        crate::ops_support::post(admin, "/api/reload", Some("wrong"))
+            .await
+            .status,
+        401
+    );
+    let r = crate::ops_support::post(admin, "/api/reload", Some(token)).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(!ferry.stderr.text().contains(token), "the token was logged");
-    let status = ops_support::get(admin, "/api/status").await;
+    let status = crate::ops_support::get(admin, "/api/status").await;
     assert!(!status.body.contains(token));
 }
 

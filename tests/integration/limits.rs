@@ -1,12 +1,10 @@
 //! Load and limits: backpressure from a client that never reads, many connections at
 //! once, and `max_connections` on a listener and across listeners.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -4,16 +4,13 @@
 //! in the status; refused requests answered with the reason; and the next reload puts the
 //! file's servers back. No connection of the steady load fails throughout.
 
-mod common;
-mod ops_support;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
-use common::*;
-use ops_support::{HttpResp, admin_addr, http, metric_must, metrics, status};
+use crate::common::*;
+use crate::ops_support::{HttpResp, admin_addr, http, metric_must, metrics, status};
 use serde_json::Value;
 
 const TOKEN: &str = "s3cret-token";

@@ -4,9 +4,6 @@
 //! reload, on_connect/progress access-log records, and the stats page in headless
 //! Chromium.
 
-mod common;
-mod ops_support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
-use ops_support::*;
+use crate::common::*;
+use crate::ops_support::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

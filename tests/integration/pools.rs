@@ -4,15 +4,12 @@
 //! active health checks (plain and send/expect against a real redis-server), passive
 //! ejection, and DNS re-resolution of servers given by name.
 
-mod common;
-mod pools_support;
-
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::*;
-use pools_support::*;
+use crate::common::*;
+use crate::pools_support::*;
 use tokio::io::AsyncWriteExt;
 
 /// An `[[upstream]]` named `name` over `servers` (TOML server items), with `extra` lines.
