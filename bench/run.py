@@ -2438,8 +2438,10 @@ class Bench:
                            "--duration", str(secs), "--sockets", str(self.prof["udp_sockets"]),
                            "--window", str(self.prof["udp_window"])]
                     cpu0 = cpu_times(pgid) if pgid else None
+                    echo0 = cpu_times(srv.proc.pid)
                     res = run_capture(cmd, timeout=secs + 60)
                     cpu1 = cpu_times(pgid) if pgid else None
+                    echo1 = cpu_times(srv.proc.pid)
                     try:
                         j = json.loads(res.stdout.strip().splitlines()[-1])
                     except (json.JSONDecodeError, IndexError):
@@ -2454,7 +2456,11 @@ class Bench:
                            "lost_fraction": j["lost"] / j["sent"] if j["sent"] else 0.0,
                            "p50_ms": j["latency_us"]["p50"] / 1000, "p99_ms": j["latency_us"]["p99"] / 1000,
                            "sockets": j["sockets"], "sources": j["sources"], "window": j["window"],
-                           "first_error": j.get("first_error"), "probe": probe}
+                           "first_error": j.get("first_error"), "probe": probe,
+                           # What the load generator and the echo server spent per echo: they
+                           # share the cores with the proxy, so the rate depends on them too.
+                           "client_cpu_us_per_dgram": j["cpu_s"] * 1e6 / got,
+                           "echo_cpu_us_per_dgram": (sum(echo1) - sum(echo0)) * 1e6 / got}
                     if pgid:
                         out["cpu_s"] = sum(cpu1) - sum(cpu0)
                         out["cpu_us_per_dgram"] = out["cpu_s"] * 1e6 / got
@@ -2992,6 +2998,12 @@ def render(summary: dict, order: list[str], rounds: dict | None = None) -> str:
                             proxies, med,
                             [("µs/dgram", lambda m: m["cpu_us_per_dgram"], ".2f", ng + fb),
                              ("of which kernel", lambda m: m["sys_us_per_dgram"], ".2f", [])]))
+        if all("client_cpu_us_per_dgram" in med[n] for n in order if n in med):
+            out.append(md_table(f"Load generator and echo server CPU per echoed {size} B datagram through each "
+                                "(µs; they share the cores with the proxy, so the rate depends on them too)",
+                                order, med,
+                                [("udprate µs", lambda m: m["client_cpu_us_per_dgram"], ".2f", []),
+                                 ("udpecho µs", lambda m: m["echo_cpu_us_per_dgram"], ".2f", [])]))
         bad = [n for n in order if n in med and (med[n].get("bad") or med[n].get("late"))]
         if bad:
             out.append("Echoes that came late (after the 200 ms timeout) or wrong (size, socket, sequence, "

@@ -16,7 +16,7 @@
 //! epoll, recvmmsg and sendmmsg. After `--duration` seconds no more datagrams are sent,
 //! the outstanding ones are waited for (at most the timeout), and one JSON line is printed:
 //! sent, received, lost, late, bad, datagrams/s (echoes received per second, from the
-//! start to the last echo) and the round-trip latency.
+//! start to the last echo), the round-trip latency and the CPU seconds udprate used.
 
 use std::collections::VecDeque;
 use std::io;
@@ -527,8 +527,9 @@ fn main() {
         .as_deref()
         .map(json_str)
         .unwrap_or_else(|| "null".into());
+    let cpu = cpu_seconds();
     println!(
-        "{{\"target\":{},\"sockets\":{},\"sources\":{},\"threads\":{},\"size\":{},\"window\":{},\"timeout_ms\":{},\"duration_s\":{:.3},\"elapsed_s\":{:.3},\"sent\":{},\"received\":{},\"lost\":{},\"late\":{},\"bad\":{},\"errors\":{},\"rate_per_s\":{:.1},\"latency_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"max\":{}}},\"first_error\":{}}}",
+        "{{\"target\":{},\"sockets\":{},\"sources\":{},\"threads\":{},\"size\":{},\"window\":{},\"timeout_ms\":{},\"duration_s\":{:.3},\"elapsed_s\":{:.3},\"sent\":{},\"received\":{},\"lost\":{},\"late\":{},\"bad\":{},\"errors\":{},\"rate_per_s\":{:.1},\"latency_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"max\":{}}},\"first_error\":{},\"cpu_s\":{:.3}}}",
         json_str(&args.target.to_string()),
         args.sockets,
         sources.len(),
@@ -549,6 +550,19 @@ fn main() {
         q(0.9),
         q(0.99),
         max,
-        fe
+        fe,
+        cpu
     );
+}
+
+/// CPU seconds (user and system) this process has used: the load generator's own share
+/// of the machine, so that a run can say what the client cost per datagram.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
