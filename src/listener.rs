@@ -562,7 +562,7 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     mut accepted: impl FnMut(std::net::TcpStream, SocketAddr),
 ) {
-    let listener: Listener = match crate::net::register_listener(socket) {
+    let listener: Listener = match crate::net::register_readable(socket) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(listener = %name, "cannot register the listening socket: {e}");

@@ -22,7 +22,7 @@ mod register;
 mod udp_opts;
 
 pub(crate) use buf_lock::unlock as unlock_buffers;
-pub(crate) use register::{register, register_listener, register_readable, register_udp};
+pub(crate) use register::{register, register_readable};
 pub(crate) use udp_opts::{allow_fragments, enable_udp_gro, quiet_listener};
 
 /// A connected TCP socket of the data path.

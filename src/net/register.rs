@@ -2,6 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -17,32 +18,22 @@ pub(crate) fn register(inner: std::net::TcpStream) -> io::Result<AsyncFd<std::ne
     unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
 }
 
-/// Registers a non-blocking listening socket ferry owns with the runtime's reactor.
-pub(crate) fn register_listener(
-    inner: std::net::TcpListener,
-) -> io::Result<AsyncFd<std::net::TcpListener>> {
-    // SAFETY: as for `register`: the `AsyncFd` owns the descriptor from here on.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-}
+/// A descriptor-owning type: closing is its drop, and `as_raw_fd` always gives the one
+/// descriptor it owns. Only such types are registered with the reactor.
+pub(crate) trait Owned: AsRawFd {}
+impl Owned for std::net::TcpListener {}
+impl Owned for std::net::UdpSocket {}
+impl Owned for std::os::fd::OwnedFd {}
 
-/// Registers a non-blocking descriptor ferry owns (the upgrade control socket) with the
-/// runtime's reactor, for reading.
-pub(crate) fn register_readable(
-    inner: std::os::fd::OwnedFd,
-) -> io::Result<AsyncFd<std::os::fd::OwnedFd>> {
-    // SAFETY: as for `register`: the `AsyncFd` owns the descriptor from here on.
-    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-}
-
-/// Registers a non-blocking UDP socket ferry owns with the runtime's reactor, for reading
-/// (and errors: ICMP reports). UDP sends never wait for room (a datagram that does not fit
-/// is dropped), so write readiness is not asked for: registered for it, the socket would
-/// turn ready each time the kernel freed a sent datagram's buffer, and every datagram sent
+/// Registers a non-blocking descriptor ferry owns with the runtime's reactor, for reading
+/// (and errors, which epoll always reports): a listening socket, the upgrade control
+/// socket, or a UDP socket. UDP sends never wait for room (a datagram that does not fit is
+/// dropped), so UDP sockets are not registered for writing either: the socket would turn
+/// writable each time the kernel freed a sent datagram's buffer, and every datagram sent
 /// would put an event on the worker's epoll.
-pub(crate) fn register_udp(inner: std::net::UdpSocket) -> io::Result<AsyncFd<std::net::UdpSocket>> {
-    // SAFETY: as for `register`: the `AsyncFd` owns the descriptor from here on.
+pub(crate) fn register_readable<T: Owned>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: as for `register`: `T` owns its descriptor and the `AsyncFd` owns `T` from
+    // here on.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }

@@ -50,7 +50,7 @@ mod outbox;
 use outbox::{Outbox, To};
 
 /// A UDP socket registered with the worker's runtime for reads and errors only
-/// ([`crate::net::register_udp`]).
+/// ([`crate::net::register_readable`]: sends never wait for room).
 pub(crate) type Socket = AsyncFd<std::net::UdpSocket>;
 
 /// Large enough for any UDP payload (IPv4: 65,507 bytes; IPv6 without jumbograms: 65,527).
@@ -173,7 +173,7 @@ impl Listening {
         crate::net::allow_fragments(&sock, local)?;
         crate::net::quiet_listener(&sock, local)?;
         Ok(Listening {
-            sock: crate::net::register_udp(sock)?,
+            sock: crate::net::register_readable(sock)?,
             state,
             local,
             wildcard: local.ip().is_unspecified(),
@@ -617,7 +617,7 @@ fn connect(server: SocketAddr) -> io::Result<Socket> {
     let s = std::net::UdpSocket::bind(any)?;
     s.connect(server)?;
     s.set_nonblocking(true)?;
-    crate::net::register_udp(s)
+    crate::net::register_readable(s)
 }
 
 /// One session's task: replies back to the client until it ends.
@@ -1263,13 +1263,14 @@ mod tests {
             IO_URING.set(io_uring);
             // A server that answers each read with one GSO send of the same datagrams.
             let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            server.set_nonblocking(true).unwrap();
             let server_addr = server.local_addr().unwrap();
             let sstate = UdpSocketState::new(UdpSockRef::from(&server)).unwrap();
             if sstate.max_gso_segments() <= 1 {
                 // No UDP GSO in this kernel: the path is not taken (and not testable).
                 return;
             }
-            let server = crate::net::register_udp(server).unwrap();
+            let server = crate::net::register_readable(server).unwrap();
             let received = Arc::new(AtomicU64::new(0));
             let got = received.clone();
             tokio::spawn(async move {
@@ -1301,8 +1302,9 @@ mod tests {
             let r = start("127.0.0.1", server_addr, settings()).await;
             let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
             c.connect(r.addr).unwrap();
+            c.set_nonblocking(true).unwrap();
             let cstate = UdpSocketState::new(UdpSockRef::from(&c)).unwrap();
-            let c = crate::net::register_udp(c).unwrap();
+            let c = crate::net::register_readable(c).unwrap();
             const SIZE: usize = 1000;
             const PER_SEND: usize = 10;
             const SENDS: usize = 10;

@@ -20,8 +20,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-use super::{Direction, Dropped, Socket, segments, sent};
 use io_uring::{IoUring, opcode, types};
+
+use super::{Direction, Dropped, Socket, segments, sent};
 
 /// A datagram's result before it has one.
 const PENDING: i32 = i32::MIN;
@@ -534,7 +535,7 @@ pub(super) mod tests {
         let s = StdUdp::bind("127.0.0.1:0").unwrap();
         s.connect(to.local_addr().unwrap()).unwrap();
         s.set_nonblocking(true).unwrap();
-        Arc::new(crate::net::register_udp(s).unwrap())
+        Arc::new(crate::net::register_readable(s).unwrap())
     }
 
     fn recv(s: &StdUdp) -> (Vec<u8>, SocketAddr) {

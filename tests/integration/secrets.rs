@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::common::*;
+use crate::ops_support::{admin_addr, get, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn secret(dir: &Path, name: &str, text: &str, mode: u32) -> String {
@@ -25,23 +26,13 @@ async fn the_admin_token_comes_from_its_file_and_is_never_printed() {
         echo_config("", echo)
     );
     let ferry = Ferry::start(&cfg, 1).await;
-    let admin = crate::ops_support::admin_addr(&ferry).await;
-    assert_eq!(
-        crate::ops_support::post(admin, "/api/reload", None)
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        crate::ops_support::post(admin, "/api/reload", Some("wrong"))
-            .await
-            .status,
-        401
-    );
-    let r = crate::ops_support::post(admin, "/api/reload", Some(token)).await;
+    let admin = admin_addr(&ferry).await;
+    assert_eq!(post(admin, "/api/reload", None).await.status, 401);
+    assert_eq!(post(admin, "/api/reload", Some("wrong")).await.status, 401);
+    let r = post(admin, "/api/reload", Some(token)).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(!ferry.stderr.text().contains(token), "the token was logged");
-    let status = crate::ops_support::get(admin, "/api/status").await;
+    let status = get(admin, "/api/status").await;
     assert!(!status.body.contains(token));
 }
 

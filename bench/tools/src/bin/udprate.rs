@@ -558,8 +558,9 @@ fn main() {
 /// CPU seconds (user and system) this process has used: the load generator's own share
 /// of the machine, so that a run can say what the client cost per datagram.
 fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct it is given.
+    // SAFETY: rusage is plain integers, for which all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
         return f64::NAN;
     }
