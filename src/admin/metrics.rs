@@ -192,9 +192,10 @@ impl Collector for Snapshot {
                 MetricType::Counter,
             )?;
             for l in &listeners {
-                for (dir, v) in [("up", &l.stats.bytes_up), ("down", &l.stats.bytes_down)] {
+                let (up, down) = l.stats.bytes();
+                for (dir, v) in [("up", up), ("down", down)] {
                     let labels = [("listener", l.name.as_str()), ("direction", dir)];
-                    counter(v.get()).encode(m.encode_family(&labels)?)?;
+                    counter(v).encode(m.encode_family(&labels)?)?;
                 }
             }
         }
@@ -256,13 +257,23 @@ impl Collector for Snapshot {
                 MetricType::Counter,
             )?;
             for l in &udp_listeners {
-                for (dir, v) in [
-                    ("up", &l.stats.datagrams_up),
-                    ("down", &l.stats.datagrams_down),
-                ] {
+                let (up, down, _) = l.stats.datagrams();
+                for (dir, v) in [("up", up), ("down", down)] {
                     let labels = [("listener", l.name.as_str()), ("direction", dir)];
-                    counter(v.get()).encode(m.encode_family(&labels)?)?;
+                    counter(v).encode(m.encode_family(&labels)?)?;
                 }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "udp_kernel_datagrams",
+                "Of the UDP datagrams relayed, those the kernel relayed (established sessions)",
+                None,
+                MetricType::Counter,
+            )?;
+            for l in &udp_listeners {
+                let labels = [("listener", l.name.as_str())];
+                counter(l.stats.datagrams().2).encode(m.encode_family(&labels)?)?;
             }
         }
         {

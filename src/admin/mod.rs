@@ -493,7 +493,7 @@ pub fn status(shared: &Shared) -> Value {
                 .map(|o| (o.as_str().to_string(), json!(st.finished(*o))))
                 .collect();
             let t: u64 = Outcome::FINAL.iter().map(|o| st.finished(*o)).sum();
-            let (u, d) = (st.bytes_up.get(), st.bytes_down.get());
+            let (u, d) = st.bytes();
             active += a;
             total += t;
             up += u;
@@ -534,19 +534,23 @@ pub fn status(shared: &Shared) -> Value {
             };
             // A UDP listener's sessions (its connections) and datagrams.
             let udp = match &ctx.front {
-                crate::frontend::FrontEnd::Udp(u) => json!({
+                crate::frontend::FrontEnd::Udp(u) => {
+                    let datagrams = st.datagrams();
+                    json!({
                     "sessions_active": a,
                     "sessions_total": t,
                     "idle_timeout_ms": u.idle_timeout.as_millis() as u64,
                     "responses": u.responses,
                     "requests": u.requests,
-                    "datagrams_up": st.datagrams_up.get(),
-                    "datagrams_down": st.datagrams_down.get(),
+                    "datagrams_up": datagrams.0,
+                    "datagrams_down": datagrams.1,
+                    "datagrams_kernel": datagrams.2,
                     "dropped": crate::observe::Dropped::ALL
                         .iter()
                         .map(|d| (d.as_str().to_string(), json!(st.dropped(*d))))
                         .collect::<serde_json::Map<String, Value>>(),
-                }),
+                    })
+                }
                 _ => Value::Null,
             };
             let routes: Vec<Value> = ctx

@@ -57,6 +57,9 @@ pub struct Global {
     /// Send UDP datagrams through io_uring (one system call for a round's datagrams,
     /// whatever socket each leaves from) where the kernel allows it; else `sendmmsg`.
     pub io_uring: bool,
+    /// Let the kernel relay established UDP sessions (a TC program rewriting their
+    /// datagrams) where the build, the kernel and the process's privileges allow it.
+    pub udp_kernel: bool,
 }
 
 impl Default for Global {
@@ -68,6 +71,7 @@ impl Default for Global {
             splice: true,
             pipe_size: 1024 * 1024,
             io_uring: true,
+            udp_kernel: true,
         }
     }
 }

@@ -446,6 +446,7 @@ const GLOBAL_KEYS: &[&str] = &[
     "pipe_size",
     "resolvers",
     "io_uring",
+    "udp_kernel",
 ];
 /// Bounds of `[global] pipe_size`: one page, and far more than a pipe needs to keep a
 /// fast stream moving (root may grow pipes past `fs.pipe-max-size`).
@@ -690,6 +691,7 @@ fn global(cx: &mut Cx<'_>, t: Tab<'_, '_>) -> (Global, Vec<SocketAddr>) {
             .size_in(cx, "pipe_size", PIPE_SIZE_MIN, PIPE_SIZE_MAX)
             .unwrap_or(d.pipe_size),
         io_uring: t.bool(cx, "io_uring").unwrap_or(d.io_uring),
+        udp_kernel: t.bool(cx, "udp_kernel").unwrap_or(d.udp_kernel),
     };
     t.finish(cx, GLOBAL_KEYS, &[]);
     (g, resolvers)

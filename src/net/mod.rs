@@ -23,7 +23,7 @@ mod udp_opts;
 
 pub(crate) use buf_lock::unlock as unlock_buffers;
 pub(crate) use register::{register, register_readable};
-pub(crate) use udp_opts::{allow_fragments, enable_udp_gro, quiet_listener};
+pub(crate) use udp_opts::{allow_fragments, enable_udp_gro, quiet_listener, receive_pktinfo};
 
 /// A connected TCP socket of the data path.
 pub type Sock = AsyncFd<std::net::TcpStream>;

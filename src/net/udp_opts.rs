@@ -1,5 +1,6 @@
 //! UDP socket options neither rustix nor socket2 has: letting the kernel fragment what a
-//! listening socket sends, and UDP GRO on a session's socket.
+//! listening socket sends, UDP GRO on a session's socket,
+//! and the interface each datagram came in on.
 //!
 //! `quinn-udp`, which reads a UDP listener's datagrams in batches, sets its socket to never
 //! fragment (QUIC probes the path MTU itself). A relay must pass any datagram on, so
@@ -23,79 +24,63 @@ pub(crate) fn allow_fragments(sock: &impl AsFd, local: SocketAddr) -> io::Result
         )?);
     }
     sockopt::set_ipv6_mtu_discover(sock, sockopt::Ipv6PathMtuDiscovery::DONT)?;
-    let off: libc::c_int = 0;
-    // SAFETY: the descriptor is open for the call (`sock` holds it); the kernel reads
-    // `size_of::<c_int>()` bytes from `off`, an initialized c_int.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_DONTFRAG,
-            (&raw const off).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int(sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
 }
 
 /// Enables UDP GRO on `sock`: datagrams of one size from one sender arrive coalesced, one
 /// read for many (the size in a control message), to be passed on with one GSO send.
 pub(crate) fn enable_udp_gro(sock: &impl AsFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: as above; the kernel reads one initialized c_int.
+    set_int(sock, libc::SOL_UDP, libc::UDP_GRO, 1)
+}
+
+/// Turns off what `quinn-udp` asks the kernel to attach to every datagram a listening
+/// socket receives and a relay has no use for: receive timestamps, the TOS/traffic class
+/// byte, and (on a socket bound to one address, unless `pktinfo` asks to keep it, with the
+/// interface) the destination address. Each is a control message built per datagram.
+pub(crate) fn quiet_listener(sock: &impl AsFd, local: SocketAddr, pktinfo: bool) -> io::Result<()> {
+    set_int(sock, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0)?;
+    let wildcard = local.ip().is_unspecified();
+    if local.is_ipv4() {
+        set_int(sock, libc::IPPROTO_IP, libc::IP_RECVTOS, 0)?;
+    } else {
+        set_int(sock, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0)?;
+    }
+    if !wildcard && !pktinfo {
+        receive_pktinfo(sock, local, false)?;
+    }
+    Ok(())
+}
+
+/// Whether each datagram `sock` (of `local`'s family) receives comes with where it was
+/// sent to and the interface it came in on (`IP_PKTINFO`, `IPV6_RECVPKTINFO`).
+pub(crate) fn receive_pktinfo(sock: &impl AsFd, local: SocketAddr, on: bool) -> io::Result<()> {
+    if local.is_ipv4() {
+        set_int(sock, libc::IPPROTO_IP, libc::IP_PKTINFO, on.into())
+    } else {
+        set_int(sock, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, on.into())
+    }
+}
+
+/// Sets an integer socket option.
+fn set_int(
+    sock: &impl AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the descriptor is open for the call (`sock` holds it); the kernel reads
+    // `size_of::<c_int>()` bytes from `v`, an initialized c_int.
     let r = unsafe {
         libc::setsockopt(
             sock.as_fd().as_raw_fd(),
-            libc::SOL_UDP,
-            libc::UDP_GRO,
-            (&raw const on).cast(),
+            level,
+            name,
+            (&raw const v).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     if r != 0 {
         return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Turns off what `quinn-udp` asks the kernel to attach to every datagram a listening
-/// socket receives and a relay has no use for: receive timestamps, the TOS/traffic class
-/// byte, and (on a socket bound to one address) the destination address. Each is a
-/// control message built per datagram.
-pub(crate) fn quiet_listener(sock: &impl AsFd, local: SocketAddr) -> io::Result<()> {
-    let fd = sock.as_fd().as_raw_fd();
-    let off = |level: libc::c_int, name: libc::c_int| -> io::Result<()> {
-        let v: libc::c_int = 0;
-        // SAFETY: as above; the kernel reads one initialized c_int.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&raw const v).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    off(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS)?;
-    let wildcard = local.ip().is_unspecified();
-    if local.is_ipv4() {
-        off(libc::IPPROTO_IP, libc::IP_RECVTOS)?;
-        if !wildcard {
-            off(libc::IPPROTO_IP, libc::IP_PKTINFO)?;
-        }
-    } else {
-        off(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS)?;
-        if !wildcard {
-            off(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
-        }
     }
     Ok(())
 }

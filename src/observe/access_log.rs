@@ -67,6 +67,9 @@ pub struct Record<'a> {
     pub datagrams_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub datagrams_down: Option<u64>,
+    /// Of those (a UDP session), how many the kernel relayed without ferry's sockets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub datagrams_kernel: Option<u64>,
     /// Time to establish the server connection; absent when none was made.
     #[serde(serialize_with = "millis")]
     pub connect_ms: Option<Duration>,
@@ -126,6 +129,7 @@ impl<'a> Record<'a> {
             bytes_down: 0,
             datagrams_up: None,
             datagrams_down: None,
+            datagrams_kernel: None,
             connect_ms: None,
             duration_ms: Duration::ZERO,
             result,

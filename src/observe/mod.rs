@@ -9,4 +9,4 @@ pub mod stats;
 pub use access_log::{AccessLog, Logs, Record};
 pub use counter::Counter;
 pub use outcome::{Dropped, Outcome, Refusal, Stage};
-pub use stats::{ListenerStats, ServerStats};
+pub use stats::{KernelCounts, ListenerStats, ServerStats};

@@ -1,6 +1,7 @@
 //! Live counters, updated on the connection path with relaxed atomics and read by the
 //! status API and metrics.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::{Counter, Dropped, Outcome};
@@ -12,7 +13,8 @@ pub struct ListenerStats {
     pub active: AtomicU64,
     /// Finished connections by [`Outcome::slot`].
     pub finished: [AtomicU64; Outcome::FINAL.len()],
-    /// Payload bytes client → server.
+    /// Payload bytes client → server (of UDP, those through ferry's sockets: see
+    /// [`ListenerStats::bytes`]).
     pub bytes_up: Counter,
     /// Payload bytes server → client.
     pub bytes_down: Counter,
@@ -26,6 +28,9 @@ pub struct ListenerStats {
     pub datagrams_up: Counter,
     pub datagrams_down: Counter,
     pub dropped: [AtomicU64; Dropped::ALL.len()],
+    /// The kernel's counts of this listener, once a socket of it is served with the
+    /// kernel's UDP path.
+    pub kernel: OnceLock<Box<dyn KernelCounts>>,
 }
 
 impl Default for ListenerStats {
@@ -42,6 +47,7 @@ impl Default for ListenerStats {
             datagrams_up: Counter::new(),
             datagrams_down: Counter::new(),
             dropped: Default::default(),
+            kernel: OnceLock::new(),
         }
     }
 }
@@ -67,6 +73,37 @@ impl ListenerStats {
     pub fn dropped(&self, why: Dropped) -> u64 {
         self.dropped[why as usize].load(Relaxed)
     }
+
+    /// What the kernel relayed for this listener: (datagrams up, bytes up, datagrams
+    /// down, bytes down).
+    fn in_kernel(&self) -> [u64; 4] {
+        self.kernel.get().map_or([0; 4], |k| k.relayed())
+    }
+
+    /// Payload bytes each way, through ferry and (UDP) through the kernel.
+    pub fn bytes(&self) -> (u64, u64) {
+        let k = self.in_kernel();
+        (self.bytes_up.get() + k[1], self.bytes_down.get() + k[3])
+    }
+
+    /// UDP datagrams relayed each way, and of them, those the kernel relayed.
+    pub fn datagrams(&self) -> (u64, u64, u64) {
+        let k = self.in_kernel();
+        (
+            self.datagrams_up.get() + k[0],
+            self.datagrams_down.get() + k[2],
+            k[0] + k[2],
+        )
+    }
+}
+
+/// Counts kept by the kernel for a listener (its UDP sessions relayed in the kernel),
+/// read when shown.
+pub trait KernelCounts: Send + Sync + std::fmt::Debug {
+    /// The listener's index in the kernel's counts.
+    fn index(&self) -> u32;
+    /// (datagrams up, bytes up, datagrams down, bytes down)
+    fn relayed(&self) -> [u64; 4];
 }
 
 /// Counters of one server.

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -71,6 +71,11 @@ pub struct Shared {
     pub reloads_failed: AtomicU64,
     /// `[global] io_uring`, for UDP sockets served from now on.
     io_uring: AtomicBool,
+    /// `[global] udp_kernel`, for UDP sockets served from now on.
+    udp_kernel: AtomicBool,
+    /// The kernel's UDP path, loaded when the first UDP socket is served with
+    /// `udp_kernel` (`None`: it could not be).
+    kernel: OnceLock<Option<Arc<crate::udp::Kernel>>>,
     /// Where the config came from; reload reads it again. `None` in quick and demo mode.
     pub config_path: Option<PathBuf>,
     live: tokio::sync::Mutex<Live>,
@@ -369,6 +374,8 @@ impl Proxy {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             io_uring: AtomicBool::new(cfg.global.io_uring),
+            udp_kernel: AtomicBool::new(cfg.global.udp_kernel),
+            kernel: OnceLock::new(),
             config_path,
             live: tokio::sync::Mutex::new(Live {
                 cfg: cfg.clone(),
@@ -584,6 +591,10 @@ impl Shared {
             let stop = g.stop.clone();
             let name = name.to_string();
             let io_uring = self.io_uring.load(Relaxed);
+            let kernel = match b.socket {
+                Socket::Udp(_) => self.udp_kernel(),
+                Socket::Tcp(_) => None,
+            };
             match b.socket {
                 Socket::Tcp(socket) => {
                     g.accepting.spawn_on(
@@ -605,10 +616,15 @@ impl Shared {
                         stats: slot.load().stats.clone(),
                         slot,
                     });
+                    let kernel = kernel.and_then(|k| {
+                        crate::udp::Listening::kernel_ready(&socket).ok()?;
+                        let index = kernel_counts(&k, &sessions.stats)?;
+                        Some((k, index))
+                    });
                     // Served as a connection: the drain waits for its sessions.
                     tracker.spawn_on(
                         async move {
-                            match crate::udp::Listening::new(socket, io_uring) {
+                            match crate::udp::Listening::new(socket, io_uring, kernel) {
                                 Ok(l) => {
                                     crate::udp::serve(Arc::new(l), sessions.clone(), sessions, stop)
                                         .await
@@ -625,6 +641,29 @@ impl Shared {
             }
         }
         groups
+    }
+
+    /// The kernel's UDP path for a UDP socket served now, if `[global] udp_kernel` asks
+    /// for it and it could be loaded (tried once; a failure is logged once).
+    fn udp_kernel(&self) -> Option<Arc<crate::udp::Kernel>> {
+        if !self.udp_kernel.load(Relaxed) {
+            return None;
+        }
+        self.kernel
+            .get_or_init(|| match crate::udp::Kernel::load() {
+                Ok(k) => {
+                    tracing::info!(
+                        interfaces = ?k.interfaces(),
+                        "UDP sessions are relayed in the kernel once their server answers"
+                    );
+                    Some(Arc::new(k))
+                }
+                Err(e) => {
+                    tracing::warn!("UDP sessions relay through sockets only: the kernel path: {e}");
+                    None
+                }
+            })
+            .clone()
     }
 
     /// The per-client table: kept across a reload when the limits did not change (so
@@ -932,6 +971,7 @@ impl Shared {
         live.pools = pools;
 
         self.io_uring.store(cfg.global.io_uring, Relaxed);
+        self.udp_kernel.store(cfg.global.udp_kernel, Relaxed);
         if let Some(max) = plan.max_connections {
             self.global.set_max(max);
             changes.push(format!("max_connections is now {max}"));
@@ -1284,4 +1324,17 @@ fn warn_expiry(listener: &str, t: &ServerTls) {
             tracing::warn!(listener, cert = %c.name, subject = %c.info.subject, "certificate expires in {}", crate::tls::certs::time_left(&c.info));
         }
     }
+}
+
+/// The listener's index in the kernel's counts (given once, kept for the life of its
+/// stats, which show them); `None` once the kernel has none left to give.
+fn kernel_counts(k: &Arc<crate::udp::Kernel>, stats: &ListenerStats) -> Option<u32> {
+    if stats.kernel.get().is_none() {
+        let index = k.listener()?;
+        let _ = stats.kernel.set(Box::new(crate::udp::ListenerCounts {
+            kernel: k.clone(),
+            index,
+        }));
+    }
+    stats.kernel.get().map(|c| c.index())
 }

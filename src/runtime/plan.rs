@@ -160,6 +160,16 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, Vec<String>> {
             }
         ));
     }
+    if g.udp_kernel != og.udp_kernel {
+        notes.push(format!(
+            "UDP sockets bound from now on relay their sessions {}; the others keep theirs",
+            if g.udp_kernel {
+                "in the kernel where it can be loaded"
+            } else {
+                "through sockets only"
+            }
+        ));
+    }
     if g.workers != og.workers {
         notes.push("`workers` takes effect at the next restart".into());
     }

@@ -119,6 +119,7 @@ impl udp::Report<Held> for Sessions {
         rec.bytes_down = s.bytes_down;
         rec.datagrams_up = Some(s.datagrams_up);
         rec.datagrams_down = Some(s.datagrams_down);
+        rec.datagrams_kernel = Some(s.datagrams_kernel);
         rec.duration_ms = s.duration;
         rec.reason = s.reason.as_deref();
         ctx.access_log.write(&rec);

@@ -46,7 +46,10 @@ use crate::clock::after;
 pub use crate::observe::Dropped;
 use crate::observe::Outcome;
 
+mod kernel;
 mod outbox;
+use kernel::{Flow, Rewrite};
+pub use kernel::{Kernel, ListenerCounts};
 use outbox::{Outbox, To};
 
 /// A UDP socket registered with the worker's runtime for reads and errors only
@@ -123,6 +126,8 @@ pub struct Ended<G> {
     pub datagrams_down: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Of the datagrams both ways, those the kernel relayed ([`Kernel`]).
+    pub datagrams_kernel: u64,
     pub outcome: Outcome,
     /// More about the outcome (the error of a failed server socket).
     pub reason: Option<String>,
@@ -161,17 +166,27 @@ pub struct Listening {
     queued: Notify,
     /// The kernel refused a GSO send.
     gso_failed: AtomicBool,
+    /// Relays established sessions in the kernel, counted there as this listener (its
+    /// index).
+    kernel: Option<(Arc<Kernel>, u32)>,
 }
 
 impl Listening {
     /// Registers `sock` with the current runtime, for batched reads that report where each
     /// datagram was sent to; sends go through io_uring with `io_uring` if the kernel allows
-    /// it, else `sendmmsg`.
-    pub fn new(sock: std::net::UdpSocket, io_uring: bool) -> io::Result<Listening> {
+    /// it, else `sendmmsg`. With `kernel`, the kernel relays the socket's sessions once
+    /// each has had a reply, counted there as listener `kernel.1` ([`Kernel::listener`]):
+    /// `sock` must have been given [`Listening::kernel_ready`] already.
+    pub fn new(
+        sock: std::net::UdpSocket,
+        io_uring: bool,
+        kernel: Option<(Arc<Kernel>, u32)>,
+    ) -> io::Result<Listening> {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let local = sock.local_addr()?;
         crate::net::allow_fragments(&sock, local)?;
-        crate::net::quiet_listener(&sock, local)?;
+        // The kernel's path needs each datagram's interface, asked for already.
+        crate::net::quiet_listener(&sock, local, kernel.is_some())?;
         Ok(Listening {
             sock: crate::net::register_readable(sock)?,
             state,
@@ -180,7 +195,16 @@ impl Listening {
             outbox: Mutex::new(Outbox::new(io_uring)),
             queued: Notify::new(),
             gso_failed: AtomicBool::new(false),
+            kernel,
         })
+    }
+
+    /// Readies a listening socket for the kernel's path: each datagram it receives from
+    /// now on says which interface it came in on, where its session's replies will leave
+    /// by. (A datagram queued before has none: its session stays on the sockets' path.)
+    /// Called when the socket is handed to its worker, before clients are told it listens.
+    pub fn kernel_ready(sock: &std::net::UdpSocket) -> io::Result<()> {
+        crate::net::receive_pktinfo(sock, sock.local_addr()?, true)
     }
 
     /// Whether sends go through io_uring.
@@ -370,7 +394,7 @@ pub async fn serve<R: Route, P: Report<R::Guard>>(
                     continue;
                 }
                 for data in data.chunks(stride) {
-                    s.datagram(data, m.addr, m.dst_ip);
+                    s.datagram(data, m.addr, m.dst_ip, m.interface_index);
                 }
             }
             if n < BATCH {
@@ -461,8 +485,15 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
         true
     }
 
-    /// A datagram from `client`, sent to `dst` (when the socket is bound to a wildcard).
-    fn datagram(&mut self, data: &[u8], client: SocketAddr, dst: Option<IpAddr>) {
+    /// A datagram from `client`, sent to `dst` (when the socket is bound to a wildcard),
+    /// which came in on interface `ifindex`.
+    fn datagram(
+        &mut self,
+        data: &[u8],
+        client: SocketAddr,
+        dst: Option<IpAddr>,
+        ifindex: Option<u32>,
+    ) {
         let n = data.len();
         if self
             .sessions
@@ -525,12 +556,14 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
                     datagrams_down: 0,
                     bytes_up: 0,
                     bytes_down: 0,
+                    datagrams_kernel: 0,
                     outcome: Outcome::ConnectFailed,
                     reason: Some(e.to_string()),
                 });
                 return;
             }
         };
+        let kernel = self.kernel_plan(&a, client, local, ifindex, &server);
         let up = Arc::new(Up::default());
         up.datagrams.store(1, Relaxed);
         up.bytes.store(n as u64, Relaxed);
@@ -560,6 +593,7 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
             up: up.clone(),
             started,
             settings,
+            kernel,
         };
         let unbound = settings.requests.is_some_and(|r| r <= 1);
         if !unbound {
@@ -579,7 +613,7 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
         self.live += 1;
         let report = self.report.clone();
         let ended_tx = self.ended.0.clone();
-        let stop = self.stop.now.clone();
+        let stop = self.stop.clone();
         let server_addr = a.server;
         let guard = a.guard;
         tokio::spawn(async move {
@@ -594,11 +628,53 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
                 datagrams_down: counts.1,
                 bytes_up: counts.2,
                 bytes_down: counts.3,
+                datagrams_kernel: counts.4,
                 outcome: end.0,
                 reason: end.1,
             });
             let _ = ended_tx.send((client, id));
         });
+    }
+}
+
+impl<R: Route, P> Serving<R, P> {
+    /// Whether the kernel may relay a new session, once its server has answered: the
+    /// listener has the kernel's path, and every datagram passes unchanged and uncounted
+    /// one by one (no PROXY header, datagram rate, `requests` or `responses`), over IPv4.
+    fn kernel_plan(
+        &self,
+        a: &Admitted<R::Guard>,
+        client: SocketAddr,
+        local: SocketAddr,
+        ifindex: Option<u32>,
+        server: &Socket,
+    ) -> Option<KernelPlan> {
+        let (kernel, listener) = self.listening.kernel.as_ref()?;
+        let s = &a.settings;
+        if a.header.is_some() || a.check_each || s.responses.is_some() || s.requests.is_some() {
+            return None;
+        }
+        // Unicast both ends (a datagram to a broadcast address has no one reply source).
+        let unicast = |a: SocketAddr| match a.ip().to_canonical() {
+            IpAddr::V4(ip) => !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified()),
+            IpAddr::V6(_) => false,
+        };
+        if !unicast(client) || !unicast(local) {
+            return None;
+        }
+        let up = Flow::new(client, local)?;
+        let down_to = Flow::new(local, client)?;
+        // 0: the datagram was queued before the socket was asked for its interface.
+        let client_if = ifindex.filter(|&i| i != 0)?;
+        // The first reply tells where the server's datagrams come in.
+        crate::net::receive_pktinfo(server.get_ref(), a.server, true).ok()?;
+        Some(KernelPlan {
+            kernel: kernel.clone(),
+            listener: *listener,
+            up,
+            down_to,
+            client_if,
+        })
     }
 }
 
@@ -630,29 +706,148 @@ struct Session {
     up: Arc<Up>,
     started: Instant,
     settings: Settings,
+    /// Relayed by the kernel once the server has answered.
+    kernel: Option<KernelPlan>,
 }
 
-/// (datagrams up, datagrams down, bytes up, bytes down)
-type Counts = (u64, u64, u64, u64);
+/// (datagrams up, datagrams down, bytes up, bytes down, datagrams either way the kernel
+/// relayed)
+type Counts = (u64, u64, u64, u64, u64);
+
+/// A session the kernel may relay once its server has answered: its client's datagrams to
+/// the listener (`up`), and their interface; replies become `down_to`.
+struct KernelPlan {
+    kernel: Arc<Kernel>,
+    listener: u32,
+    up: Flow,
+    down_to: Flow,
+    client_if: u32,
+}
+
+/// A session in the kernel's path: its two entries, and their counts read so far.
+struct InKernel {
+    kernel: Arc<Kernel>,
+    up: Flow,
+    down: Flow,
+    /// (datagrams up, bytes up, datagrams down, bytes down)
+    read: [u64; 4],
+    /// When the kernel last relayed one of its datagrams, in milliseconds since the
+    /// session started.
+    last_ms: u64,
+    /// The entries are gone.
+    taken: bool,
+}
+
+/// A session's entries go with it, however its task ends: a stale one would go on
+/// relaying for a session that is over.
+impl Drop for InKernel {
+    fn drop(&mut self) {
+        if !self.taken {
+            let _ = self.kernel.take(&self.up);
+            let _ = self.kernel.take(&self.down);
+        }
+    }
+}
+
+impl KernelPlan {
+    /// Hands the session to the kernel: its server `server` answers from interface
+    /// `server_if` to `sock`.
+    fn install(&self, sock: &Socket, server: SocketAddr, server_if: u32) -> Option<InKernel> {
+        let local = sock.get_ref().local_addr().ok()?;
+        let down = Flow::new(server, local)?;
+        let up_to = Flow::new(local, server)?;
+        let k = &self.kernel;
+        let (l, client_if) = (self.listener, self.client_if);
+        let down_rw = Rewrite::new(server_if, self.down_to, client_if, l, Direction::Down);
+        k.insert(&down, &down_rw).ok()?;
+        let up_rw = Rewrite::new(client_if, up_to, server_if, l, Direction::Up);
+        if k.insert(&self.up, &up_rw).is_err() {
+            let _ = k.take(&down);
+            return None;
+        }
+        tracing::debug!(up = ?self.up, %local, %server, server_if, client_if, "UDP session in the kernel");
+        Some(InKernel {
+            kernel: k.clone(),
+            up: self.up,
+            down,
+            read: [0; 4],
+            last_ms: 0,
+            taken: false,
+        })
+    }
+}
+
+impl InKernel {
+    /// Reads the kernel's counts and when it last relayed a datagram of the session (or,
+    /// with `end`, takes the entries with their last counts).
+    fn read(&mut self, started: Instant, end: bool) {
+        let get = |f: &Flow| {
+            let r = if end {
+                self.kernel.take(f)
+            } else {
+                self.kernel.get(f)
+            };
+            if let Err(e) = &r {
+                tracing::warn!(flow = ?f, "UDP session's entry in the kernel: {e}");
+            }
+            r
+        };
+        // An entry that cannot be read keeps its counts so far.
+        let (up, down) = (get(&self.up).ok(), get(&self.down).ok());
+        self.taken |= end;
+        let r = self.read;
+        self.read = [
+            up.map_or(r[0], |e| e.datagrams),
+            up.map_or(r[1], |e| e.bytes),
+            down.map_or(r[2], |e| e.datagrams),
+            down.map_or(r[3], |e| e.bytes),
+        ];
+        let last_ns = up
+            .map_or(0, |e| e.last_ns)
+            .max(down.map_or(0, |e| e.last_ns));
+        if last_ns > 0 {
+            let ago = Duration::from_nanos(kernel::monotonic_ns().saturating_sub(last_ns));
+            self.last_ms = self
+                .last_ms
+                .max(millis(started.elapsed().saturating_sub(ago)));
+        }
+    }
+}
 
 impl Session {
     async fn run<G>(
-        self,
+        mut self,
         report: &impl Report<G>,
-        stop: &CancellationToken,
+        stop: &Stop,
     ) -> ((Outcome, Option<String>), Counts) {
         let (mut down, mut down_bytes) = (0u64, 0u64);
         let mut gro = false;
         let mut last_down_ms = 0u64;
+        // Tried once, at the first reply that says where it came in.
+        let mut plan = self.kernel.take();
+        let mut in_kernel: Option<InKernel> = None;
+        // What the kernel relayed before the session left it (a hand-over).
+        let mut kernel_counts = [0; 4];
+        let mut stop_seen = false;
         let idle = self.settings.idle_timeout;
         // One timer for the session's life, moved only when its deadline does.
         let sleep = tokio::time::sleep_until(after(self.started, idle));
         tokio::pin!(sleep);
         let end = loop {
-            // Idle since the later of the last datagram each way.
+            // Idle since the later of the last datagram each way, through ferry or (read
+            // on each wake-up below) through the kernel.
             let last = self.up.last_ms.load(Relaxed).max(last_down_ms);
-            let deadline = after(self.started + Duration::from_millis(last), idle);
-            if Instant::now() >= deadline {
+            let since = |ms: u64| after(self.started + Duration::from_millis(ms), idle);
+            let mut deadline = since(last.max(in_kernel.as_ref().map_or(0, |k| k.last_ms)));
+            let now = Instant::now();
+            if now >= deadline
+                && let Some(k) = in_kernel.as_mut()
+            {
+                // The kernel's latest first.
+                k.read(self.started, false);
+                deadline = since(last.max(k.last_ms));
+            }
+            if now >= deadline {
                 break (Outcome::IdleTimeout, None);
             }
             if self.done(down) {
@@ -662,8 +857,23 @@ impl Session {
                 sleep.as_mut().reset(deadline);
             }
             tokio::select! {
-                () = stop.cancelled() => break (Outcome::Drained, None),
+                () = stop.now.cancelled() => break (Outcome::Drained, None),
                 () = &mut sleep => continue,
+                // Handed over to a new process: the client's datagrams are to reach its
+                // socket, not this session, which ends when they stop.
+                () = stop.sessions.cancelled(), if in_kernel.is_some() && !stop_seen => {
+                    if crate::upgrade::handed_over()
+                        && let Some(mut k) = in_kernel.take()
+                    {
+                        k.read(self.started, true);
+                        kernel_counts = k.read;
+                    } else {
+                        // A drain or a removed listener: the session goes on as it is
+                        // until it ends.
+                        stop_seen = true;
+                    }
+                    continue;
+                }
                 // ERROR too: an ICMP error (port unreachable) makes the socket neither
                 // readable nor writable, only erroneous.
                 r = self.server.ready(Interest::READABLE | Interest::ERROR) => match r {
@@ -690,6 +900,15 @@ impl Session {
                     let l = &self.listening;
                     let n = recv_batch(&self.server, &l.state, &mut slices, &mut meta)?;
                     for (m, data) in meta.iter().zip(slices.iter()).take(n) {
+                        // The server has answered: the kernel can relay the rest (unless
+                        // its map is full, say: then the sockets do, as before). Before
+                        // this reply is queued, so the client's next datagram finds it.
+                        if let Some(server_if) = m.interface_index.filter(|&i| i != 0)
+                            && let Some(p) = plan.take()
+                            && let Ok(server) = self.server.get_ref().peer_addr()
+                        {
+                            in_kernel = p.install(&self.server, server, server_if);
+                        }
                         let data = &data[..m.len];
                         // Coalesced replies (GRO) go on in one send (GSO).
                         let stride = (m.stride < m.len).then_some(m.stride);
@@ -734,10 +953,26 @@ impl Session {
                 break (Outcome::ConnectFailed, Some(e.to_string()));
             }
         };
+        // The kernel's last counts, its entries gone: the client's datagrams come to the
+        // listening socket again.
+        let mut k = kernel_counts;
+        if let Some(mut ik) = in_kernel {
+            ik.read(self.started, true);
+            k = ik.read;
+        }
         // From here on the listening socket starts a new session for this client.
         self.up.closed.store(true, Relaxed);
         let up = (self.up.datagrams.load(Relaxed), self.up.bytes.load(Relaxed));
-        (end, (up.0, down, up.1, down_bytes))
+        (
+            end,
+            (
+                up.0 + k[0],
+                down + k[2],
+                up.1 + k[1],
+                down_bytes + k[3],
+                k[0] + k[2],
+            ),
+        )
     }
 
     /// With `responses`, every reply the client's datagrams so far asked for is in.
@@ -876,7 +1111,7 @@ mod tests {
         header: Option<bool>,
     ) -> Running {
         let sock = std::net::UdpSocket::bind((ip, 0)).unwrap();
-        let listening = Arc::new(Listening::new(sock, IO_URING.get()).unwrap());
+        let listening = Arc::new(Listening::new(sock, IO_URING.get(), None).unwrap());
         assert_eq!(
             listening.uses_io_uring(),
             IO_URING.get() && outbox::tests::io_uring_available()

@@ -891,3 +891,339 @@ async fn udp_metrics_pass_the_reference_parser() {
         1.0
     );
 }
+
+/// Fails unless `ferry` has loaded the kernel's UDP path (a build with clang, Linux 6.6,
+/// root), with its reason if it could not.
+fn kernel_loaded(ferry: &Ferry) {
+    let log = ferry.stderr.text();
+    assert!(
+        log.contains("relayed in the kernel once their server answers"),
+        "the kernel's UDP path is not loaded:\n{log}"
+    );
+}
+
+/// `config` with `[global] udp_kernel` set.
+fn in_kernel(on: bool, config: String) -> String {
+    format!("[global]\nudp_kernel = {on}\n{config}")
+}
+
+/// Established sessions are relayed by the kernel (`udp_kernel`, the default): after each
+/// session's first datagram and reply, which pass through ferry's sockets, every other
+/// datagram comes back unchanged without them. The metrics and the status count them at
+/// once (the kernel's counts are read when shown), and each session's record says how
+/// many the kernel relayed. With `udp_kernel = false`, none.
+#[tokio::test]
+async fn established_sessions_are_relayed_in_the_kernel() {
+    for on in [true, false] {
+        let (echo, peers) = udp_server("127.0.0.1", None).await;
+        let ferry = Ferry::start(
+            &in_kernel(
+                on,
+                udp_config("127.0.0.1:0", "idle_timeout = \"1s\"", "", &[echo]),
+            ),
+            1,
+        )
+        .await;
+        if on {
+            kernel_loaded(&ferry);
+        }
+        let admin = admin_addr(&ferry).await;
+        let front = ferry.addr("udp");
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(client("127.0.0.1", front).await);
+        }
+        // Up to the largest datagram: loopback's MTU takes it unfragmented.
+        let sizes = |i: usize, k: usize| match i {
+            47 => 65_507,
+            48 => 9_000,
+            _ => 1 + (i * 53 + k * 17) % 1400,
+        };
+        let mut sent = [0u64; 4];
+        for i in 0..50usize {
+            for (k, c) in clients.iter().enumerate() {
+                let len = sizes(i, k);
+                let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i + k) as u8).collect();
+                assert_eq!(ask(c, &msg).await, msg, "client {k}, datagram {i}");
+                sent[k] += len as u64;
+            }
+        }
+        assert_eq!(
+            peers.lock().unwrap().len(),
+            4,
+            "one backend socket per client"
+        );
+        let kernel = if on { 4 * 98 } else { 0 };
+        let m = metrics(admin).await;
+        for dir in ["up", "down"] {
+            assert_eq!(
+                metric_must(
+                    &m,
+                    "ferry_udp_datagrams_total",
+                    &[("listener", "udp"), ("direction", dir)]
+                ),
+                200.0,
+                "{dir}"
+            );
+            assert_eq!(
+                metric_must(
+                    &m,
+                    "ferry_bytes_total",
+                    &[("listener", "udp"), ("direction", dir)]
+                ),
+                sent.iter().sum::<u64>() as f64,
+                "{dir}"
+            );
+        }
+        assert_eq!(
+            metric_must(
+                &m,
+                "ferry_udp_kernel_datagrams_total",
+                &[("listener", "udp")]
+            ),
+            f64::from(kernel)
+        );
+        let st = status(admin).await;
+        assert_eq!(st["listeners"][0]["udp"]["datagrams_kernel"], kernel);
+        assert_eq!(st["listeners"][0]["udp"]["datagrams_up"], 200);
+        let records = ferry.records(4, WAIT).await;
+        let records = udp_records(&records);
+        assert_eq!(records.len(), 4);
+        for r in records {
+            assert_eq!(r["result"], "idle_timeout", "{r}");
+            assert_eq!(
+                (r["datagrams_up"].as_u64(), r["datagrams_down"].as_u64()),
+                (Some(50), Some(50)),
+                "{r}"
+            );
+            assert_eq!(
+                r["datagrams_kernel"].as_u64(),
+                Some(if on { 98 } else { 0 }),
+                "{r}"
+            );
+            let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
+            let k = clients
+                .iter()
+                .position(|c| c.local_addr().unwrap() == client)
+                .expect("a record of one of the clients");
+            assert_eq!(r["bytes_up"].as_u64(), Some(sent[k]), "{r}");
+            assert_eq!(r["bytes_down"].as_u64(), Some(sent[k]), "{r}");
+        }
+        // The session's entries are gone with it: the client's next datagram starts a
+        // new session, through ferry's sockets again.
+        let c = &clients[0];
+        assert_eq!(ask(c, b"again").await, b"again");
+        let m = metrics(admin).await;
+        assert_eq!(
+            metric_must(&m, "ferry_udp_sessions_active", &[("listener", "udp")]),
+            1.0
+        );
+        assert_eq!(
+            metric_must(
+                &m,
+                "ferry_udp_datagrams_total",
+                &[("listener", "udp"), ("direction", "up")]
+            ),
+            201.0
+        );
+        assert_eq!(
+            metric_must(
+                &m,
+                "ferry_udp_kernel_datagrams_total",
+                &[("listener", "udp")]
+            ),
+            f64::from(kernel)
+        );
+    }
+}
+
+/// A session whose datagrams the kernel relays lives as long as they come: it is idle
+/// only when the kernel has relayed none for `idle_timeout`.
+#[tokio::test]
+async fn a_session_in_the_kernel_lives_while_used_then_ends_idle() {
+    let (echo, _) = udp_server("127.0.0.1", None).await;
+    let ferry = Ferry::start(
+        &udp_config("127.0.0.1:0", "idle_timeout = \"3s\"", "", &[echo]),
+        1,
+    )
+    .await;
+    kernel_loaded(&ferry);
+    let c = client("127.0.0.1", ferry.addr("udp")).await;
+    // Ten exchanges 500 ms apart: 4.5 s in all, past the 3 s idle timeout, with never
+    // more than half a second (and a loaded machine's delays) between datagrams. The
+    // kernel relays all but the first and its reply.
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    for i in 0..10u8 {
+        every.tick().await;
+        assert_eq!(ask(&c, &[i; 20]).await, [i; 20]);
+    }
+    let records = ferry.records(1, WAIT).await;
+    let r = udp_records(&records);
+    assert_eq!(
+        r.len(),
+        1,
+        "one session for the whole exchange: {records:?}"
+    );
+    assert_eq!(r[0]["result"], "idle_timeout", "{}", r[0]);
+    assert_eq!(r[0]["datagrams_up"], 10, "{}", r[0]);
+    assert_eq!(r[0]["datagrams_kernel"], 18, "{}", r[0]);
+    // It lived through the exchanges, then its idle timeout.
+    let lived = r[0]["duration_ms"].as_f64().unwrap();
+    assert!(lived >= 4_500.0 + 3_000.0, "{}", r[0]);
+}
+
+/// A server that goes away while the kernel relays its session: the next datagram the
+/// kernel passes to it gets ICMP port unreachable back to the session's socket, which
+/// ends the session as `connect_failed`, counted against the server.
+#[tokio::test]
+async fn a_server_gone_ends_its_kernel_session() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let upstream = "[upstream.health]\nactive = false\npassive = { failures = 1, eject = \"1h\" }";
+    let ferry = Ferry::start(
+        &udp_config("127.0.0.1:0", "idle_timeout = \"1h\"", upstream, &[addr]),
+        1,
+    )
+    .await;
+    kernel_loaded(&ferry);
+    let admin = admin_addr(&ferry).await;
+    let c = client("127.0.0.1", ferry.addr("udp")).await;
+    let echo = tokio::spawn(async move {
+        let mut buf = vec![0u8; MAX];
+        for _ in 0..3 {
+            let (n, from) = server.recv_from(&mut buf).await.unwrap();
+            server.send_to(&buf[..n], from).await.unwrap();
+        }
+        // The socket closes here.
+    });
+    for i in 0..3u8 {
+        assert_eq!(ask(&c, &[i; 8]).await, [i; 8]);
+    }
+    within(WAIT, "the server closing", echo).await.unwrap();
+    c.send(b"anyone there").await.unwrap();
+    let failed = ferry.records_with("connect_failed", 1, WAIT).await;
+    assert_eq!(failed[0]["server"], addr.to_string());
+    assert_eq!(failed[0]["datagrams_up"], 4, "{}", failed[0]);
+    // Up: datagrams 2 to 4; down: replies 2 and 3.
+    assert_eq!(failed[0]["datagrams_kernel"], 5, "{}", failed[0]);
+    let st = status(admin).await;
+    assert_eq!(server_status(&st, "u", addr)["state"], "down");
+}
+
+/// The kernel's path between namespaces over veth links with MTU 1500, client and server
+/// each on their own host: datagrams that fit one packet are relayed by the kernel, out
+/// of the interface towards their new destination; larger ones arrive in fragments, which
+/// the kernel's path leaves to ferry's sockets. Every one comes back whole.
+#[tokio::test]
+async fn kernel_path_across_veth_links_leaves_fragments_to_the_sockets() {
+    let net = netns::Path3::new();
+    let server_ip = net.server_ip;
+    let server = netns::in_ns(&net.server_ns, move || {
+        std::net::UdpSocket::bind((server_ip, 0)).expect("bind in the server namespace")
+    });
+    let server_addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    let listen = SocketAddr::new(net.proxy_ip, 0);
+    let ferry = net
+        .start_ferry(
+            &udp_config(
+                &listen.to_string(),
+                "idle_timeout = \"1s\"",
+                "",
+                &[server_addr],
+            ),
+            1,
+        )
+        .await;
+    kernel_loaded(&ferry);
+    let front = ferry.addr("udp");
+    let client_ns = net.client_ns.clone();
+    // The first exchange sets the session up through the sockets; of the rest, the
+    // 4,000-byte datagrams are fragmented.
+    let sizes = [1400usize, 4000, 1, 1472, 4000, 64];
+    let (results, locals) = tokio::task::spawn_blocking(move || {
+        netns::in_ns(&client_ns, move || {
+            let mut out = Vec::new();
+            let mut locals = Vec::new();
+            for k in 0..3usize {
+                let c = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+                c.connect(front).unwrap();
+                c.set_read_timeout(Some(netns::SLOW)).unwrap();
+                for (i, len) in sizes.into_iter().enumerate() {
+                    let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i + k) as u8).collect();
+                    c.send(&msg).unwrap();
+                    let mut buf = vec![0u8; MAX];
+                    let n = c.recv(&mut buf).expect("a reply within the bound");
+                    out.push((k, len, buf[..n] == msg[..]));
+                }
+                locals.push(c.local_addr().unwrap());
+            }
+            (out, locals)
+        })
+    })
+    .await
+    .unwrap();
+    for (k, len, same) in results {
+        assert!(
+            same,
+            "client {k}: a {len}-byte datagram did not come back whole"
+        );
+    }
+    let records = ferry.records(3, WAIT).await;
+    let records = udp_records(&records);
+    assert_eq!(records.len(), 3);
+    for r in records {
+        let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
+        assert!(locals.iter().any(|l| l.port() == client.port()), "{r}");
+        assert_eq!(r["datagrams_up"], 6, "{r}");
+        assert_eq!(r["datagrams_down"], 6, "{r}");
+        // 1, 1,472 and 64 bytes, both ways.
+        assert_eq!(r["datagrams_kernel"], 6, "{r}");
+        let bytes: usize = sizes.iter().sum();
+        assert_eq!(r["bytes_up"].as_u64(), Some(bytes as u64), "{r}");
+    }
+}
+
+/// A ferry killed outright leaves nothing in the kernel: its program goes with it (TCX
+/// links), so a client of one of its sessions in the kernel reaches a closed port
+/// (ICMP port unreachable, `ECONNREFUSED` on its connected socket), not the server.
+#[tokio::test]
+async fn a_killed_ferry_leaves_no_rewrite_behind() {
+    let (echo, _) = udp_server("127.0.0.1", None).await;
+    let mut ferry = Ferry::start(
+        &udp_config("127.0.0.1:0", "idle_timeout = \"1h\"", "", &[echo]),
+        1,
+    )
+    .await;
+    kernel_loaded(&ferry);
+    let admin = admin_addr(&ferry).await;
+    let c = client("127.0.0.1", ferry.addr("udp")).await;
+    for i in 0..3u8 {
+        assert_eq!(ask(&c, &[i; 16]).await, [i; 16]);
+    }
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric_must(
+            &m,
+            "ferry_udp_kernel_datagrams_total",
+            &[("listener", "udp")]
+        ),
+        4.0,
+        "the session is in the kernel"
+    );
+    ferry.signal("KILL");
+    assert!(ferry.wait_exit(WAIT).await.is_some(), "ferry did not exit");
+    c.send(b"still there?").await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = within(WAIT, "the port unreachable", c.recv(&mut buf)).await;
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the datagram went somewhere"
+    );
+}

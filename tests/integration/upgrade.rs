@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::ops_support::{admin_addr, status};
+use crate::ops_support::{admin_addr, metric_must, metrics, status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A ferry started by `ferry upgrade` (a child of the test), killed on drop.
@@ -593,4 +593,80 @@ async fn an_upgrade_that_cannot_start_leaves_the_old_process_serving() {
     new.taken_over().await;
     wait_pid(admin, new.child.id()).await;
     one(front, b"the new one").await.unwrap();
+}
+
+/// A UDP session the kernel relays in the old process is handed over with its socket: the
+/// old process takes its entries out of the kernel at the hand-over, so the client's next
+/// datagrams reach the new process (a new session there), and the old session ends at its
+/// idle timeout, letting the old process exit while the client is still sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_udp_session_moves_to_the_new_process_at_an_upgrade() {
+    let echo = echo_server().await;
+    let uecho = udp_echo().await;
+    let text =
+        with_udp(&config(echo, true), uecho).replace("responses = 1\n", "idle_timeout = \"1s\"\n");
+    let mut old = Ferry::start(&text, 2).await;
+    let (front, udp) = (old.addr("front"), old.addr("dns"));
+    let admin = admin_addr(&old).await;
+    let pinned = pin_udp(&pin(&text, front, Some(admin)), udp)
+        .replace("@LOG@", &old.log_path.display().to_string());
+    std::fs::write(&old.config_path, &pinned).unwrap();
+    assert!(
+        old.stderr.text().contains("relayed in the kernel"),
+        "the kernel's UDP path is not loaded:\n{}",
+        old.stderr.text()
+    );
+    let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    c.connect(udp).await.unwrap();
+    let ask = |i: u32| {
+        let c = &c;
+        async move {
+            let msg = format!("datagram {i}");
+            c.send(msg.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 256];
+            let n = within(WAIT, &format!("the echo of {msg:?}"), c.recv(&mut buf))
+                .await
+                .unwrap();
+            assert_eq!(&buf[..n], msg.as_bytes());
+        }
+    };
+    // In the kernel after the first exchange.
+    for i in 0..3 {
+        ask(i).await;
+    }
+    let m = metrics(admin).await;
+    assert_eq!(
+        metric_must(
+            &m,
+            "ferry_udp_kernel_datagrams_total",
+            &[("listener", "dns")]
+        ),
+        4.0
+    );
+    let new = Successor::start(&old.config_path);
+    new.taken_over().await;
+    // The client goes on, a datagram every 200 ms (never idle for the 1 s timeout); the old
+    // process's session must end all the same, and the old process with it.
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    let mut exited = None;
+    for i in 3..200 {
+        every.tick().await;
+        ask(i).await;
+        exited = old.try_exit();
+        if exited.is_some() {
+            break;
+        }
+    }
+    let st = exited.expect("the old process kept the client's session while it sent");
+    assert!(st.success(), "{st:?}\n{}", old.stderr.text());
+    // The new process serves the client now.
+    wait_pid(admin, new.child.id()).await;
+    let st = status(admin).await;
+    let dns = st["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "dns")
+        .unwrap();
+    assert_eq!(dns["udp"]["sessions_active"], 1, "{dns}");
 }

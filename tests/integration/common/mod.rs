@@ -348,6 +348,9 @@ impl Ferry {
 
 impl Drop for Ferry {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- ferry's log ---\n{}\n---", self.stderr.text());
+        }
         if self.exited.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();

@@ -1,0 +1,403 @@
+//! The in-kernel path for established UDP sessions.
+//!
+//! Once a session has had its first reply, the kernel can relay the rest of its datagrams
+//! itself: a TC program (`bpf/udp_kernel.bpf.c`), attached to the ingress of every
+//! interface, rewrites a datagram from the client to the listener as the session's socket
+//! would send it to the server, and a reply from the server to that socket as the
+//! listening socket would send it to the client, and sends it on. Neither passes through
+//! ferry's sockets, nor wakes a worker. Each session's two entries in the program's map
+//! (`FLOWS`) hold the rewrite and its counts (datagrams, bytes, when the last was seen);
+//! the session's task reads them for its idle timeout and the metrics, and removes them
+//! when it ends, reading their last counts in the same step.
+//!
+//! What the program does not match goes on untouched to the sockets, which relay it as
+//! before: IP fragments, datagrams with IP options, IPv6, and a datagram that would
+//! arrive for this host on an interface other than loopback (the stack drops a datagram
+//! from a local address arriving there).
+//!
+//! Loaded once per process, if the build had clang (`ferry_bpf`) and the process may
+//! (CAP_BPF and CAP_NET_ADMIN, or root), on Linux 6.6 or later: the program is attached
+//! through TCX links only, which go when the process does, even if it is killed.
+//!
+//! This module holds the `unsafe` of the map's system calls.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// A datagram's source and destination, as on the wire (network byte order), as in the
+/// program's `struct flow`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    src_ip: u32,
+    dst_ip: u32,
+    src_port: u16,
+    dst_port: u16,
+}
+
+impl Flow {
+    /// `src` → `dst`; `None` unless both are IPv4 (the program handles IPv4 only).
+    pub fn new(src: SocketAddr, dst: SocketAddr) -> Option<Flow> {
+        let v4 = |a: SocketAddr| match a.ip() {
+            IpAddr::V4(ip) => Some(u32::from_ne_bytes(ip.octets())),
+            IpAddr::V6(ip) => ip
+                .to_ipv4_mapped()
+                .map(|ip| u32::from_ne_bytes(ip.octets())),
+        };
+        Some(Flow {
+            src_ip: v4(src)?,
+            dst_ip: v4(dst)?,
+            src_port: src.port().to_be(),
+            dst_port: dst.port().to_be(),
+        })
+    }
+}
+
+/// What a matching datagram becomes, and its counts: the program's `struct rewrite`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rewrite {
+    to: Flow,
+    /// The interface it leaves by; 1 (loopback): passed up the local stack.
+    ifindex: u32,
+    /// Its listener's and direction's entry in `COUNTS`.
+    counts: u32,
+    /// The interface such datagrams come in on (on any other they are not matched).
+    from_ifindex: u32,
+    pub datagrams: u64,
+    pub bytes: u64,
+    /// `CLOCK_MONOTONIC` of the last one, in nanoseconds; 0: none yet.
+    pub last_ns: u64,
+}
+
+impl Rewrite {
+    /// Datagrams that come in on `from_ifindex`: to `to`, out of `ifindex`, counted for
+    /// `listener` (from [`Kernel::listener`]) in direction `way`.
+    pub fn new(
+        from_ifindex: u32,
+        to: Flow,
+        ifindex: u32,
+        listener: u32,
+        way: super::Direction,
+    ) -> Rewrite {
+        Rewrite {
+            to,
+            ifindex,
+            counts: listener * 2 + u32::from(way == super::Direction::Down),
+            from_ifindex,
+            ..Rewrite::default()
+        }
+    }
+}
+
+/// A listener's counts in the kernel, for its stats.
+#[derive(Debug)]
+pub struct ListenerCounts {
+    pub kernel: std::sync::Arc<Kernel>,
+    pub index: u32,
+}
+
+impl crate::observe::KernelCounts for ListenerCounts {
+    fn index(&self) -> u32 {
+        self.index
+    }
+
+    fn relayed(&self) -> [u64; 4] {
+        self.kernel.relayed(self.index)
+    }
+}
+
+/// Listeners the kernel keeps counts for (`COUNTS` has two entries each), over the
+/// process's life.
+const LISTENERS: u32 = 1024;
+
+/// The loaded program, attached, and its map.
+pub struct Kernel {
+    map: OwnedFd,
+    /// `COUNTS`: per CPU, datagrams and bytes per listener and direction.
+    counts: OwnedFd,
+    /// CPUs the kernel may have (the length of a per-CPU value).
+    cpus: usize,
+    /// Listeners given an entry in `COUNTS` so far.
+    listeners: std::sync::atomic::AtomicU32,
+    /// The program and its links: dropping it detaches the program.
+    #[cfg(ferry_bpf)]
+    _ebpf: std::sync::Mutex<aya::Ebpf>,
+    /// The interfaces it is attached to.
+    interfaces: Vec<String>,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel")
+            .field("interfaces", &self.interfaces)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(ferry_bpf)]
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp_kernel.o"));
+
+impl Kernel {
+    /// Loads the program and attaches it to the ingress of every interface there is now
+    /// (an interface added later is not served: its sessions stay on the sockets' path).
+    #[cfg(ferry_bpf)]
+    pub fn load() -> Result<Kernel, String> {
+        use aya::programs::links::LinkOrder;
+        use aya::programs::tc::TcAttachOptions;
+        use aya::programs::{SchedClassifier, TcAttachType};
+        use std::os::fd::AsFd;
+
+        let mut ebpf = aya::Ebpf::load(PROGRAM).map_err(|e| format!("loading: {e}"))?;
+        let fd = |name: &str| match ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(m) | aya::maps::Map::PerCpuArray(m)) => m
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("the map {name}: {e}")),
+            _ => Err(format!("the program has no map {name}")),
+        };
+        let (map, counts) = (fd("FLOWS")?, fd("COUNTS")?);
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| format!("counting CPUs: {e}"))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("udp_kernel")
+            .ok_or("the program is missing")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.load().map_err(|e| format!("loading: {e}"))?;
+        let mut interfaces = Vec::new();
+        for name in interface_names().map_err(|e| format!("listing interfaces: {e}"))? {
+            // TCX links only (Linux 6.6): the kernel detaches them when the process ends,
+            // however it ends. A filter left behind by a killed process would go on
+            // rewriting its sessions' datagrams to sockets that are gone.
+            let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
+            match prog.attach_with_options(&name, TcAttachType::Ingress, tcx) {
+                Ok(_) => interfaces.push(name),
+                Err(e) if name == "lo" => return Err(format!("attaching to lo: {e}")),
+                Err(e) => tracing::warn!(
+                    interface = %name,
+                    "UDP kernel path not attached; sessions through it relay through sockets: {e}"
+                ),
+            }
+        }
+        Ok(Kernel {
+            map,
+            counts,
+            cpus,
+            listeners: std::sync::atomic::AtomicU32::new(0),
+            _ebpf: std::sync::Mutex::new(ebpf),
+            interfaces,
+        })
+    }
+
+    #[cfg(not(ferry_bpf))]
+    pub fn load() -> Result<Kernel, String> {
+        Err("built without it (no clang at build time)".into())
+    }
+
+    /// The interfaces the program is attached to.
+    pub fn interfaces(&self) -> &[String] {
+        &self.interfaces
+    }
+
+    /// An index for a listener's counts, or `None` once 1,024 listeners have had one.
+    pub fn listener(&self) -> Option<u32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.listeners
+            .fetch_update(Relaxed, Relaxed, |n| (n < LISTENERS).then_some(n + 1))
+            .ok()
+    }
+
+    /// What the kernel relayed for `listener` so far: (datagrams up, bytes up, datagrams
+    /// down, bytes down).
+    pub fn relayed(&self, listener: u32) -> [u64; 4] {
+        let mut out = [0; 4];
+        let mut per_cpu = vec![[0u64; 2]; self.cpus];
+        for (i, way) in [(0, 0u32), (2, 1u32)] {
+            let key = listener * 2 + way;
+            // SAFETY: `COUNTS` has 4-byte keys and 16-byte values (`struct counts`), one
+            // per possible CPU in a lookup: `per_cpu` is that long.
+            let r = unsafe {
+                elem(
+                    &self.counts,
+                    BPF_MAP_LOOKUP_ELEM,
+                    (&raw const key).cast(),
+                    per_cpu.as_mut_ptr().cast(),
+                    0,
+                )
+            };
+            if r.is_ok() {
+                out[i] = per_cpu.iter().map(|c| c[0]).sum();
+                out[i + 1] = per_cpu.iter().map(|c| c[1]).sum();
+            }
+        }
+        out
+    }
+
+    /// Datagrams `from` are rewritten as `to` says from now on. Never over an entry there
+    /// is already (`EEXIST`): each is its session's, and goes with it.
+    pub fn insert(&self, from: &Flow, to: &Rewrite) -> io::Result<()> {
+        // SAFETY: `FLOWS` has `Flow` keys and `Rewrite` values.
+        unsafe {
+            elem(
+                &self.map,
+                BPF_MAP_UPDATE_ELEM,
+                std::ptr::from_ref(from).cast(),
+                std::ptr::from_ref(to).cast_mut().cast(),
+                BPF_NOEXIST,
+            )
+        }
+    }
+
+    /// Removes `from`'s entry, with its last counts.
+    pub fn take(&self, from: &Flow) -> io::Result<Rewrite> {
+        let mut r = Rewrite::default();
+        // SAFETY: as for `insert`.
+        unsafe {
+            elem(
+                &self.map,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                std::ptr::from_ref(from).cast(),
+                (&raw mut r).cast(),
+                0,
+            )?;
+        }
+        Ok(r)
+    }
+
+    /// The counts of `from`'s entry so far.
+    pub fn get(&self, from: &Flow) -> io::Result<Rewrite> {
+        let mut r = Rewrite::default();
+        // SAFETY: as for `insert`.
+        unsafe {
+            elem(
+                &self.map,
+                BPF_MAP_LOOKUP_ELEM,
+                std::ptr::from_ref(from).cast(),
+                (&raw mut r).cast(),
+                0,
+            )?;
+        }
+        Ok(r)
+    }
+}
+
+/// A map element command on `map`.
+///
+/// # Safety
+/// `key` must point to a key of the map's key size, and `value` to a value of its value
+/// size (for a per-CPU map, one per possible CPU), writable for a lookup.
+unsafe fn elem(
+    map: &OwnedFd,
+    cmd: libc::c_long,
+    key: *const u8,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<()> {
+    let attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        pad: 0,
+        key: key as u64,
+        value: value as u64,
+        flags,
+    };
+    // SAFETY: `attr` is the kernel's `bpf_attr` layout for the map element commands; the
+    // kernel reads the key, and reads (update) or writes (lookup) the value, only during
+    // the call, within the sizes the caller vouches for.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw const attr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+/// An update that only adds.
+const BPF_NOEXIST: u64 = 1;
+
+/// `union bpf_attr` for the `BPF_MAP_*_ELEM` commands.
+#[repr(C, align(8))]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// The names of the network namespace's interfaces (`/proc/self/net/dev`: the process's
+/// own namespace, where sysfs may show another's).
+#[cfg(ferry_bpf)]
+fn interface_names() -> io::Result<Vec<String>> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev")?;
+    Ok(interfaces_in(&dev))
+}
+
+/// The interface names in the text of `/proc/net/dev` (two header lines, then
+/// `name: counters` per interface).
+#[cfg_attr(not(ferry_bpf), allow(dead_code))]
+fn interfaces_in(dev: &str) -> Vec<String> {
+    dev.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the program's clock (`bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_are_ipv4_only_in_network_order() {
+        let a: SocketAddr = "10.0.0.1:53".parse().unwrap();
+        let b: SocketAddr = "192.168.1.2:4000".parse().unwrap();
+        let f = Flow::new(a, b).unwrap();
+        assert_eq!(f.src_ip.to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(f.dst_ip.to_ne_bytes(), [192, 168, 1, 2]);
+        assert_eq!(f.src_port.to_ne_bytes(), [0, 53]);
+        assert_eq!(f.dst_port.to_ne_bytes(), [0x0f, 0xa0]);
+        let mapped: SocketAddr = "[::ffff:10.0.0.1]:53".parse().unwrap();
+        assert_eq!(Flow::new(mapped, b), Some(f));
+        assert_eq!(Flow::new("[::1]:53".parse().unwrap(), b), None);
+    }
+
+    #[test]
+    fn interface_names_from_proc_net_dev() {
+        let dev = "Inter-|   Receive                            |  Transmit\n \
+face |bytes    packets errs drop fifo frame compressed multicast|bytes\n    \
+lo: 1234 10 0 0 0 0 0 0 1234\n  eth0:99 1 0 0 0 0 0 0 5\nveth-a1: 0 0 0 0 0 0 0 0 0\n";
+        assert_eq!(interfaces_in(dev), ["lo", "eth0", "veth-a1"]);
+    }
+
+    #[test]
+    fn layouts_match_the_program() {
+        // struct flow: 12 bytes; struct rewrite: 48, without padding (nothing
+        // uninitialised goes to the kernel).
+        assert_eq!(std::mem::size_of::<Flow>(), 12);
+        assert_eq!(std::mem::size_of::<Rewrite>(), 48);
+        assert_eq!(std::mem::offset_of!(Rewrite, ifindex), 12);
+        assert_eq!(std::mem::offset_of!(Rewrite, counts), 16);
+        assert_eq!(std::mem::offset_of!(Rewrite, from_ifindex), 20);
+        assert_eq!(std::mem::offset_of!(Rewrite, datagrams), 24);
+        assert_eq!(std::mem::offset_of!(Rewrite, last_ns), 40);
+    }
+}
