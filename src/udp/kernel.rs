@@ -253,28 +253,22 @@ impl Kernel {
 
     /// Removes `from`'s entry, with its last counts.
     pub fn take(&self, from: &Flow) -> io::Result<Rewrite> {
-        let mut r = Rewrite::default();
-        // SAFETY: as for `insert`.
-        unsafe {
-            elem(
-                &self.map,
-                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-                std::ptr::from_ref(from).cast(),
-                (&raw mut r).cast(),
-                0,
-            )?;
-        }
-        Ok(r)
+        self.lookup(BPF_MAP_LOOKUP_AND_DELETE_ELEM, from)
     }
 
     /// The counts of `from`'s entry so far.
     pub fn get(&self, from: &Flow) -> io::Result<Rewrite> {
+        self.lookup(BPF_MAP_LOOKUP_ELEM, from)
+    }
+
+    /// `from`'s entry, by a lookup command (`cmd`).
+    fn lookup(&self, cmd: libc::c_long, from: &Flow) -> io::Result<Rewrite> {
         let mut r = Rewrite::default();
-        // SAFETY: as for `insert`.
+        // SAFETY: as for `insert`; `r` is written.
         unsafe {
             elem(
                 &self.map,
-                BPF_MAP_LOOKUP_ELEM,
+                cmd,
                 std::ptr::from_ref(from).cast(),
                 (&raw mut r).cast(),
                 0,
