@@ -21,6 +21,11 @@
 //! idle timeout. A server that answers with ICMP port unreachable ends it as
 //! `connect_failed`.
 //!
+//! Once a session's server has answered, the kernel may relay the rest of its datagrams
+//! ([`Kernel`], `kernel.rs`): the session's task then only reads the kernel's counts at
+//! its idle deadline and takes its entries out when it ends; what the kernel leaves alone
+//! (fragments, say) still comes through the sockets as below.
+//!
 //! Datagrams are received into buffers of the listening socket and one per worker thread
 //! for replies, each large enough for any UDP datagram (so none is ever truncated), and
 //! sent on at once: nothing is allocated per datagram, and a datagram the other side
