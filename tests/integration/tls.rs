@@ -341,6 +341,8 @@ struct Proc {
     out: std::sync::mpsc::Receiver<Vec<u8>>,
     stdout: Vec<u8>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The thread copying stderr: `finish` waits for it, so that no line is missed.
+    stderr_reader: std::thread::JoinHandle<()>,
     what: String,
 }
 
@@ -370,7 +372,7 @@ impl Proc {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let e = stderr.clone();
         let mut se = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = se.read(&mut buf) {
                 if n == 0 {
@@ -385,6 +387,7 @@ impl Proc {
             out,
             stdout: Vec::new(),
             stderr,
+            stderr_reader,
             what,
         }
     }
@@ -444,6 +447,13 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(5));
         };
+        // The child has exited, so its stderr is at its end; the copy may lag behind.
+        while !self.stderr_reader.is_finished() {
+            if Instant::now() >= deadline {
+                self.fail("its stderr did not close in time");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let (out, err) = (self.stdout_text(), self.stderr_text());
         (st, out, err)
     }
