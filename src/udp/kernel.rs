@@ -10,10 +10,12 @@
 //! the session's task reads them for its idle timeout and the metrics, and removes them
 //! when it ends, reading their last counts in the same step.
 //!
+//! IPv4 sessions have one map, IPv6 sessions another (`FLOWS6`); a session whose client
+//! and server are of different families stays on the sockets, as no datagram is both.
 //! What the program does not match goes on untouched to the sockets, which relay it as
-//! before: IP fragments, datagrams with IP options, IPv6, and a datagram that would
-//! arrive for this host on an interface other than loopback (the stack drops a datagram
-//! from a local address arriving there).
+//! before: IP fragments, datagrams with IPv4 options or IPv6 extension headers, and a
+//! datagram that would arrive for this host on an interface other than loopback (the
+//! stack drops a datagram from a local address arriving there).
 //!
 //! Loaded once per process, if the build had clang (`ferry_bpf`) and the process may
 //! (CAP_BPF and CAP_NET_ADMIN, or root), on Linux 6.6 or later: the program is attached
@@ -26,38 +28,76 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-/// A datagram's source and destination, as on the wire (network byte order), as in the
-/// program's `struct flow`.
+/// A datagram's source and destination, as on the wire (network byte order): the
+/// program's `struct flow` (IPv4) or `struct flow6`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    V4(Flow4),
+    V6(Flow6),
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Flow {
+pub struct Flow4 {
     src_ip: u32,
     dst_ip: u32,
     src_port: u16,
     dst_port: u16,
 }
 
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow6 {
+    src_ip: [u32; 4],
+    dst_ip: [u32; 4],
+    src_port: u16,
+    dst_port: u16,
+}
+
 impl Flow {
-    /// `src` → `dst`; `None` unless both are IPv4 (the program handles IPv4 only).
+    /// `src` → `dst`, as their datagrams are on the wire: IPv4 when both are (an
+    /// IPv4-mapped address is an IPv4 datagram's), IPv6 when both are; `None` for one of
+    /// each, which no one datagram has.
     pub fn new(src: SocketAddr, dst: SocketAddr) -> Option<Flow> {
-        let v4 = |a: SocketAddr| match a.ip() {
-            IpAddr::V4(ip) => Some(u32::from_ne_bytes(ip.octets())),
-            IpAddr::V6(ip) => ip
-                .to_ipv4_mapped()
-                .map(|ip| u32::from_ne_bytes(ip.octets())),
-        };
-        Some(Flow {
-            src_ip: v4(src)?,
-            dst_ip: v4(dst)?,
-            src_port: src.port().to_be(),
-            dst_port: dst.port().to_be(),
-        })
+        let (src_port, dst_port) = (src.port().to_be(), dst.port().to_be());
+        match (src.ip().to_canonical(), dst.ip().to_canonical()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => Some(Flow::V4(Flow4 {
+                src_ip: u32::from_ne_bytes(s.octets()),
+                dst_ip: u32::from_ne_bytes(d.octets()),
+                src_port,
+                dst_port,
+            })),
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let words = |a: std::net::Ipv6Addr| {
+                    let o = a.octets();
+                    std::array::from_fn(|i| {
+                        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+                    })
+                };
+                Some(Flow::V6(Flow6 {
+                    src_ip: words(s),
+                    dst_ip: words(d),
+                    src_port,
+                    dst_port,
+                }))
+            }
+            _ => None,
+        }
     }
 }
 
-/// What a matching datagram becomes, and its counts: the program's `struct rewrite`.
+/// An entry's counts: the program's `struct tally`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    pub datagrams: u64,
+    pub bytes: u64,
+    /// `CLOCK_MONOTONIC` of the last one, in nanoseconds; 0: none yet.
+    pub last_ns: u64,
+}
+
+/// What a matching datagram becomes, and its counts.
+#[derive(Debug, Clone, Copy)]
 pub struct Rewrite {
     to: Flow,
     /// The interface it leaves by; 1 (loopback): passed up the local stack.
@@ -66,10 +106,6 @@ pub struct Rewrite {
     counts: u32,
     /// The interface such datagrams come in on (on any other they are not matched).
     from_ifindex: u32,
-    pub datagrams: u64,
-    pub bytes: u64,
-    /// `CLOCK_MONOTONIC` of the last one, in nanoseconds; 0: none yet.
-    pub last_ns: u64,
 }
 
 impl Rewrite {
@@ -87,9 +123,31 @@ impl Rewrite {
             ifindex,
             counts: listener * 2 + u32::from(way == super::Direction::Down),
             from_ifindex,
-            ..Rewrite::default()
         }
     }
+
+    /// The program's value for it, with its flow type `F`.
+    fn entry<F>(&self, to: F) -> Entry<F> {
+        Entry {
+            to,
+            ifindex: self.ifindex,
+            counts: self.counts,
+            from_ifindex: self.from_ifindex,
+            tally: Tally::default(),
+        }
+    }
+}
+
+/// A map's value: the program's `struct rewrite` (`F` = [`Flow4`]) or `struct rewrite6`
+/// ([`Flow6`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry<F> {
+    to: F,
+    ifindex: u32,
+    counts: u32,
+    from_ifindex: u32,
+    tally: Tally,
 }
 
 /// A listener's counts in the kernel, for its stats.
@@ -115,7 +173,10 @@ const LISTENERS: u32 = 1024;
 
 /// The loaded program, attached, and its map.
 pub struct Kernel {
+    /// `FLOWS`: IPv4 sessions' entries.
     map: OwnedFd,
+    /// `FLOWS6`: IPv6 sessions'.
+    map6: OwnedFd,
     /// `COUNTS`: per CPU, datagrams and bytes per listener and direction.
     counts: OwnedFd,
     /// CPUs the kernel may have (the length of a per-CPU value).
@@ -159,7 +220,7 @@ impl Kernel {
                 .map_err(|e| format!("the map {name}: {e}")),
             _ => Err(format!("the program has no map {name}")),
         };
-        let (map, counts) = (fd("FLOWS")?, fd("COUNTS")?);
+        let (map, map6, counts) = (fd("FLOWS")?, fd("FLOWS6")?, fd("COUNTS")?);
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| format!("counting CPUs: {e}"))?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut("udp_kernel")
@@ -184,6 +245,7 @@ impl Kernel {
         }
         Ok(Kernel {
             map,
+            map6,
             counts,
             cpus,
             listeners: std::sync::atomic::AtomicU32::new(0),
@@ -237,44 +299,60 @@ impl Kernel {
     }
 
     /// Datagrams `from` are rewritten as `to` says from now on. Never over an entry there
-    /// is already (`EEXIST`): each is its session's, and goes with it.
+    /// is already (`EEXIST`): each is its session's, and goes with it. `from` and `to`
+    /// are of one family (else `EINVAL`).
     pub fn insert(&self, from: &Flow, to: &Rewrite) -> io::Result<()> {
-        // SAFETY: `FLOWS` has `Flow` keys and `Rewrite` values.
+        match (from, to.to) {
+            (Flow::V4(f), Flow::V4(t)) => Self::insert_in(&self.map, f, &to.entry(t)),
+            (Flow::V6(f), Flow::V6(t)) => Self::insert_in(&self.map6, f, &to.entry(t)),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    fn insert_in<F>(map: &OwnedFd, key: &F, value: &Entry<F>) -> io::Result<()> {
+        // SAFETY: `map` is the one with `F` keys and `Entry<F>` values.
         unsafe {
             elem(
-                &self.map,
+                map,
                 BPF_MAP_UPDATE_ELEM,
-                std::ptr::from_ref(from).cast(),
-                std::ptr::from_ref(to).cast_mut().cast(),
+                std::ptr::from_ref(key).cast(),
+                std::ptr::from_ref(value).cast_mut().cast(),
                 BPF_NOEXIST,
             )
         }
     }
 
     /// Removes `from`'s entry, with its last counts.
-    pub fn take(&self, from: &Flow) -> io::Result<Rewrite> {
+    pub fn take(&self, from: &Flow) -> io::Result<Tally> {
         self.lookup(BPF_MAP_LOOKUP_AND_DELETE_ELEM, from)
     }
 
     /// The counts of `from`'s entry so far.
-    pub fn get(&self, from: &Flow) -> io::Result<Rewrite> {
+    pub fn get(&self, from: &Flow) -> io::Result<Tally> {
         self.lookup(BPF_MAP_LOOKUP_ELEM, from)
     }
 
-    /// `from`'s entry, by a lookup command (`cmd`).
-    fn lookup(&self, cmd: libc::c_long, from: &Flow) -> io::Result<Rewrite> {
-        let mut r = Rewrite::default();
-        // SAFETY: as for `insert`; `r` is written.
+    /// `from`'s entry's counts, by a lookup command (`cmd`).
+    fn lookup(&self, cmd: libc::c_long, from: &Flow) -> io::Result<Tally> {
+        match from {
+            Flow::V4(f) => Self::lookup_in(&self.map, cmd, f),
+            Flow::V6(f) => Self::lookup_in(&self.map6, cmd, f),
+        }
+    }
+
+    fn lookup_in<F: Default>(map: &OwnedFd, cmd: libc::c_long, key: &F) -> io::Result<Tally> {
+        let mut e = Entry::<F>::default();
+        // SAFETY: `map` is the one with `F` keys and `Entry<F>` values; `e` is written.
         unsafe {
             elem(
-                &self.map,
+                map,
                 cmd,
-                std::ptr::from_ref(from).cast(),
-                (&raw mut r).cast(),
+                std::ptr::from_ref(key).cast(),
+                (&raw mut e).cast(),
                 0,
             )?;
         }
-        Ok(r)
+        Ok(e.tally)
     }
 }
 
@@ -361,17 +439,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flows_are_ipv4_only_in_network_order() {
+    fn flows_are_in_network_order_one_family_each() {
         let a: SocketAddr = "10.0.0.1:53".parse().unwrap();
         let b: SocketAddr = "192.168.1.2:4000".parse().unwrap();
-        let f = Flow::new(a, b).unwrap();
+        let Some(Flow::V4(f)) = Flow::new(a, b) else {
+            panic!("not an IPv4 flow")
+        };
         assert_eq!(f.src_ip.to_ne_bytes(), [10, 0, 0, 1]);
         assert_eq!(f.dst_ip.to_ne_bytes(), [192, 168, 1, 2]);
         assert_eq!(f.src_port.to_ne_bytes(), [0, 53]);
         assert_eq!(f.dst_port.to_ne_bytes(), [0x0f, 0xa0]);
         let mapped: SocketAddr = "[::ffff:10.0.0.1]:53".parse().unwrap();
-        assert_eq!(Flow::new(mapped, b), Some(f));
-        assert_eq!(Flow::new("[::1]:53".parse().unwrap(), b), None);
+        assert_eq!(Flow::new(mapped, b), Some(Flow::V4(f)));
+
+        let c: SocketAddr = "[2001:db8::1]:53".parse().unwrap();
+        let d: SocketAddr = "[fe80::2]:4000".parse().unwrap();
+        let Some(Flow::V6(f)) = Flow::new(c, d) else {
+            panic!("not an IPv6 flow")
+        };
+        let bytes = |w: [u32; 4]| w.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
+        assert_eq!(
+            bytes(f.src_ip),
+            "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(
+            bytes(f.dst_ip),
+            "fe80::2".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(f.src_port.to_ne_bytes(), [0, 53]);
+        assert_eq!(f.dst_port.to_ne_bytes(), [0x0f, 0xa0]);
+        // One of each family: no datagram is both.
+        assert_eq!(Flow::new(c, b), None);
+        assert_eq!(Flow::new(a, d), None);
     }
 
     #[test]
@@ -384,14 +486,21 @@ lo: 1234 10 0 0 0 0 0 0 1234\n  eth0:99 1 0 0 0 0 0 0 5\nveth-a1: 0 0 0 0 0 0 0 
 
     #[test]
     fn layouts_match_the_program() {
-        // struct flow: 12 bytes; struct rewrite: 48, without padding (nothing
+        use std::mem::{offset_of, size_of};
+        // struct flow and flow6, rewrite and rewrite6: without padding (nothing
         // uninitialised goes to the kernel).
-        assert_eq!(std::mem::size_of::<Flow>(), 12);
-        assert_eq!(std::mem::size_of::<Rewrite>(), 48);
-        assert_eq!(std::mem::offset_of!(Rewrite, ifindex), 12);
-        assert_eq!(std::mem::offset_of!(Rewrite, counts), 16);
-        assert_eq!(std::mem::offset_of!(Rewrite, from_ifindex), 20);
-        assert_eq!(std::mem::offset_of!(Rewrite, datagrams), 24);
-        assert_eq!(std::mem::offset_of!(Rewrite, last_ns), 40);
+        assert_eq!(size_of::<Flow4>(), 12);
+        assert_eq!(size_of::<Flow6>(), 36);
+        assert_eq!(size_of::<Tally>(), 24);
+        assert_eq!(size_of::<Entry<Flow4>>(), 48);
+        assert_eq!(offset_of!(Entry<Flow4>, ifindex), 12);
+        assert_eq!(offset_of!(Entry<Flow4>, counts), 16);
+        assert_eq!(offset_of!(Entry<Flow4>, from_ifindex), 20);
+        assert_eq!(offset_of!(Entry<Flow4>, tally), 24);
+        assert_eq!(size_of::<Entry<Flow6>>(), 72);
+        assert_eq!(offset_of!(Entry<Flow6>, ifindex), 36);
+        assert_eq!(offset_of!(Entry<Flow6>, counts), 40);
+        assert_eq!(offset_of!(Entry<Flow6>, from_ifindex), 44);
+        assert_eq!(offset_of!(Entry<Flow6>, tally), 48);
     }
 }

@@ -645,7 +645,8 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
 impl<R: Route, P> Serving<R, P> {
     /// Whether the kernel may relay a new session, once its server has answered: the
     /// listener has the kernel's path, and every datagram passes unchanged and uncounted
-    /// one by one (no PROXY header, datagram rate, `requests` or `responses`), over IPv4.
+    /// one by one (no PROXY header, datagram rate, `requests` or `responses`), client and
+    /// server of one address family.
     fn kernel_plan(
         &self,
         a: &Admitted<R::Guard>,
@@ -662,9 +663,13 @@ impl<R: Route, P> Serving<R, P> {
         // Unicast both ends (a datagram to a broadcast address has no one reply source).
         let unicast = |a: SocketAddr| match a.ip().to_canonical() {
             IpAddr::V4(ip) => !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified()),
-            IpAddr::V6(_) => false,
+            IpAddr::V6(ip) => !(ip.is_multicast() || ip.is_unspecified()),
         };
         if !unicast(client) || !unicast(local) {
+            return None;
+        }
+        // A datagram is rewritten, not translated: client and server of one family.
+        if client.ip().to_canonical().is_ipv4() != a.server.ip().to_canonical().is_ipv4() {
             return None;
         }
         let up = Flow::new(client, local)?;

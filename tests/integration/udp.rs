@@ -6,7 +6,7 @@
 //! 1500.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -907,19 +907,29 @@ fn in_kernel(on: bool, config: String) -> String {
     format!("[global]\nudp_kernel = {on}\n{config}")
 }
 
-/// Established sessions are relayed by the kernel (`udp_kernel`, the default): after each
-/// session's first datagram and reply, which pass through ferry's sockets, every other
-/// datagram comes back unchanged without them. The metrics and the status count them at
-/// once (the kernel's counts are read when shown), and each session's record says how
-/// many the kernel relayed. With `udp_kernel = false`, none.
+/// Established sessions are relayed by the kernel (`udp_kernel`, the default), over IPv4
+/// and IPv6: after each session's first datagram and reply, which pass through ferry's
+/// sockets, every other datagram comes back unchanged without them. The metrics and the
+/// status count them at once (the kernel's counts are read when shown), and each
+/// session's record says how many the kernel relayed. None with `udp_kernel = false`, nor
+/// for a client and server of different families (no one datagram can be rewritten from
+/// one to the other): those sessions stay on the sockets.
 #[tokio::test]
 async fn established_sessions_are_relayed_in_the_kernel() {
-    for on in [true, false] {
-        let (echo, peers) = udp_server("127.0.0.1", None).await;
+    // (the client's and listener's address, the server's, `udp_kernel`, in the kernel)
+    let cases = [
+        ("127.0.0.1", "127.0.0.1", true, true),
+        ("::1", "::1", true, true),
+        ("::1", "127.0.0.1", true, false),
+        ("127.0.0.1", "127.0.0.1", false, false),
+    ];
+    for (front_ip, server_ip, on, kernel_on) in cases {
+        let (echo, peers) = udp_server(server_ip, None).await;
+        let listen = SocketAddr::new(front_ip.parse().unwrap(), 0).to_string();
         let ferry = Ferry::start(
             &in_kernel(
                 on,
-                udp_config("127.0.0.1:0", "idle_timeout = \"1s\"", "", &[echo]),
+                udp_config(&listen, "idle_timeout = \"1s\"", "", &[echo]),
             ),
             1,
         )
@@ -931,11 +941,13 @@ async fn established_sessions_are_relayed_in_the_kernel() {
         let front = ferry.addr("udp");
         let mut clients = Vec::new();
         for _ in 0..4 {
-            clients.push(client("127.0.0.1", front).await);
+            clients.push(client(front_ip, front).await);
         }
-        // Up to the largest datagram: loopback's MTU takes it unfragmented.
+        // Up to the largest datagram loopback's MTU (65,536) takes unfragmented: all of
+        // IPv4's, and 65,488 bytes behind IPv6's longer header.
+        let largest = if front.is_ipv4() { 65_507 } else { 65_488 };
         let sizes = |i: usize, k: usize| match i {
-            47 => 65_507,
+            47 => largest,
             48 => 9_000,
             _ => 1 + (i * 53 + k * 17) % 1400,
         };
@@ -953,7 +965,7 @@ async fn established_sessions_are_relayed_in_the_kernel() {
             4,
             "one backend socket per client"
         );
-        let kernel = if on { 4 * 98 } else { 0 };
+        let kernel = if kernel_on { 4 * 98 } else { 0 };
         let m = metrics(admin).await;
         for dir in ["up", "down"] {
             assert_eq!(
@@ -998,7 +1010,7 @@ async fn established_sessions_are_relayed_in_the_kernel() {
             );
             assert_eq!(
                 r["datagrams_kernel"].as_u64(),
-                Some(if on { 98 } else { 0 }),
+                Some(if kernel_on { 98 } else { 0 }),
                 "{r}"
             );
             let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
@@ -1121,81 +1133,94 @@ async fn a_server_gone_ends_its_kernel_session() {
 }
 
 /// The kernel's path between namespaces over veth links with MTU 1500, client and server
-/// each on their own host: datagrams that fit one packet are relayed by the kernel, out
-/// of the interface towards their new destination; larger ones arrive in fragments, which
-/// the kernel's path leaves to ferry's sockets. Every one comes back whole.
+/// each on their own host, over IPv4 and IPv6: datagrams that fit one packet are relayed
+/// by the kernel, out of the interface towards their new destination; larger ones arrive
+/// in fragments, which the kernel's path leaves to ferry's sockets. Every one comes back
+/// whole.
 #[tokio::test]
 async fn kernel_path_across_veth_links_leaves_fragments_to_the_sockets() {
     let net = netns::Path3::new();
-    let server_ip = net.server_ip;
-    let server = netns::in_ns(&net.server_ns, move || {
-        std::net::UdpSocket::bind((server_ip, 0)).expect("bind in the server namespace")
-    });
-    let server_addr = server.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; MAX];
-        while let Ok((n, from)) = server.recv_from(&mut buf) {
-            let _ = server.send_to(&buf[..n], from);
-        }
-    });
-    let listen = SocketAddr::new(net.proxy_ip, 0);
-    let ferry = net
-        .start_ferry(
-            &udp_config(
-                &listen.to_string(),
-                "idle_timeout = \"1s\"",
-                "",
-                &[server_addr],
-            ),
-            1,
-        )
-        .await;
-    kernel_loaded(&ferry);
-    let front = ferry.addr("udp");
-    let client_ns = net.client_ns.clone();
-    // The first exchange sets the session up through the sockets; of the rest, the
-    // 4,000-byte datagrams are fragmented.
-    let sizes = [1400usize, 4000, 1, 1472, 4000, 64];
-    let (results, locals) = tokio::task::spawn_blocking(move || {
-        netns::in_ns(&client_ns, move || {
-            let mut out = Vec::new();
-            let mut locals = Vec::new();
-            for k in 0..3usize {
-                let c = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
-                c.connect(front).unwrap();
-                c.set_read_timeout(Some(netns::SLOW)).unwrap();
-                for (i, len) in sizes.into_iter().enumerate() {
-                    let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i + k) as u8).collect();
-                    c.send(&msg).unwrap();
-                    let mut buf = vec![0u8; MAX];
-                    let n = c.recv(&mut buf).expect("a reply within the bound");
-                    out.push((k, len, buf[..n] == msg[..]));
-                }
-                locals.push(c.local_addr().unwrap());
+    for (proxy_ip, server_ip) in [
+        (net.proxy_ip, net.server_ip),
+        (net.proxy_ip6, net.server_ip6),
+    ] {
+        let server = netns::in_ns(&net.server_ns, move || {
+            std::net::UdpSocket::bind((server_ip, 0)).expect("bind in the server namespace")
+        });
+        let server_addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; MAX];
+            while let Ok((n, from)) = server.recv_from(&mut buf) {
+                let _ = server.send_to(&buf[..n], from);
             }
-            (out, locals)
+        });
+        let listen = SocketAddr::new(proxy_ip, 0);
+        let ferry = net
+            .start_ferry(
+                &udp_config(
+                    &listen.to_string(),
+                    "idle_timeout = \"1s\"",
+                    "",
+                    &[server_addr],
+                ),
+                1,
+            )
+            .await;
+        kernel_loaded(&ferry);
+        let front = ferry.addr("udp");
+        let client_ns = net.client_ns.clone();
+        // The largest payload one 1,500-byte packet holds: behind 28 bytes of headers
+        // (IPv4), or 48 (IPv6).
+        let fits = if proxy_ip.is_ipv4() { 1472 } else { 1452 };
+        // The first exchange sets the session up through the sockets; of the rest, the
+        // 4,000-byte datagrams are fragmented.
+        let sizes = [1400usize, 4000, 1, fits, 4000, 64];
+        let any: IpAddr = if proxy_ip.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let (results, locals) = tokio::task::spawn_blocking(move || {
+            netns::in_ns(&client_ns, move || {
+                let mut out = Vec::new();
+                let mut locals = Vec::new();
+                for k in 0..3usize {
+                    let c = std::net::UdpSocket::bind((any, 0)).unwrap();
+                    c.connect(front).unwrap();
+                    c.set_read_timeout(Some(netns::SLOW)).unwrap();
+                    for (i, len) in sizes.into_iter().enumerate() {
+                        let msg: Vec<u8> = (0..len).map(|j| (j * 7 + i + k) as u8).collect();
+                        c.send(&msg).unwrap();
+                        let mut buf = vec![0u8; MAX];
+                        let n = c.recv(&mut buf).expect("a reply within the bound");
+                        out.push((k, len, buf[..n] == msg[..]));
+                    }
+                    locals.push(c.local_addr().unwrap());
+                }
+                (out, locals)
+            })
         })
-    })
-    .await
-    .unwrap();
-    for (k, len, same) in results {
-        assert!(
-            same,
-            "client {k}: a {len}-byte datagram did not come back whole"
-        );
-    }
-    let records = ferry.records(3, WAIT).await;
-    let records = udp_records(&records);
-    assert_eq!(records.len(), 3);
-    for r in records {
-        let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
-        assert!(locals.iter().any(|l| l.port() == client.port()), "{r}");
-        assert_eq!(r["datagrams_up"], 6, "{r}");
-        assert_eq!(r["datagrams_down"], 6, "{r}");
-        // 1, 1,472 and 64 bytes, both ways.
-        assert_eq!(r["datagrams_kernel"], 6, "{r}");
-        let bytes: usize = sizes.iter().sum();
-        assert_eq!(r["bytes_up"].as_u64(), Some(bytes as u64), "{r}");
+        .await
+        .unwrap();
+        for (k, len, same) in results {
+            assert!(
+                same,
+                "{front}: client {k}: a {len}-byte datagram did not come back whole"
+            );
+        }
+        let records = ferry.records(3, WAIT).await;
+        let records = udp_records(&records);
+        assert_eq!(records.len(), 3);
+        for r in records {
+            let client: SocketAddr = r["client"].as_str().unwrap().parse().unwrap();
+            assert!(locals.iter().any(|l| l.port() == client.port()), "{r}");
+            assert_eq!(r["datagrams_up"], 6, "{r}");
+            assert_eq!(r["datagrams_down"], 6, "{r}");
+            // 1, `fits` and 64 bytes, both ways.
+            assert_eq!(r["datagrams_kernel"], 6, "{r}");
+            let bytes: usize = sizes.iter().sum();
+            assert_eq!(r["bytes_up"].as_u64(), Some(bytes as u64), "{r}");
+        }
     }
 }
 
