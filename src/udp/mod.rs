@@ -568,7 +568,9 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
                 return;
             }
         };
-        let kernel = self.kernel_plan(&a, client, local, ifindex, &server);
+        let kernel = self
+            .kernel_plan(&a, client, local, ifindex, &server)
+            .map_or(KernelPath::Off, KernelPath::Planned);
         let up = Arc::new(Up::default());
         up.datagrams.store(1, Relaxed);
         up.bytes.store(n as u64, Relaxed);
@@ -590,7 +592,7 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
                 .listening
                 .queue(&*self.report, to, &[data], None, client, Direction::Up),
         }
-        let session = Session {
+        let mut session = Session {
             client,
             dst,
             server: server.clone(),
@@ -622,7 +624,10 @@ impl<R: Route, P: Report<R::Guard>> Serving<R, P> {
         let server_addr = a.server;
         let guard = a.guard;
         tokio::spawn(async move {
+            // In place: the task's future holds the session once.
             let (end, counts) = session.run(&*report, &stop).await;
+            // Its socket closes before its record goes out.
+            drop(session);
             report.ended(Ended {
                 client,
                 server: server_addr,
@@ -717,7 +722,17 @@ struct Session {
     started: Instant,
     settings: Settings,
     /// Relayed by the kernel once the server has answered.
-    kernel: Option<KernelPlan>,
+    kernel: KernelPath,
+}
+
+/// Where a session stands with the kernel's path.
+enum KernelPath {
+    /// Not for the kernel, or no longer.
+    Off,
+    /// To be handed to the kernel at the first reply.
+    Planned(KernelPlan),
+    /// In the kernel's path.
+    In(InKernel),
 }
 
 /// (datagrams up, datagrams down, bytes up, bytes down, datagrams either way the kernel
@@ -826,16 +841,13 @@ impl InKernel {
 
 impl Session {
     async fn run<G>(
-        mut self,
+        &mut self,
         report: &impl Report<G>,
         stop: &Stop,
     ) -> ((Outcome, Option<String>), Counts) {
         let (mut down, mut down_bytes) = (0u64, 0u64);
         let mut gro = false;
         let mut last_down_ms = 0u64;
-        // Tried once, at the first reply that says where it came in.
-        let mut plan = self.kernel.take();
-        let mut in_kernel: Option<InKernel> = None;
         // What the kernel relayed before the session left it (a hand-over).
         let mut kernel_counts = [0; 4];
         let mut stop_seen = false;
@@ -848,10 +860,14 @@ impl Session {
             // on each wake-up below) through the kernel.
             let last = self.up.last_ms.load(Relaxed).max(last_down_ms);
             let since = |ms: u64| after(self.started + Duration::from_millis(ms), idle);
-            let mut deadline = since(last.max(in_kernel.as_ref().map_or(0, |k| k.last_ms)));
+            let in_kernel = match &self.kernel {
+                KernelPath::In(k) => k.last_ms,
+                _ => 0,
+            };
+            let mut deadline = since(last.max(in_kernel));
             let now = Instant::now();
             if now >= deadline
-                && let Some(k) = in_kernel.as_mut()
+                && let KernelPath::In(k) = &mut self.kernel
             {
                 // The kernel's latest first.
                 k.read(self.started, false);
@@ -871,12 +887,13 @@ impl Session {
                 () = &mut sleep => continue,
                 // Handed over to a new process: the client's datagrams are to reach its
                 // socket, not this session, which ends when they stop.
-                () = stop.sessions.cancelled(), if in_kernel.is_some() && !stop_seen => {
+                () = stop.sessions.cancelled(), if matches!(self.kernel, KernelPath::In(_)) && !stop_seen => {
                     if crate::upgrade::handed_over()
-                        && let Some(mut k) = in_kernel.take()
+                        && let KernelPath::In(k) = &mut self.kernel
                     {
                         k.read(self.started, true);
                         kernel_counts = k.read;
+                        self.kernel = KernelPath::Off;
                     } else {
                         // A drain or a removed listener: the session goes on as it is
                         // until it ends.
@@ -913,11 +930,13 @@ impl Session {
                         // The server has answered: the kernel can relay the rest (unless
                         // its map is full, say: then the sockets do, as before). Before
                         // this reply is queued, so the client's next datagram finds it.
+                        // Tried once, at the first reply that says where it came in.
                         if let Some(server_if) = m.interface_index.filter(|&i| i != 0)
-                            && let Some(p) = plan.take()
+                            && let KernelPath::Planned(p) = &self.kernel
                             && let Ok(server) = self.server.get_ref().peer_addr()
                         {
-                            in_kernel = p.install(&self.server, server, server_if);
+                            let next = p.install(&self.server, server, server_if);
+                            self.kernel = next.map_or(KernelPath::Off, KernelPath::In);
                         }
                         let data = &data[..m.len];
                         // Coalesced replies (GRO) go on in one send (GSO).
@@ -966,7 +985,7 @@ impl Session {
         // The kernel's last counts, its entries gone: the client's datagrams come to the
         // listening socket again.
         let mut k = kernel_counts;
-        if let Some(mut ik) = in_kernel {
+        if let KernelPath::In(ik) = &mut self.kernel {
             ik.read(self.started, true);
             k = ik.read;
         }
