@@ -2,7 +2,8 @@
 //!
 //! Once a session has had its first reply, the kernel can relay the rest of its datagrams
 //! itself: a TC program (`bpf/udp_kernel.bpf.c`), attached to the ingress of every
-//! interface, rewrites a datagram from the client to the listener as the session's socket
+//! interface with Ethernet headers (and of each one added later: `links.rs` hears of
+//! them, on a thread of its own), rewrites a datagram from the client to the listener as the session's socket
 //! would send it to the server, and a reply from the server to that socket as the
 //! listening socket would send it to the client, and sends it on. Neither passes through
 //! ferry's sockets, nor wakes a worker. Each session's two entries in the program's map
@@ -27,6 +28,9 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
+
+#[cfg(ferry_bpf)]
+use super::links::{Link, Links};
 
 /// A datagram's source and destination, as on the wire (network byte order): the
 /// program's `struct flow` (IPv4) or `struct flow6`.
@@ -183,17 +187,16 @@ pub struct Kernel {
     cpus: usize,
     /// Listeners given an entry in `COUNTS` so far.
     listeners: std::sync::atomic::AtomicU32,
-    /// The program and its links: dropping it detaches the program.
+    /// The program and its links, kept up as interfaces come and go (`links.rs`; the
+    /// thread that hears of them holds it weakly): dropping it detaches the program.
     #[cfg(ferry_bpf)]
-    _ebpf: std::sync::Mutex<aya::Ebpf>,
-    /// The interfaces it is attached to.
-    interfaces: Vec<String>,
+    attached: std::sync::Arc<std::sync::Mutex<Attached>>,
 }
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kernel")
-            .field("interfaces", &self.interfaces)
+            .field("interfaces", &self.interfaces())
             .finish_non_exhaustive()
     }
 }
@@ -202,13 +205,11 @@ impl std::fmt::Debug for Kernel {
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udp_kernel.o"));
 
 impl Kernel {
-    /// Loads the program and attaches it to the ingress of every interface there is now
-    /// (an interface added later is not served: its sessions stay on the sockets' path).
+    /// Loads the program and attaches it to the ingress of every interface with Ethernet
+    /// headers there is now, and, from a thread of its own, of each one added later.
     #[cfg(ferry_bpf)]
     pub fn load() -> Result<Kernel, String> {
-        use aya::programs::links::LinkOrder;
-        use aya::programs::tc::TcAttachOptions;
-        use aya::programs::{SchedClassifier, TcAttachType};
+        use aya::programs::SchedClassifier;
         use std::os::fd::AsFd;
 
         let mut ebpf = aya::Ebpf::load(PROGRAM).map_err(|e| format!("loading: {e}"))?;
@@ -223,34 +224,52 @@ impl Kernel {
         let (map, map6, counts) = (fd("FLOWS")?, fd("FLOWS6")?, fd("COUNTS")?);
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| format!("counting CPUs: {e}"))?;
         let prog: &mut SchedClassifier = ebpf
-            .program_mut("udp_kernel")
+            .program_mut(PROGRAM_NAME)
             .ok_or("the program is missing")?
             .try_into()
             .map_err(|e| format!("{e}"))?;
         prog.load().map_err(|e| format!("loading: {e}"))?;
-        let mut interfaces = Vec::new();
-        for name in interface_names().map_err(|e| format!("listing interfaces: {e}"))? {
-            // TCX links only (Linux 6.6): the kernel detaches them when the process ends,
-            // however it ends. A filter left behind by a killed process would go on
-            // rewriting its sessions' datagrams to sockets that are gone.
-            let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
-            match prog.attach_with_options(&name, TcAttachType::Ingress, tcx) {
-                Ok(_) => interfaces.push(name),
-                Err(e) if name == "lo" => return Err(format!("attaching to lo: {e}")),
-                Err(e) => tracing::warn!(
-                    interface = %name,
-                    "UDP kernel path not attached; sessions through it relay through sockets: {e}"
-                ),
+        // Subscribed before the dump: an interface added meanwhile is heard of too.
+        let mut links = Links::open().map_err(|e| format!("route netlink: {e}"))?;
+        let mut attached = Attached {
+            ebpf,
+            links: std::collections::HashMap::new(),
+            announce: false,
+        };
+        let timeout = Some(std::time::Duration::from_secs(10));
+        let listed = links.set_read_timeout(timeout).and_then(|()| {
+            links.dump()?;
+            // Bounded: the kernel ends a dump with NLMSG_DONE.
+            for _ in 0..100_000 {
+                let r = links.read()?;
+                for l in &r.links {
+                    attached.apply(l);
+                }
+                if r.done {
+                    return links.set_read_timeout(None);
+                }
             }
+            Err(io::Error::other("the interface list did not end"))
+        });
+        listed.map_err(|e| format!("listing interfaces: {e}"))?;
+        if !attached.links.values().any(|(name, _)| name == "lo") {
+            return Err("not attached to lo".into());
         }
+        // The start's interfaces are logged together, by the caller.
+        attached.announce = true;
+        let attached = std::sync::Arc::new(std::sync::Mutex::new(attached));
+        let weak = std::sync::Arc::downgrade(&attached);
+        std::thread::Builder::new()
+            .name("ferry-links".into())
+            .spawn(move || watch(links, &weak))
+            .map_err(|e| format!("starting its interface watch: {e}"))?;
         Ok(Kernel {
             map,
             map6,
             counts,
             cpus,
             listeners: std::sync::atomic::AtomicU32::new(0),
-            _ebpf: std::sync::Mutex::new(ebpf),
-            interfaces,
+            attached,
         })
     }
 
@@ -259,9 +278,17 @@ impl Kernel {
         Err("built without it (no clang at build time)".into())
     }
 
-    /// The interfaces the program is attached to.
-    pub fn interfaces(&self) -> &[String] {
-        &self.interfaces
+    /// The interfaces the program is attached to now.
+    pub fn interfaces(&self) -> Vec<String> {
+        #[cfg(ferry_bpf)]
+        {
+            let a = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+            let mut names: Vec<String> = a.links.values().map(|(n, _)| n.clone()).collect();
+            names.sort();
+            names
+        }
+        #[cfg(not(ferry_bpf))]
+        Vec::new()
     }
 
     /// An index for a listener's counts, or `None` once 1,024 listeners have had one.
@@ -408,24 +435,126 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// The names of the network namespace's interfaces (`/proc/self/net/dev`: the process's
-/// own namespace, where sysfs may show another's).
 #[cfg(ferry_bpf)]
-fn interface_names() -> io::Result<Vec<String>> {
-    let dev = std::fs::read_to_string("/proc/self/net/dev")?;
-    Ok(interfaces_in(&dev))
+const PROGRAM_NAME: &str = "udp_kernel";
+
+/// The program, and the interfaces it is attached to.
+#[cfg(ferry_bpf)]
+struct Attached {
+    ebpf: aya::Ebpf,
+    /// By interface index: its name and its link.
+    links: std::collections::HashMap<u32, (String, aya::programs::tc::SchedClassifierLinkId)>,
+    /// Each interface attached is logged (after the start).
+    announce: bool,
 }
 
-/// The interface names in the text of `/proc/net/dev` (two header lines, then
-/// `name: counters` per interface).
-#[cfg_attr(not(ferry_bpf), allow(dead_code))]
-fn interfaces_in(dev: &str) -> Vec<String> {
-    dev.lines()
-        .skip(2)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(name, _)| name.trim().to_string())
-        .filter(|n| !n.is_empty())
-        .collect()
+#[cfg(ferry_bpf)]
+impl Attached {
+    /// Attaches the program to the ingress of `link` if it is new and has Ethernet
+    /// headers, or lets go of it if it is gone.
+    fn apply(&mut self, link: &Link) {
+        use aya::programs::SchedClassifier;
+        use aya::programs::TcAttachType;
+        use aya::programs::links::LinkOrder;
+        use aya::programs::tc::TcAttachOptions;
+
+        let Some(prog) = self.ebpf.program_mut(PROGRAM_NAME) else {
+            return;
+        };
+        let Ok(prog): Result<&mut SchedClassifier, _> = prog.try_into() else {
+            return;
+        };
+        if link.gone {
+            if let Some((name, id)) = self.links.remove(&link.index) {
+                // The kernel took the link with its interface; this closes its descriptor.
+                let _ = prog.detach(id);
+                tracing::info!(interface = %name, "UDP kernel path: interface gone");
+            }
+            return;
+        }
+        if let Some((name, _)) = self.links.get_mut(&link.index) {
+            // Renamed, or just changed (up, down, its MTU): attached already.
+            name.clone_from(&link.name);
+            return;
+        }
+        if !link.ether {
+            tracing::debug!(interface = %link.name, "UDP kernel path: no Ethernet headers, not attached");
+            return;
+        }
+        // TCX links only (Linux 6.6): the kernel detaches them when the process ends,
+        // however it ends. A filter left behind by a killed process would go on rewriting
+        // its sessions' datagrams to sockets that are gone.
+        let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
+        match prog.attach_with_options(&link.name, TcAttachType::Ingress, tcx) {
+            Ok(id) => {
+                if self.announce {
+                    tracing::info!(interface = %link.name, "UDP kernel path attached");
+                }
+                self.links.insert(link.index, (link.name.clone(), id));
+            }
+            Err(e) => tracing::warn!(
+                interface = %link.name,
+                "UDP kernel path not attached; sessions through it relay through sockets: {e}"
+            ),
+        }
+    }
+}
+
+/// Keeps the program attached to the interfaces there are, for as long as `attached` is
+/// there: each one added gets it, each one gone is let go of. Messages lost to a full
+/// socket buffer (`ENOBUFS`) are made up for by a new dump, after which the interfaces
+/// it did not list are let go of.
+#[cfg(ferry_bpf)]
+fn watch(mut links: Links, attached: &std::sync::Weak<std::sync::Mutex<Attached>>) {
+    // During a dump after lost messages: the interfaces it listed so far.
+    let mut listed: Option<std::collections::HashSet<u32>> = None;
+    loop {
+        let r = match links.read() {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::warn!("UDP kernel path: interface changes lost; listing them again");
+                if let Err(e) = links.dump() {
+                    tracing::warn!("UDP kernel path: no longer follows interface changes: {e}");
+                    return;
+                }
+                listed = Some(std::collections::HashSet::new());
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!("UDP kernel path: no longer follows interface changes: {e}");
+                return;
+            }
+        };
+        let Some(attached) = attached.upgrade() else {
+            return;
+        };
+        let mut a = attached.lock().unwrap_or_else(|e| e.into_inner());
+        for l in &r.links {
+            a.apply(l);
+            if let Some(seen) = listed.as_mut().filter(|_| !l.gone) {
+                seen.insert(l.index);
+            }
+        }
+        if r.done
+            && let Some(seen) = listed.take()
+        {
+            let stale: Vec<(u32, String)> = a
+                .links
+                .iter()
+                .filter(|(i, _)| !seen.contains(i))
+                .map(|(i, (n, _))| (*i, n.clone()))
+                .collect();
+            for (index, name) in stale {
+                a.apply(&Link {
+                    index,
+                    name,
+                    ether: true,
+                    gone: true,
+                });
+            }
+        }
+    }
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the program's clock (`bpf_ktime_get_ns`).
@@ -474,14 +603,6 @@ mod tests {
         // One of each family: no datagram is both.
         assert_eq!(Flow::new(c, b), None);
         assert_eq!(Flow::new(a, d), None);
-    }
-
-    #[test]
-    fn interface_names_from_proc_net_dev() {
-        let dev = "Inter-|   Receive                            |  Transmit\n \
-face |bytes    packets errs drop fifo frame compressed multicast|bytes\n    \
-lo: 1234 10 0 0 0 0 0 0 1234\n  eth0:99 1 0 0 0 0 0 0 5\nveth-a1: 0 0 0 0 0 0 0 0 0\n";
-        assert_eq!(interfaces_in(dev), ["lo", "eth0", "veth-a1"]);
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub use crate::observe::Dropped;
 use crate::observe::Outcome;
 
 mod kernel;
+mod links;
 mod outbox;
 use kernel::{Flow, Rewrite};
 pub use kernel::{Kernel, ListenerCounts};

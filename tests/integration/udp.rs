@@ -1224,6 +1224,103 @@ async fn kernel_path_across_veth_links_leaves_fragments_to_the_sockets() {
     }
 }
 
+/// The kernel's path follows the interfaces: one replaced after ferry started (deleted,
+/// then made again, with a new index) is let go of and then gets the program again, so
+/// its sessions are relayed in the kernel both ways, as before.
+#[tokio::test]
+async fn an_interface_added_after_the_start_gets_the_kernel_path() {
+    let net = netns::Path3::new();
+    let server_ip = net.server_ip;
+    let server = netns::in_ns(&net.server_ns, move || {
+        std::net::UdpSocket::bind((server_ip, 0)).expect("bind in the server namespace")
+    });
+    let server_addr = server.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let _ = server.send_to(&buf[..n], from);
+        }
+    });
+    // A wildcard listener: it outlives its addresses' interface.
+    let ferry = net
+        .start_ferry(
+            &udp_config("0.0.0.0:0", "idle_timeout = \"1s\"", "", &[server_addr]),
+            1,
+        )
+        .await;
+    kernel_loaded(&ferry);
+    assert!(
+        ferry.stderr.text().contains("\"to-client\""),
+        "to-client is not among the interfaces at the start:\n{}",
+        ferry.stderr.text()
+    );
+
+    // The client's link, deleted (both its ends go) and made again.
+    netns::ip(&["-n", &net.client_ns, "link", "del", "to-proxy"]);
+    ferry
+        .stderr
+        .expect("to-client let go of", |l| {
+            l.contains("interface gone") && l.contains("to-client")
+        })
+        .await;
+    netns::link(
+        &net.client_ns,
+        "to-proxy",
+        "10.77.1.1/24",
+        &net.proxy_ns,
+        "to-client",
+        "10.77.1.2/24",
+    );
+    netns::ip(&[
+        "-n",
+        &net.client_ns,
+        "route",
+        "add",
+        "10.77.2.0/24",
+        "via",
+        "10.77.1.2",
+    ]);
+    ferry
+        .stderr
+        .expect("the new to-client did not get the program", |l| {
+            l.contains("UDP kernel path attached") && l.contains("to-client")
+        })
+        .await;
+
+    let front = SocketAddr::new(net.proxy_ip, ferry.addr("udp").port());
+    let client_ns = net.client_ns.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        netns::in_ns(&client_ns, move || {
+            let mut out = Vec::new();
+            for k in 0..3u8 {
+                let c = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+                c.connect(front).unwrap();
+                c.set_read_timeout(Some(netns::SLOW)).unwrap();
+                for i in 0..4u8 {
+                    let msg = [k, i, 7, 7];
+                    c.send(&msg).unwrap();
+                    let mut buf = [0u8; 64];
+                    let n = c.recv(&mut buf).expect("a reply within the bound");
+                    out.push(buf[..n] == msg);
+                }
+            }
+            out
+        })
+    })
+    .await
+    .unwrap();
+    assert!(results.iter().all(|&same| same), "{results:?}");
+    let records = ferry.records(3, WAIT).await;
+    let records = udp_records(&records);
+    assert_eq!(records.len(), 3);
+    for r in records {
+        assert_eq!(r["datagrams_up"], 4, "{r}");
+        // The three after the first, both ways: the client's came in on the new
+        // interface, through the program attached to it.
+        assert_eq!(r["datagrams_kernel"], 6, "{r}");
+    }
+}
+
 /// A ferry killed outright leaves nothing in the kernel: its program goes with it (TCX
 /// links), so a client of one of its sessions in the kernel reaches a closed port
 /// (ICMP port unreachable, `ECONNREFUSED` on its connected socket), not the server.

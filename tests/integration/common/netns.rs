@@ -198,7 +198,7 @@ impl Path3 {
 
 /// Two namespaces joined by a veth pair: MTU 1500, and packets built and merged no larger
 /// than that (`gso_max_size`, `gro_max_size`), so each segment travels on its own.
-fn link(a_ns: &str, a: &str, a_ip: &str, b_ns: &str, b: &str, b_ip: &str) {
+pub fn link(a_ns: &str, a: &str, a_ip: &str, b_ns: &str, b: &str, b_ip: &str) {
     ip(&[
         "-n", a_ns, "link", "add", a, "type", "veth", "peer", "name", b, "netns", b_ns,
     ]);
