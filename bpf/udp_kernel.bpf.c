@@ -69,6 +69,14 @@ struct tally {
 REWRITE(rewrite, struct flow);
 REWRITE(rewrite6, struct flow6);
 
+// The layouts src/udp/kernel.rs writes and reads (its `Flow4`, `Flow6`, `Entry<F>`).
+_Static_assert(sizeof(struct flow) == 12, "struct flow");
+_Static_assert(sizeof(struct flow6) == 36, "struct flow6");
+_Static_assert(sizeof(struct rewrite) == 48, "struct rewrite");
+_Static_assert(__builtin_offsetof(struct rewrite, tally) == 24, "rewrite.tally");
+_Static_assert(sizeof(struct rewrite6) == 72, "struct rewrite6");
+_Static_assert(__builtin_offsetof(struct rewrite6, tally) == 48, "rewrite6.tally");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1 << 18);
@@ -128,11 +136,12 @@ static __always_inline int may_go(struct __sk_buff *skb, __u32 ifindex)
 }
 
 // The datagrams in the packet (`*n`) and their payload bytes (`*len`), behind `headers`
-// bytes of headers; 0 when the UDP length is not one the packet holds (the stack's to
-// judge). Datagrams coalesced by GRO (or sent with GSO) are one packet with one header
-// here, passed on whole: the stack splits them where it must, headers rewritten.
+// bytes of headers, in an IP packet whose header says `ip_payload` bytes follow it; 0
+// when the UDP length is not that, or more than the packet holds (the stack's to judge
+// and drop). Datagrams coalesced by GRO (or sent with GSO) are one packet with one
+// header here, passed on whole: the stack splits them where it must, headers rewritten.
 static __always_inline int measure(struct __sk_buff *skb, struct udphdr *udp, __u64 headers,
-				   __u64 *n, __u64 *len)
+				   __u64 ip_payload, __u64 *n, __u64 *len)
 {
 	__u64 ulen = bpf_ntohs(udp->len);
 	if (skb->gso_segs > 1) {
@@ -140,7 +149,8 @@ static __always_inline int measure(struct __sk_buff *skb, struct udphdr *udp, __
 		*len = skb->len - headers;
 		return 1;
 	}
-	if (ulen < sizeof(struct udphdr) || ulen > skb->len - headers + sizeof(struct udphdr))
+	if (ulen < sizeof(struct udphdr) || ulen != ip_payload ||
+	    ulen > skb->len - headers + sizeof(struct udphdr))
 		return 0;
 	*n = 1;
 	*len = ulen - sizeof(struct udphdr);
@@ -191,33 +201,39 @@ static __always_inline int ipv4(struct __sk_buff *skb, void *data, void *end)
 	__u32 ifindex = r->ifindex;
 	__u32 slot = r->counts;
 	__u64 n, len;
-	if (!measure(skb, udp, ETH_HLEN + sizeof(struct iphdr) + sizeof(struct udphdr), &n, &len) ||
+	__u64 ip_payload = bpf_ntohs(ip->tot_len) - (__u64)sizeof(struct iphdr);
+	if (!measure(skb, udp, ETH_HLEN + sizeof(struct iphdr) + sizeof(struct udphdr), ip_payload,
+		     &n, &len) ||
 	    !may_go(skb, ifindex))
 		return TC_ACT_UNSPEC;
 
-	// A datagram without a checksum (IPv4 allows it) keeps none.
+	// A datagram without a checksum (IPv4 allows it) keeps none. From here on, a helper
+	// that fails drops the datagram: it is partly rewritten (the sender retries).
 	int sum = udp->check != 0;
 	__u16 old_frag = ip->frag_off;
 	if (bpf_skb_store_bytes(skb, IP_SRC, &to, 8, 0) < 0)
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, UDP_SRC, &to.src_port, 4, 0) < 0)
 		return TC_ACT_SHOT;
-	bpf_l3_csum_replace(skb, IP_CSUM, from.src_ip, to.src_ip, 4);
-	bpf_l3_csum_replace(skb, IP_CSUM, from.dst_ip, to.dst_ip, 4);
+	if (bpf_l3_csum_replace(skb, IP_CSUM, from.src_ip, to.src_ip, 4) < 0 ||
+	    bpf_l3_csum_replace(skb, IP_CSUM, from.dst_ip, to.dst_ip, 4) < 0)
+		return TC_ACT_SHOT;
 	if (sum) {
 		__u64 f = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
-		bpf_l4_csum_replace(skb, UDP_CSUM, from.src_ip, to.src_ip, f | 4);
-		bpf_l4_csum_replace(skb, UDP_CSUM, from.dst_ip, to.dst_ip, f | 4);
-		bpf_l4_csum_replace(skb, UDP_CSUM, from.src_port, to.src_port, BPF_F_MARK_MANGLED_0 | 2);
-		bpf_l4_csum_replace(skb, UDP_CSUM, from.dst_port, to.dst_port, BPF_F_MARK_MANGLED_0 | 2);
+		__u64 p = BPF_F_MARK_MANGLED_0;
+		if (bpf_l4_csum_replace(skb, UDP_CSUM, from.src_ip, to.src_ip, f | 4) < 0 ||
+		    bpf_l4_csum_replace(skb, UDP_CSUM, from.dst_ip, to.dst_ip, f | 4) < 0 ||
+		    bpf_l4_csum_replace(skb, UDP_CSUM, from.src_port, to.src_port, p | 2) < 0 ||
+		    bpf_l4_csum_replace(skb, UDP_CSUM, from.dst_port, to.dst_port, p | 2) < 0)
+			return TC_ACT_SHOT;
 	}
 	// Like ferry's sockets, which let the kernel fragment what they send: a router with a
 	// smaller MTU further on fragments it rather than dropping it.
 	if (old_frag & bpf_htons(IP_DF)) {
 		__u16 new_frag = old_frag & ~bpf_htons(IP_DF);
-		if (bpf_skb_store_bytes(skb, IP_FRAG, &new_frag, 2, 0) < 0)
+		if (bpf_skb_store_bytes(skb, IP_FRAG, &new_frag, 2, 0) < 0 ||
+		    bpf_l3_csum_replace(skb, IP_CSUM, old_frag, new_frag, 2) < 0)
 			return TC_ACT_SHOT;
-		bpf_l3_csum_replace(skb, IP_CSUM, old_frag, new_frag, 2);
 	}
 	return relay(&r->tally, slot, ifindex, n, len);
 }
@@ -250,7 +266,8 @@ static __always_inline int ipv6(struct __sk_buff *skb, void *data, void *end)
 	__u32 ifindex = r->ifindex;
 	__u32 slot = r->counts;
 	__u64 n, len;
-	if (!measure(skb, udp, ETH_HLEN + sizeof(struct ipv6hdr) + sizeof(struct udphdr), &n, &len) ||
+	if (!measure(skb, udp, ETH_HLEN + sizeof(struct ipv6hdr) + sizeof(struct udphdr),
+		     bpf_ntohs(ip->payload_len), &n, &len) ||
 	    !may_go(skb, ifindex))
 		return TC_ACT_UNSPEC;
 
@@ -258,14 +275,22 @@ static __always_inline int ipv6(struct __sk_buff *skb, void *data, void *end)
 	__s64 diff = bpf_csum_diff(from.src_ip, 32, to.src_ip, 32, 0);
 	if (diff < 0)
 		return TC_ACT_UNSPEC;
-	if (bpf_skb_store_bytes(skb, IP6_SRC, &to, 32, 0) < 0)
+	// From here on, a helper that fails drops the datagram: it is partly rewritten.
+	//
+	// The packet's own sum (CHECKSUM_COMPLETE, from a NIC that gives it) must follow the
+	// new addresses: with the pseudo-header flag, the checksum update below takes the
+	// address change out of it, as an IPv4 header's checksum would cancel it, and IPv6
+	// has none. BPF_F_RECOMPUTE_CSUM puts it back (Linux 6.16's BPF_F_IPV6 says the same
+	// to the update, on kernels that have it).
+	if (bpf_skb_store_bytes(skb, IP6_SRC, &to, 32, BPF_F_RECOMPUTE_CSUM) < 0)
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, UDP6_SRC, &to.src_port, 4, 0) < 0)
 		return TC_ACT_SHOT;
 	__u64 f = BPF_F_MARK_MANGLED_0;
-	bpf_l4_csum_replace(skb, UDP6_CSUM, 0, diff, f | BPF_F_PSEUDO_HDR);
-	bpf_l4_csum_replace(skb, UDP6_CSUM, from.src_port, to.src_port, f | 2);
-	bpf_l4_csum_replace(skb, UDP6_CSUM, from.dst_port, to.dst_port, f | 2);
+	if (bpf_l4_csum_replace(skb, UDP6_CSUM, 0, diff, f | BPF_F_PSEUDO_HDR) < 0 ||
+	    bpf_l4_csum_replace(skb, UDP6_CSUM, from.src_port, to.src_port, f | 2) < 0 ||
+	    bpf_l4_csum_replace(skb, UDP6_CSUM, from.dst_port, to.dst_port, f | 2) < 0)
+		return TC_ACT_SHOT;
 	return relay(&r->tally, slot, ifindex, n, len);
 }
 

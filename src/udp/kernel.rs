@@ -7,7 +7,7 @@
 //! would send it to the server, and a reply from the server to that socket as the
 //! listening socket would send it to the client, and sends it on. Neither passes through
 //! ferry's sockets, nor wakes a worker. Each session's two entries in the program's map
-//! (`FLOWS`) hold the rewrite and its counts (datagrams, bytes, when the last was seen);
+//! (`FLOWS`, or `FLOWS6`) hold the rewrite and its counts (datagrams, bytes, when the last was seen);
 //! the session's task reads them for its idle timeout and the metrics, and removes them
 //! when it ends, reading their last counts in the same step.
 //!
@@ -236,22 +236,7 @@ impl Kernel {
             links: std::collections::HashMap::new(),
             announce: false,
         };
-        let timeout = Some(std::time::Duration::from_secs(10));
-        let listed = links.set_read_timeout(timeout).and_then(|()| {
-            links.dump()?;
-            // Bounded: the kernel ends a dump with NLMSG_DONE.
-            for _ in 0..100_000 {
-                let r = links.read()?;
-                for l in &r.links {
-                    attached.apply(l);
-                }
-                if r.done {
-                    return links.set_read_timeout(None);
-                }
-            }
-            Err(io::Error::other("the interface list did not end"))
-        });
-        listed.map_err(|e| format!("listing interfaces: {e}"))?;
+        list(&mut links, &mut attached).map_err(|e| format!("listing interfaces: {e}"))?;
         if !attached.links.values().any(|(name, _)| name == "lo") {
             return Err("not attached to lo".into());
         }
@@ -438,6 +423,15 @@ struct ElemAttr {
 #[cfg(ferry_bpf)]
 const PROGRAM_NAME: &str = "udp_kernel";
 
+/// The index of the interface called `name` now.
+#[cfg(ferry_bpf)]
+fn index_of(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
 /// The program, and the interfaces it is attached to.
 #[cfg(ferry_bpf)]
 struct Attached {
@@ -472,10 +466,17 @@ impl Attached {
             }
             return;
         }
-        if let Some((name, _)) = self.links.get_mut(&link.index) {
-            // Renamed, or just changed (up, down, its MTU): attached already.
-            name.clone_from(&link.name);
-            return;
+        match self.links.get(&link.index) {
+            // Changed (up, down, its MTU): attached already.
+            Some((name, _)) if *name == link.name => return,
+            // Renamed, or (after lost messages) another interface of the same index:
+            // attached anew, to be sure.
+            Some(_) => {
+                if let Some((_, id)) = self.links.remove(&link.index) {
+                    let _ = prog.detach(id);
+                }
+            }
+            None => {}
         }
         if !link.ether {
             tracing::debug!(interface = %link.name, "UDP kernel path: no Ethernet headers, not attached");
@@ -486,6 +487,11 @@ impl Attached {
         // its sessions' datagrams to sockets that are gone.
         let tcx = TcAttachOptions::TcxOrder(LinkOrder::default());
         match prog.attach_with_options(&link.name, TcAttachType::Ingress, tcx) {
+            // The name found another interface (renamed meanwhile): the next message
+            // about either says what to do.
+            Ok(id) if index_of(&link.name) != Some(link.index) => {
+                let _ = prog.detach(id);
+            }
             Ok(id) => {
                 if self.announce {
                     tracing::info!(interface = %link.name, "UDP kernel path attached");
@@ -500,31 +506,96 @@ impl Attached {
     }
 }
 
+/// The interfaces there are, each attached (the start's list), within 10 s.
+#[cfg(ferry_bpf)]
+fn list(links: &mut Links, attached: &mut Attached) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    links.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let mut seq = links.dump()?;
+    while std::time::Instant::now() < deadline {
+        let r = match links.read() {
+            Ok(r) => r,
+            // A signal, or nothing yet: the deadline bounds it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                continue;
+            }
+            // Lost: the list again (what was attached stays).
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                seq = links.dump()?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for l in &r.links {
+            attached.apply(l);
+        }
+        match r.end {
+            Some((s, 0)) if s == seq => return links.set_read_timeout(None),
+            Some((s, e)) if s == seq => return Err(io::Error::from_raw_os_error(-e)),
+            _ => {}
+        }
+    }
+    Err(io::Error::other("the interface list did not end in 10 s"))
+}
+
 /// Keeps the program attached to the interfaces there are, for as long as `attached` is
-/// there: each one added gets it, each one gone is let go of. Messages lost to a full
-/// socket buffer (`ENOBUFS`) are made up for by a new dump, after which the interfaces
-/// it did not list are let go of.
+/// there: each one added gets it, each one gone is let go of. Messages lost (`ENOBUFS`)
+/// are made up for by a new dump (one at a time), after which the interfaces it did not
+/// list are let go of, if it was complete and consistent.
 #[cfg(ferry_bpf)]
 fn watch(mut links: Links, attached: &std::sync::Weak<std::sync::Mutex<Attached>>) {
-    // During a dump after lost messages: the interfaces it listed so far.
-    let mut listed: Option<std::collections::HashSet<u32>> = None;
+    /// A dump under way after lost messages.
+    struct Dump {
+        seq: u32,
+        /// The interfaces it listed so far.
+        listed: std::collections::HashSet<u32>,
+        /// Messages were lost, or the interfaces changed, while it ran: its list is not
+        /// the whole truth, and another follows it.
+        spoilt: bool,
+    }
+    let stop = |e: io::Error| {
+        tracing::warn!("UDP kernel path: no longer follows interface changes: {e}");
+    };
+    let mut dump: Option<Dump> = None;
+    let mut again = false;
+    // Dumps in a row that did not give the whole list: bounded, so that a kernel that
+    // keeps refusing is not asked for ever.
+    let mut failed = 0u32;
     loop {
+        if again && dump.is_none() {
+            again = false;
+            failed += 1;
+            if failed > 100 {
+                return stop(io::Error::other("100 interface lists in a row incomplete"));
+            }
+            match links.dump() {
+                Ok(seq) => {
+                    dump = Some(Dump {
+                        seq,
+                        listed: std::collections::HashSet::new(),
+                        spoilt: false,
+                    });
+                }
+                Err(e) => return stop(e),
+            }
+        }
         let r = match links.read() {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 tracing::warn!("UDP kernel path: interface changes lost; listing them again");
-                if let Err(e) = links.dump() {
-                    tracing::warn!("UDP kernel path: no longer follows interface changes: {e}");
-                    return;
+                if let Some(d) = dump.as_mut() {
+                    d.spoilt = true;
                 }
-                listed = Some(std::collections::HashSet::new());
+                again = true;
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::warn!("UDP kernel path: no longer follows interface changes: {e}");
-                return;
-            }
+            Err(e) => return stop(e),
         };
         let Some(attached) = attached.upgrade() else {
             return;
@@ -532,27 +603,37 @@ fn watch(mut links: Links, attached: &std::sync::Weak<std::sync::Mutex<Attached>
         let mut a = attached.lock().unwrap_or_else(|e| e.into_inner());
         for l in &r.links {
             a.apply(l);
-            if let Some(seen) = listed.as_mut().filter(|_| !l.gone) {
-                seen.insert(l.index);
-            }
         }
-        if r.done
-            && let Some(seen) = listed.take()
-        {
-            let stale: Vec<(u32, String)> = a
-                .links
-                .iter()
-                .filter(|(i, _)| !seen.contains(i))
-                .map(|(i, (n, _))| (*i, n.clone()))
-                .collect();
-            for (index, name) in stale {
-                a.apply(&Link {
-                    index,
-                    name,
-                    ether: true,
-                    gone: true,
-                });
+        let Some(d) = dump.as_mut() else {
+            continue;
+        };
+        d.listed
+            .extend(r.links.iter().filter(|l| !l.gone).map(|l| l.index));
+        d.spoilt |= r.interrupted;
+        match r.end {
+            Some((seq, error)) if seq == d.seq => {
+                if error == 0 && !d.spoilt {
+                    failed = 0;
+                    let stale: Vec<(u32, String)> = a
+                        .links
+                        .iter()
+                        .filter(|(i, _)| !d.listed.contains(i))
+                        .map(|(i, (n, _))| (*i, n.clone()))
+                        .collect();
+                    for (index, name) in stale {
+                        a.apply(&Link {
+                            index,
+                            name,
+                            ether: true,
+                            gone: true,
+                        });
+                    }
+                } else {
+                    again = true;
+                }
+                dump = None;
             }
+            _ => {}
         }
     }
 }

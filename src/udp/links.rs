@@ -26,8 +26,11 @@ pub struct Link {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Read {
     pub links: Vec<Link>,
-    /// The dump asked for is complete.
-    pub done: bool,
+    /// A dump's end: its sequence number, and 0 if it is complete, or the error that
+    /// ended it (a negative errno: `EBUSY` while another runs, say).
+    pub end: Option<(u32, i32)>,
+    /// The interfaces changed while the dump ran: its list may be inconsistent.
+    pub interrupted: bool,
 }
 
 const NLMSG_HDR: usize = 16;
@@ -38,6 +41,7 @@ const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
 /// `struct ifinfomsg`: family, pad, type (u16), index (i32), flags, change.
 const IFINFOMSG: usize = 16;
 const IFLA_IFNAME: u16 = 3;
@@ -50,6 +54,8 @@ const GROUP_LINK: u32 = 1;
 pub struct Links {
     fd: OwnedFd,
     buf: Vec<u8>,
+    /// The last dump's sequence number.
+    seq: u32,
 }
 
 impl Links {
@@ -67,6 +73,7 @@ impl Links {
         Ok(Links {
             fd,
             buf: vec![0; 64 * 1024],
+            seq: 0,
         })
     }
 
@@ -77,28 +84,32 @@ impl Links {
     }
 
     /// Asks for every interface there is; they come in through [`Links::read`], the
-    /// last read with `done`.
-    pub fn dump(&self) -> io::Result<()> {
+    /// last read with the dump's `end`, under the sequence number this returns.
+    pub fn dump(&mut self) -> io::Result<u32> {
+        self.seq = self.seq.wrapping_add(1);
         const LEN: usize = NLMSG_HDR + IFINFOMSG;
         let mut req = [0u8; LEN];
         req[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
         req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
         req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        req[8..12].copy_from_slice(&self.seq.to_ne_bytes());
         rustix::net::sendto(
             &self.fd,
             &req,
             SendFlags::empty(),
             &SocketAddrNetlink::new(0, 0),
         )?;
-        Ok(())
+        Ok(self.seq)
     }
 
     /// Waits for the next messages. `ENOBUFS` says some were lost (the socket's buffer
-    /// overflowed): dump again.
+    /// overflowed, or one was larger than ours): dump again.
     pub fn read(&mut self) -> io::Result<Read> {
-        let (n, _) = rustix::net::recv(&self.fd, &mut self.buf[..], RecvFlags::empty())?;
-        Ok(parse(&self.buf[..n.min(self.buf.len())]))
+        let (_, n) = rustix::net::recv(&self.fd, &mut self.buf[..], RecvFlags::TRUNC)?;
+        if n > self.buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
+        Ok(parse(&self.buf[..n]))
     }
 }
 
@@ -111,10 +122,20 @@ pub fn parse(mut b: &[u8]) -> Read {
         if len < NLMSG_HDR || len > b.len() {
             break;
         }
-        let kind = u16_at(b, 4);
+        let (kind, flags, seq) = (u16_at(b, 4), u16_at(b, 6), u32_at(b, 8));
         let body = &b[NLMSG_HDR..len];
+        out.interrupted |= flags & NLM_F_DUMP_INTR != 0;
         match kind {
-            NLMSG_DONE | NLMSG_ERROR => out.done = true,
+            // A dump's end (its body: the dump's error, 0 for none, in an int), or an
+            // error reply (`struct nlmsgerr`: the error, then the request).
+            NLMSG_DONE | NLMSG_ERROR => {
+                let error = if body.len() >= 4 {
+                    u32_at(body, 0) as i32
+                } else {
+                    -libc::EINVAL
+                };
+                out.end = Some((seq, error));
+            }
             RTM_NEWLINK | RTM_DELLINK => out.links.extend(link(body, kind == RTM_DELLINK)),
             _ => {}
         }
@@ -189,11 +210,15 @@ mod tests {
         m
     }
 
-    fn done() -> Vec<u8> {
+    /// A dump's end (`NLMSG_DONE`) or an error reply (`NLMSG_ERROR`), for dump `seq`.
+    fn end(kind: u16, seq: u32, error: i32) -> Vec<u8> {
         let mut m = Vec::new();
         m.extend_from_slice(&20u32.to_ne_bytes());
-        m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
-        m.extend_from_slice(&[0; 14]);
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 2]);
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&[0; 4]);
+        m.extend_from_slice(&error.to_ne_bytes());
         m
     }
 
@@ -203,7 +228,7 @@ mod tests {
         b.extend(message(RTM_NEWLINK, 7, ARPHRD_ETHER, "veth-a1"));
         b.extend(message(RTM_NEWLINK, 9, 65534, "wg0"));
         b.extend(message(RTM_DELLINK, 7, ARPHRD_ETHER, "veth-a1"));
-        b.extend(done());
+        b.extend(end(NLMSG_DONE, 7, 0));
         let r = parse(&b);
         let l = |index, name: &str, ether, gone| Link {
             index,
@@ -220,7 +245,20 @@ mod tests {
                 l(7, "veth-a1", true, true),
             ]
         );
-        assert!(r.done);
+        assert_eq!(r.end, Some((7, 0)));
+        assert!(!r.interrupted);
+    }
+
+    #[test]
+    fn an_error_reply_and_an_interrupted_dump() {
+        let r = parse(&end(NLMSG_ERROR, 3, -libc::EBUSY));
+        assert_eq!(r.end, Some((3, -libc::EBUSY)));
+        let mut m = message(RTM_NEWLINK, 2, ARPHRD_ETHER, "eth0");
+        m[6..8].copy_from_slice(&(NLM_F_DUMP_INTR | 2).to_ne_bytes());
+        let r = parse(&m);
+        assert!(r.interrupted);
+        assert_eq!(r.links.len(), 1);
+        assert_eq!(r.end, None);
     }
 
     #[test]
@@ -232,7 +270,7 @@ mod tests {
             let r = parse(&b[..cut]);
             let expect = usize::from(cut >= first) + usize::from(cut == b.len());
             assert_eq!(r.links.len(), expect, "cut at {cut}");
-            assert!(!r.done);
+            assert_eq!(r.end, None);
         }
     }
 

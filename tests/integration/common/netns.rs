@@ -135,6 +135,30 @@ impl Path3 {
         }
     }
 
+    /// Checksums made and checked in software on all four veth ends (`ethtool -K … tx off
+    /// rx off`): a datagram's checksum is then verified where it is received, so one that
+    /// a rewrite on the way got wrong is dropped and counted ([`udp_checksum_errors`]).
+    pub fn checksums_in_software(&self) {
+        for (ns, dev) in [
+            (&self.client_ns, "to-proxy"),
+            (&self.proxy_ns, "to-client"),
+            (&self.proxy_ns, "to-server"),
+            (&self.server_ns, "to-proxy"),
+        ] {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off", "rx", "off",
+                ])
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run `ip netns exec … ethtool`: {e}"));
+            assert!(
+                out.status.success(),
+                "ethtool -K {dev} in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+
     /// A connection from `ns` to `addr`.
     pub fn connect_from(&self, ns: &str, addr: SocketAddr) -> tokio::net::TcpStream {
         let s = in_ns(ns, move || {
@@ -219,6 +243,37 @@ pub fn link(a_ns: &str, a: &str, a_ip: &str, b_ns: &str, b: &str, b_ip: &str) {
         ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
         ip(&["-n", ns, "link", "set", dev, "up"]);
     }
+}
+
+/// UDP datagrams dropped for a bad checksum in namespace `ns`, IPv4 and IPv6
+/// (`InCsumErrors` of `/proc/net/snmp`, `Udp6InCsumErrors` of `/proc/net/snmp6`).
+pub fn udp_checksum_errors(ns: &str) -> u64 {
+    let read = |file: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "cat", file])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot read {file} in {ns}: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // snmp: a line of names, then one of values, per protocol.
+    let snmp = read("/proc/net/snmp");
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let v4 = match udp.as_slice() {
+        [names, values] => names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InCsumErrors")
+            .and_then(|(_, v)| v.parse::<u64>().ok()),
+        _ => None,
+    }
+    .unwrap_or_else(|| panic!("no Udp InCsumErrors in {ns}:\n{snmp}"));
+    let snmp6 = read("/proc/net/snmp6");
+    let v6 = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no Udp6InCsumErrors in {ns}:\n{snmp6}"));
+    v4 + v6
 }
 
 /// Runs `f` on a thread that has joined network namespace `ns`: sockets it makes belong to
